@@ -1,0 +1,103 @@
+# Commutator: every day-to-day command. `make test` and `make run` work on a
+# fresh Debian/Ubuntu machine with Python 3.11+: they install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+UV_VERSION  := 0.13.8
+TOOLS       := build/tools
+UV          := $(TOOLS)/bin/uv
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PROTO_SRC   := $(wildcard protos/commutator/v1/*.proto)
+PROTO_OUT   := libs/common/src
+PROTO_PKG   := $(PROTO_OUT)/commutator/v1
+PROTO_STAMP := $(PROTO_PKG)/.generated
+SYNC_STAMP  := $(VENV)/.synced
+PYPROJECTS  := pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+PYTEST_ARGS ?=
+
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+# ---- set-up ---------------------------------------------------------------
+
+$(UV):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Commutator needs Python 3.11 or newer as '$(PYTHON)' (set PYTHON=...)."; exit 1; }
+	@$(PYTHON) -m venv $(TOOLS) || { echo "'$(PYTHON) -m venv' failed: install the venv module (Debian: apt-get install python3-venv)."; exit 1; }
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(SYNC_STAMP): $(UV) uv.lock $(PYPROJECTS)
+	$(UV) sync --frozen --all-packages --python $(PYTHON)
+	@touch $@
+
+.PHONY: setup
+setup: $(SYNC_STAMP) $(PROTO_STAMP) ## Create .venv from uv.lock and generate the protos
+
+.PHONY: lock
+lock: $(UV) ## Re-resolve dependencies into uv.lock (after editing a pyproject.toml)
+	$(UV) lock
+
+$(PROTO_STAMP): $(PROTO_SRC) $(SYNC_STAMP)
+	rm -f $(PROTO_PKG)/*_pb2*.py $(PROTO_PKG)/*_pb2*.pyi
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	  --python_out=$(PROTO_OUT) --grpc_python_out=$(PROTO_OUT) \
+	  --mypy_out=$(PROTO_OUT) --mypy_grpc_out=$(PROTO_OUT) $(PROTO_SRC)
+	@touch $@
+
+.PHONY: protos
+protos: ## Generate Python code and type stubs from protos/ into commutator.v1
+	@rm -f $(PROTO_STAMP)
+	@$(MAKE) --no-print-directory $(PROTO_STAMP)
+
+.PHONY: servers
+servers: ## Make sure etcd and nats-server are installed (apt-get as root)
+	@scripts/ensure-servers.sh
+
+# ---- tests ----------------------------------------------------------------
+
+.PHONY: test
+test: setup servers ## Install everything and run the whole suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: setup ## Unit tests only (no servers)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: setup servers ## Integration tests (real etcd + nats-server)
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: setup ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy libs/common/src/commutator/common
+
+# ---- running --------------------------------------------------------------
+
+.PHONY: run
+run: setup ## The whole stack in one process: OpenAI API on :8000 with mocker workers
+	@echo "make run: not yet. The frontend (issue 5) has not landed; until then there is no HTTP API to start."
+	@exit 1
+
+# ---- benchmarks -----------------------------------------------------------
+
+.PHONY: bench-hashing
+bench-hashing: setup ## Block hashing of a 4096-token prompt
+	$(PY) benchmarks/bench_hashing.py
+
+.PHONY: bench-events
+bench-events: setup servers ## JetStream publish rate and object-store reads
+	$(PY) benchmarks/bench_events.py
+
+# ---- housekeeping ---------------------------------------------------------
+
+.PHONY: clean
+clean: ## Remove the venv, generated code and build outputs
+	rm -rf $(VENV) build $(PROTO_PKG)/*_pb2* $(PROTO_STAMP) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Commutator runtime shared by every role."""

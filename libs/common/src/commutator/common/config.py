@@ -1,0 +1,206 @@
+"""Configuration: frozen dataclasses whose every field is a flag and one env var.
+
+A service declares its settings as a frozen dataclass whose fields are made
+with :func:`option`; fields may also be other such dataclasses (groups), whose
+fields become flags of the same command line. Each field ``foo_bar`` is the
+flag ``--foo-bar`` and the environment variable ``COMMUTATOR_FOO_BAR``. A flag
+beats the variable, which beats the default. :func:`load` parses argv and the
+environment into the frozen object; :func:`describe` gives the effective values
+for the startup log.
+
+    @dataclass(frozen=True, slots=True)
+    class RouterConfig:
+        runtime: RuntimeConfig = group(RuntimeConfig)
+        overlap_weight: float = option(1.0, "Weight of cached blocks in the cost.")
+
+    config = load(RouterConfig, prog="commutator.router")
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+__all__ = ["ConfigError", "describe", "env_var", "flag_name", "group", "load", "option", "parser"]
+
+ENV_PREFIX = "COMMUTATOR_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names flag and variable."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    metavar: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """A config field: ``default``, a help text, optional allowed ``choices``.
+
+    ``secret`` fields are shown as ``***`` by :func:`describe`.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "metavar": metavar, "secret": secret}
+    if isinstance(default, list | dict | set):
+        raise TypeError("config defaults must be immutable (use a tuple)")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def group(cls: type[Any]) -> Any:
+    """A field holding a nested config dataclass whose fields are flags too."""
+    return dataclasses.field(default_factory=cls, metadata={"group": True})
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def env_var(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _leaf_fields(cls: type[Any]) -> list[tuple[tuple[str, ...], dataclasses.Field[Any], Any]]:
+    """(path, field, resolved type) for every non-group field, depth first."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            for path, sub, tp in _leaf_fields(hints[f.name]):
+                out.append(((f.name, *path), sub, tp))
+        else:
+            out.append(((f.name,), f, hints[f.name]))
+    return out
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """The scalar type of a field and whether ``None`` is allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _convert(raw: str, tp: Any, source: str) -> Any:
+    base, optional = _base_type(tp)
+    if optional and raw.strip().lower() in ("", "none"):
+        return None
+    try:
+        if base is bool:
+            low = raw.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if base is int:
+            return int(raw, 0)
+        if base is float:
+            return float(raw)
+        if base is str:
+            return raw
+        if typing.get_origin(base) is tuple:
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{source}: cannot read {raw!r}: {exc}") from None
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def parser(cls: type[Any], prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of ``cls`` (groups flattened)."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description or (cls.__doc__ or "").strip().split("\n")[0] or None,
+    )
+    seen: set[str] = set()
+    for path, f, tp in _leaf_fields(cls):
+        name = path[-1]
+        if name in seen:
+            raise TypeError(f"config field {name!r} appears twice in {cls.__name__}")
+        seen.add(name)
+        base, _ = _base_type(tp)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r}; env {env_var(name)})"
+        kwargs: dict[str, Any] = {
+            "dest": "__".join(path),
+            "default": argparse.SUPPRESS,
+            "help": help_text.replace("%", "%%"),
+        }
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.metadata.get("metavar") or name.upper()
+        if f.metadata.get("choices"):
+            kwargs["choices"] = list(f.metadata["choices"])
+        p.add_argument(flag_name(name), **kwargs)
+    return p
+
+
+def load(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> C:
+    """Build the frozen config ``cls`` from flags (``argv``) and the environment.
+
+    Exits with a usage message (status 2) on an unknown flag or bad value, as
+    command-line programs do.
+    """
+    p = parser(cls, prog=prog)
+    ns = vars(p.parse_args(argv))
+    env = os.environ if env is None else env
+    try:
+        return _build(cls, (), ns, env)
+    except ConfigError as exc:
+        p.error(str(exc))
+        raise  # unreachable: p.error exits
+
+
+def _build(cls: type[Any], prefix: tuple[str, ...], ns: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        if f.metadata.get("group"):
+            values[f.name] = _build(hints[f.name], path, ns, env)
+            continue
+        tp = hints[f.name]
+        key = "__".join(path)
+        if key in ns:
+            raw_value = ns[key]
+            value = raw_value if isinstance(raw_value, bool) else _convert(str(raw_value), tp, flag_name(f.name))
+        elif env_var(f.name) in env:
+            value = _convert(env[env_var(f.name)], tp, env_var(f.name))
+        else:
+            continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{flag_name(f.name)} / {env_var(f.name)}: {value!r} is not one of {list(choices)}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def describe(config: Any) -> dict[str, Any]:
+    """Flat ``{field: value}`` of a config (groups flattened, secrets hidden)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("group"):
+            out.update(describe(value))
+        elif f.metadata.get("secret") and value:
+            out[f.name] = "***"
+        else:
+            out[f.name] = value
+    return out

@@ -1,0 +1,266 @@
+"""etcd discovery through aetcd, with the recovery aetcd leaves to its users.
+
+aetcd has no lease keep-alive helper, and its watch iterators die when the
+connection breaks (an etcd restart, a network cut). This backend keeps its
+lease alive itself, grants a new lease (and has the registrations put again)
+when the old one is gone, and turns each prefix watch into a list-then-watch
+loop that re-reads the prefix after any break, so consumers see one unbroken
+stream of changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Sequence
+
+import aetcd
+import aetcd.exceptions
+import grpc
+from commutator.common import metrics
+from commutator.common.discovery.base import DiscoveryError, LeaseListener, apply_events, diff_snapshots
+from commutator.common.discovery.types import KeyEvent, WatchKind
+from commutator.common.logging import fields
+
+__all__ = ["EtcdBackend"]
+
+log = logging.getLogger(__name__)
+
+# Reconnect quickly after an etcd restart instead of gRPC's default backoff (up to 120 s).
+_CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+}
+
+_CLIENT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError, asyncio.TimeoutError)
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    endpoint = endpoint.strip()
+    for scheme in ("http://", "https://"):
+        if endpoint.startswith(scheme):
+            endpoint = endpoint[len(scheme) :]
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"etcd endpoint must be host:port, got {endpoint!r}")
+    return host.strip("[]"), int(port)
+
+
+class EtcdBackend:
+    """Discovery on etcd (3.4+). See :class:`~commutator.common.discovery.base.DiscoveryBackend`."""
+
+    name = "etcd"
+
+    def __init__(
+        self,
+        endpoints: Sequence[str] = ("127.0.0.1:2379",),
+        lease_ttl_s: int = 5,
+        call_timeout_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
+        retry_interval_s: float = 0.25,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        if lease_ttl_s < 2:
+            raise ValueError("etcd leases shorter than 2 s are not kept reliably; use lease_ttl_s >= 2")
+        self._endpoints = [_split_endpoint(e) for e in endpoints]
+        self._endpoint_index = 0
+        self._ttl = lease_ttl_s
+        self._call_timeout = call_timeout_s
+        self._connect_timeout = connect_timeout_s
+        self._retry = retry_interval_s
+        self._client: aetcd.Client | None = None
+        self._lease_id = 0
+        self._keepalive: asyncio.Task[None] | None = None
+        self._listener: LeaseListener | None = None
+        self._closed = False
+
+    # -- connection -----------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        host, port = self._endpoints[self._endpoint_index]
+        return f"{host}:{port}"
+
+    def _new_client(self) -> aetcd.Client:
+        host, port = self._endpoints[self._endpoint_index]
+        return aetcd.Client(host=host, port=port, timeout=self._call_timeout, options=dict(_CHANNEL_OPTIONS))
+
+    @property
+    def client(self) -> aetcd.Client:
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    async def _next_endpoint(self) -> None:
+        """Fail over to the next configured endpoint (when there is more than one)."""
+        if len(self._endpoints) < 2:
+            return
+        old, self._client = self._client, None
+        self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
+        log.warning("switching to etcd endpoint %s", self.endpoint)
+        if old is not None:
+            try:
+                await old.close()
+            except _CLIENT_ERRORS:
+                pass
+
+    @property
+    def lease_id(self) -> int:
+        if not self._lease_id:
+            raise DiscoveryError("discovery backend not started")
+        return self._lease_id
+
+    @property
+    def lease_ttl_s(self) -> int:
+        return self._ttl
+
+    def set_lease_listener(self, listener: LeaseListener) -> None:
+        self._listener = listener
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        while True:
+            try:
+                lease = await self.client.lease(self._ttl)
+                break
+            except _CLIENT_ERRORS as exc:
+                if loop.time() >= deadline:
+                    raise DiscoveryError(
+                        f"cannot reach etcd at {', '.join(f'{h}:{p}' for h, p in self._endpoints)}: {exc}"
+                    ) from exc
+                await self._next_endpoint()
+                await asyncio.sleep(self._retry)
+        self._lease_id = lease.id
+        log.info("etcd lease granted", extra=fields(lease=f"{lease.id:x}", ttl_s=lease.ttl, endpoint=self.endpoint))
+        self._keepalive = loop.create_task(self._keep_alive(), name="etcd-lease-keepalive")
+
+    async def close(self, *, revoke: bool = True) -> None:
+        self._closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            try:
+                await self._keepalive
+            except asyncio.CancelledError:
+                pass
+            self._keepalive = None
+        if self._client is not None:
+            if revoke and self._lease_id:
+                try:
+                    await self._client.revoke_lease(self._lease_id)
+                except _CLIENT_ERRORS as exc:
+                    log.warning("could not revoke lease %x (it expires in %d s): %s", self._lease_id, self._ttl, exc)
+            try:
+                await self._client.close()
+            except _CLIENT_ERRORS:
+                pass
+            self._client = None
+
+    # -- lease ----------------------------------------------------------------
+    async def _keep_alive(self) -> None:
+        interval = self._ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await self.client.refresh_lease(self._lease_id)
+            except _CLIENT_ERRORS as exc:
+                metrics.DISCOVERY_LEASE_KEEPALIVES.labels("etcd", "failed").inc()
+                log.warning("etcd lease keep-alive failed: %s", exc)
+                await self._next_endpoint()
+                interval = self._retry
+                continue
+            interval = self._ttl / 3
+            if reply is not None and reply.TTL > 0:
+                metrics.DISCOVERY_LEASE_KEEPALIVES.labels("etcd", "ok").inc()
+                continue
+            metrics.DISCOVERY_LEASE_KEEPALIVES.labels("etcd", "lost").inc()
+            await self._regrant()
+
+    async def _regrant(self) -> None:
+        old = self._lease_id
+        while True:
+            try:
+                lease = await self.client.lease(self._ttl)
+                break
+            except _CLIENT_ERRORS as exc:
+                log.warning("etcd lease grant failed, retrying: %s", exc)
+                await asyncio.sleep(self._retry)
+        self._lease_id = lease.id
+        metrics.DISCOVERY_LEASE_REGRANTS.labels("etcd").inc()
+        log.warning(
+            "etcd lease was lost; registrations move to a new lease",
+            extra=fields(old_lease=f"{old:x}", new_lease=f"{lease.id:x}"),
+        )
+        if self._listener is not None:
+            await self._listener(old, lease.id)
+
+    # -- keys -----------------------------------------------------------------
+    async def put(self, key: str, value: bytes, *, leased: bool = True) -> None:
+        try:
+            await self.client.put(key.encode(), value, lease=self.lease_id if leased else None)
+        except _CLIENT_ERRORS as exc:
+            raise DiscoveryError(f"etcd put {key} failed: {exc}") from exc
+
+    async def delete(self, key: str) -> bool:
+        try:
+            result = await self.client.delete(key.encode())
+        except _CLIENT_ERRORS as exc:
+            raise DiscoveryError(f"etcd delete {key} failed: {exc}") from exc
+        return bool(result and result.deleted)
+
+    async def get_prefix(self, prefix: str) -> dict[str, bytes]:
+        return (await self._get_prefix_rev(prefix))[0]
+
+    async def _get_prefix_rev(self, prefix: str) -> tuple[dict[str, bytes], int]:
+        try:
+            rng = await self.client.get_prefix(prefix.encode(), sort_order="ascend")
+        except _CLIENT_ERRORS as exc:
+            raise DiscoveryError(f"etcd get {prefix}* failed: {exc}") from exc
+        return {kv.key.decode(): kv.value for kv in rng.kvs}, rng.header.revision
+
+    async def watch_prefix(self, prefix: str) -> AsyncGenerator[list[KeyEvent], None]:
+        known: dict[str, bytes] = {}
+        first = True
+        backoff = self._retry
+        while not self._closed:
+            watch = None
+            try:
+                current, revision = await self._get_prefix_rev(prefix)
+                batch = (
+                    [KeyEvent(WatchKind.PUT, k, v) for k, v in current.items()]
+                    if first
+                    else diff_snapshots(known, current)
+                )
+                known = current
+                if first or batch:
+                    first = False
+                    yield batch
+                watch = await self.client.watch_prefix(prefix.encode(), start_revision=revision + 1)
+                backoff = self._retry
+                async for ev in watch:
+                    key = ev.kv.key.decode()
+                    event = (
+                        KeyEvent(WatchKind.PUT, key, ev.kv.value)
+                        if ev.kind == "PUT"
+                        else KeyEvent(WatchKind.DELETE, key)
+                    )
+                    apply_events(known, [event])
+                    yield [event]
+                # The iterator ended without an error: the watcher was shut down.
+                log.info("etcd watch on %s ended; re-creating it", prefix)
+            except (DiscoveryError, *_CLIENT_ERRORS) as exc:
+                if self._closed:
+                    return
+                log.warning("etcd watch on %s broke (%s); re-reading and watching again", prefix, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                if watch is not None:
+                    try:
+                        await asyncio.wait_for(watch.cancel(), 1.0)
+                    except _CLIENT_ERRORS:
+                        pass
+            metrics.DISCOVERY_WATCH_RESTARTS.labels("etcd").inc()

@@ -1,0 +1,595 @@
+"""NATS JetStream event plane (nats-py), with the recovery JetStream leaves to clients.
+
+- Publishing uses ``publish_async`` (acks arrive asynchronously: several times
+  the rate of awaiting each ack). Each message carries a ``Nats-Msg-Id`` so
+  that a retry after a lost ack is stored once. Acks that never come (the
+  server died) are detected by timeout; unacknowledged messages are then sent
+  again in their original order, and nothing new is sent while disconnected,
+  so a stream keeps each publisher's order across a server restart.
+- Pull consumers survive a server restart (durable state is on disk) and are
+  re-created if the server lost them; fetch errors become empty fetches.
+- Messages a consumer already processed (delivered again because an ack was
+  lost in the restart) are dropped by stream sequence for in-order consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from commutator.common import metrics
+from commutator.common.events.base import (
+    ConsumerSpec,
+    EventPlaneError,
+    Message,
+    PublishError,
+    StreamSpec,
+    StreamState,
+)
+from commutator.common.logging import fields
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import api
+
+__all__ = ["NatsEventPlane"]
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoRespondersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+class _NatsMessage:
+    """A JetStream (or core) message as the contract's :class:`Message`."""
+
+    __slots__ = ("_msg", "delivered", "seq")
+
+    def __init__(self, msg: Msg, seq: int = 0, delivered: int = 1) -> None:
+        self._msg = msg
+        self.seq = seq
+        self.delivered = delivered
+
+    @property
+    def subject(self) -> str:
+        return self._msg.subject
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    async def ack(self) -> None:
+        if self._msg.reply:
+            with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+                await self._msg.ack()
+
+    async def nak(self, delay_s: float = 0.0) -> None:
+        if self._msg.reply:
+            with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+                await self._msg.nak(delay=delay_s or None)
+
+    async def term(self) -> None:
+        if self._msg.reply:
+            with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+                await self._msg.term()
+
+
+@dataclass(slots=True)
+class _Pending:
+    subject: str
+    data: bytes
+    msg_id: str
+    first_sent: float
+    sent_at: float = 0.0
+    future: asyncio.Future[Any] | None = None
+    failed: bool = False
+    attempts: int = 0
+
+
+class _NatsPublisher:
+    """See :class:`commutator.common.events.base.Publisher`."""
+
+    _instances = itertools.count()
+
+    def __init__(
+        self, plane: NatsEventPlane, stream: str, max_pending: int, ack_timeout_s: float, give_up_after_s: float = 120.0
+    ) -> None:
+        self._plane = plane
+        self._stream = stream
+        self._max_pending = max_pending
+        self._ack_timeout = ack_timeout_s
+        self._give_up_after = give_up_after_s
+        self._unacked: OrderedDict[int, _Pending] = OrderedDict()
+        self._seq = itertools.count(1)
+        nc = plane.nc
+        self._id_prefix = f"{nc._nuid.next().decode()}-{next(self._instances)}-"
+        self._changed = asyncio.Condition()
+        self._resend_needed = False
+        self._failures = 0
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name=f"publisher:{stream}")
+        self._closed = False
+        self._send_lock = asyncio.Lock()
+        self._gauge = metrics.EVENTS_PUBLISH_PENDING.labels(stream)
+        self._published = metrics.EVENTS_PUBLISHED.labels(stream)
+        self._acked = 0
+        plane._publishers.add(self)
+
+    @property
+    def pending(self) -> int:
+        return len(self._unacked)
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        if self._closed:
+            raise PublishError(f"publisher for {self._stream} is closed")
+        if len(self._unacked) >= self._max_pending:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self._unacked) < self._max_pending or self._closed)
+        seq = next(self._seq)
+        now = time.monotonic()
+        p = _Pending(subject, data, self._id_prefix + str(seq), now)
+        self._unacked[seq] = p
+        # Nothing new goes out while older messages wait to be sent again (order).
+        if self._plane.nc.is_connected and not self._resend_needed:
+            await self._send(seq, p)
+        else:
+            self._resend_needed = True  # held: goes out with the next in-order resend
+
+    async def _send(self, seq: int, p: _Pending) -> None:
+        if p.future is not None and not p.future.done():
+            p.future.cancel()  # frees nats-py's pending slot of the lost ack
+        p.attempts += 1
+        p.failed = False
+        p.sent_at = time.monotonic()
+        try:
+            fut = await self._plane.js.publish_async(p.subject, p.data, headers={"Nats-Msg-Id": p.msg_id})
+        except (*_TRANSIENT, nats.js.errors.TooManyStalledMsgsError) as exc:
+            log.debug("publish to %s deferred: %s", self._stream, exc)
+            p.failed = True
+            self._resend_needed = True
+            return
+        p.future = fut
+        fut.add_done_callback(lambda f, seq=seq: self._on_ack(seq, f))
+
+    def _on_ack(self, seq: int, fut: asyncio.Future[Any]) -> None:
+        p = self._unacked.get(seq)
+        if p is None or fut.cancelled() or p.future is not fut:
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.warning("publish to %s not acknowledged (%s); will retry", self._stream, exc)
+            p.failed = True
+            self._resend_needed = True
+            return
+        del self._unacked[seq]
+        self._acked += 1  # exported by the sweeper: metrics off the per-message path
+        if not self._unacked or len(self._unacked) == self._max_pending - 1:
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _sweep(self) -> None:
+        """Find lost acks and send what is unacknowledged again, oldest first."""
+        while True:
+            await asyncio.sleep(0.1)
+            self._export_metrics()
+            now = time.monotonic()
+            if not self._unacked:
+                self._resend_needed = False
+                continue
+            oldest = next(iter(self._unacked.values()))
+            # Acks come back in order, so the oldest message is the first to time out.
+            if now - oldest.sent_at > self._ack_timeout:
+                self._resend_needed = True
+            if not self._resend_needed:
+                continue
+            if now - oldest.first_sent > self._give_up_after:
+                self._drop_expired(now)
+                continue
+            if not self._plane.nc.is_connected:
+                continue
+            await self.resend_all()
+
+    async def resend_all(self) -> None:
+        async with self._send_lock:
+            if not self._unacked:
+                self._resend_needed = False
+                return
+            retries = metrics.EVENTS_PUBLISH_RETRIES.labels(self._stream)
+            log.info("re-sending unacknowledged messages", extra=fields(stream=self._stream, count=len(self._unacked)))
+            self._resend_needed = False
+            for seq, p in list(self._unacked.items()):
+                if seq not in self._unacked:
+                    continue
+                if p.attempts:
+                    retries.inc()
+                await self._send(seq, p)
+                if self._resend_needed:  # the connection went again; the sweeper retries later
+                    return
+
+    def _export_metrics(self) -> None:
+        if self._acked:
+            self._published.inc(self._acked)
+            self._acked = 0
+        self._gauge.set(len(self._unacked))
+
+    def _drop_expired(self, now: float) -> None:
+        dropped = 0
+        for seq, p in list(self._unacked.items()):
+            if now - p.first_sent <= self._give_up_after:
+                break
+            if p.future is not None and not p.future.done():
+                p.future.cancel()
+            del self._unacked[seq]
+            dropped += 1
+        if dropped:
+            self._failures += dropped
+            metrics.EVENTS_PUBLISH_FAILURES.labels(self._stream).inc(dropped)
+            log.error(
+                "gave up on messages after %.0f s without an ack",
+                self._give_up_after,
+                extra=fields(stream=self._stream, dropped=dropped),
+            )
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def flush(self, timeout_s: float = 10.0) -> None:
+        failures_before = self._failures
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._changed:
+                    await self._changed.wait_for(lambda: not self._unacked)
+        except TimeoutError:
+            raise PublishError(
+                f"{len(self._unacked)} messages to {self._stream} unacknowledged after {timeout_s} s"
+            ) from None
+        if self._failures > failures_before:
+            raise PublishError(f"{self._failures - failures_before} messages to {self._stream} were given up")
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        try:
+            if self._unacked:
+                await self.flush(timeout_s)
+        finally:
+            self._closed = True
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._plane._publishers.discard(self)
+            self._export_metrics()
+            async with self._changed:
+                self._changed.notify_all()
+
+
+class _NatsPullConsumer:
+    def __init__(self, plane: NatsEventPlane, spec: ConsumerSpec) -> None:
+        self._plane = plane
+        self.spec = spec
+        self._sub: Any = None
+        self._last_seq = 0
+        self._dedupe = spec.ack_all
+        self._closed = False
+        self._backoff = 0.1
+        self._consumed = metrics.EVENTS_CONSUMED.labels(spec.stream, spec.durable)
+
+    def _config(self) -> api.ConsumerConfig:
+        s = self.spec
+        cfg = api.ConsumerConfig(
+            durable_name=s.durable,
+            name=s.durable,
+            ack_policy=api.AckPolicy.ALL if s.ack_all else api.AckPolicy.EXPLICIT,
+            ack_wait=s.ack_wait_s,
+            max_ack_pending=s.max_ack_pending,
+            filter_subject=s.filter_subject,
+        )
+        if s.start_seq is not None:
+            cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            cfg.opt_start_seq = s.start_seq
+        return cfg
+
+    async def bind(self) -> None:
+        js = self._plane.js
+        s = self.spec
+        try:
+            await js._jsm.consumer_info(s.stream, s.durable)
+        except nats.js.errors.NotFoundError:
+            try:
+                await js._jsm.add_consumer(s.stream, config=self._config())
+            except nats.js.errors.NotFoundError as exc:
+                raise EventPlaneError(f"stream {s.stream!r} not found") from exc
+            log.info(
+                "created durable consumer", extra=fields(stream=s.stream, durable=s.durable, start_seq=s.start_seq)
+            )
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        self._sub = await js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
+
+    async def fetch(self, batch: int = 256, timeout_s: float = 1.0) -> list[Message]:
+        if self._closed:
+            raise EventPlaneError("consumer closed")
+        try:
+            if self._sub is None:
+                await self.bind()
+            msgs = await self._sub.fetch(batch, timeout=timeout_s)
+        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError):
+            return []
+        except nats.js.errors.NotFoundError:
+            log.warning("consumer %s/%s is gone; re-creating it", self.spec.stream, self.spec.durable)
+            self._sub = None
+            await asyncio.sleep(self._backoff)
+            return []
+        except (*_TRANSIENT, nats.js.errors.APIError) as exc:
+            log.warning("fetch from %s/%s failed (%s); retrying", self.spec.stream, self.spec.durable, exc)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 2.0)
+            if self._plane.nc.is_connected:
+                self._sub = None  # re-check the consumer on the next fetch
+            return []
+        self._backoff = 0.1
+        out: list[Message] = []
+        for m in msgs:
+            meta = m.metadata
+            seq = meta.sequence.stream
+            if self._dedupe:
+                if seq <= self._last_seq:
+                    continue  # already processed; its ack was lost
+                self._last_seq = seq
+            out.append(_NatsMessage(m, seq, meta.num_delivered))
+        if out:
+            self._consumed.inc(len(out))
+        return out
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+class _NatsSubscription:
+    def __init__(self, plane: NatsEventPlane, sub: Any) -> None:
+        self._plane = plane
+        self._sub = sub
+
+    @property
+    def dropped(self) -> int:
+        return self._plane._dropped.get(self._sub._id, 0)
+
+    async def __aiter__(self) -> AsyncIterator[Message]:
+        async for m in self._sub.messages:
+            yield _NatsMessage(m)
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+
+class NatsEventPlane:
+    """The event plane on a NATS server with JetStream (nats-server 2.9+)."""
+
+    name = "nats"
+
+    def __init__(
+        self, url: str = "nats://127.0.0.1:4222", connect_timeout_s: float = 10.0, client_name: str = "commutator"
+    ) -> None:
+        self._servers = [u.strip() for u in url.split(",") if u.strip()]
+        self._connect_timeout = connect_timeout_s
+        self._client_name = client_name
+        self._nc: NatsClient | None = None
+        self._js: Any = None
+        self._publishers: set[_NatsPublisher] = set()
+        self._dropped: dict[int, int] = {}
+        self._closing = False
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise EventPlaneError("event plane not connected")
+        return self._nc
+
+    @property
+    def js(self) -> Any:
+        if self._js is None:
+            raise EventPlaneError("event plane not connected")
+        return self._js
+
+    async def connect(self) -> None:
+        nc = NatsClient()
+        where = ", ".join(self._servers)
+        try:
+            # With unlimited reconnects nats-py would retry a first connect forever: bound it.
+            async with asyncio.timeout(self._connect_timeout):
+                await nc.connect(
+                    servers=self._servers,
+                    name=self._client_name,
+                    connect_timeout=min(2.0, self._connect_timeout),  # type: ignore[arg-type]
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                    error_cb=self._on_error,
+                )
+        except (TimeoutError, nats.errors.NoServersError, *_TRANSIENT) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise EventPlaneError(f"cannot reach NATS at {where}: {exc or 'timed out'}") from exc
+        self._nc = nc
+        self._js = self._nc.jetstream()
+        try:
+            await self._js.account_info()
+        except nats.js.errors.APIError as exc:
+            raise EventPlaneError(f"NATS at {where} has no JetStream (start nats-server with -js)") from exc
+        except _TRANSIENT as exc:
+            raise EventPlaneError(f"NATS at {where} did not answer the JetStream API: {exc}") from exc
+
+    async def _on_disconnect(self) -> None:
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnect(self) -> None:
+        metrics.EVENT_PLANE_RECONNECTS.labels("nats").inc()
+        log.info(
+            "reconnected to NATS",
+            extra=fields(server=str(self.nc.connected_url.netloc if self.nc.connected_url else "")),
+        )
+        # Acks of messages in flight during the outage are lost: send them again now.
+        for p in list(self._publishers):
+            p._resend_needed = True
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            sid = getattr(exc, "sid", 0)
+            self._dropped[sid] = self._dropped.get(sid, 0) + 1
+            metrics.EVENTS_DROPPED.labels("slow_subscriber").inc()
+            if self._dropped[sid] == 1 or self._dropped[sid] % 1000 == 0:
+                log.warning(
+                    "NATS subscriber fell behind; messages dropped",
+                    extra=fields(subject=getattr(exc, "subject", "?"), dropped=self._dropped[sid]),
+                )
+        else:
+            log.debug("NATS client error: %s", exc)
+
+    async def close(self) -> None:
+        self._closing = True
+        for p in list(self._publishers):
+            with contextlib.suppress(PublishError):
+                await p.close(timeout_s=5.0)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
+            self._js = None
+
+    # -- streams ------------------------------------------------------------------
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        cfg = api.StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            retention=api.RetentionPolicy.WORK_QUEUE if spec.work_queue else api.RetentionPolicy.LIMITS,
+            max_age=spec.max_age_s or None,
+            max_msgs=spec.max_msgs,
+            max_bytes=spec.max_bytes,
+            duplicate_window=spec.duplicate_window_s,
+            storage=api.StorageType.FILE if spec.storage == "file" else api.StorageType.MEMORY,
+        )
+        try:
+            try:
+                await self.js.add_stream(cfg)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:  # "stream name already in use with a different configuration"
+                    raise
+                await self.js.update_stream(cfg)
+        except nats.js.errors.APIError as exc:
+            raise EventPlaneError(f"cannot create stream {spec.name}: {exc}") from exc
+
+    async def delete_stream(self, name: str) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_stream(name)
+
+    async def stream_state(self, name: str) -> StreamState:
+        try:
+            info = await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError as exc:
+            raise EventPlaneError(f"stream {name!r} not found") from exc
+        st = info.state
+        return StreamState(messages=st.messages, first_seq=st.first_seq, last_seq=st.last_seq, bytes=st.bytes)
+
+    async def purge(self, stream: str, before_seq: int) -> None:
+        if before_seq > 1:
+            await self.js.purge_stream(stream, seq=before_seq)
+
+    def publisher(self, stream: str, max_pending: int = 4096, ack_timeout_s: float = 5.0) -> _NatsPublisher:
+        return _NatsPublisher(self, stream, max_pending, ack_timeout_s)
+
+    # -- core pub/sub ---------------------------------------------------------------
+    async def publish_core(self, subject: str, data: bytes) -> None:
+        await self.nc.publish(subject, data)
+
+    async def subscribe_core(
+        self, subject: str, queue_group: str | None = None, max_pending: int = 65_536
+    ) -> _NatsSubscription:
+        sub = await self.nc.subscribe(subject, queue=queue_group or "", pending_msgs_limit=max_pending)
+        return _NatsSubscription(self, sub)
+
+    # -- consumers ------------------------------------------------------------------
+    async def pull_consumer(self, spec: ConsumerSpec) -> _NatsPullConsumer:
+        c = _NatsPullConsumer(self, spec)
+        await c.bind()
+        return c
+
+    async def delete_consumer(self, stream: str, durable: str) -> bool:
+        try:
+            return bool(await self.js.delete_consumer(stream, durable))
+        except nats.js.errors.NotFoundError:
+            return False
+
+    # -- objects --------------------------------------------------------------------
+    async def _bucket(self, bucket: str, create: bool) -> Any:
+        try:
+            return await self.js.object_store(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            if not create:
+                return None
+            return await self.js.create_object_store(bucket)
+
+    async def object_put(self, bucket: str, name: str, data: bytes) -> None:
+        obs = await self._bucket(bucket, create=True)
+        await obs.put(name, data)
+
+    async def object_get(self, bucket: str, name: str) -> bytes | None:
+        obs = await self._bucket(bucket, create=False)
+        if obs is None:
+            return None
+        buf = io.BytesIO()
+        try:
+            # writeinto: chunks go into one buffer (no quadratic bytes concatenation).
+            await obs.get(name, writeinto=buf)
+        except nats.js.errors.ObjectNotFoundError:
+            return None
+        return buf.getvalue()
+
+    async def object_delete(self, bucket: str, name: str) -> bool:
+        obs = await self._bucket(bucket, create=False)
+        if obs is None:
+            return False
+        try:
+            await obs.delete(name)
+        except nats.js.errors.ObjectNotFoundError:
+            return False
+        return True
+
+    async def object_list(self, bucket: str) -> list[str]:
+        obs = await self._bucket(bucket, create=False)
+        if obs is None:
+            return []
+        try:
+            return sorted(info.name for info in await obs.list())
+        except nats.js.errors.NotFoundError:
+            return []

@@ -1,0 +1,216 @@
+"""A gRPC client for an endpoint found through discovery.
+
+:class:`EndpointClient` keeps one channel per live instance of
+``namespace/component/endpoint`` (opened on first use, closed when the instance
+leaves discovery), picks an instance per call (round-robin, random, or a direct
+instance id), puts a deadline on every call, carries the trace context in the
+metadata, and turns gRPC failures into the typed errors of
+:mod:`commutator.common.errors` in one place (:func:`map_rpc_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+import grpc
+from commutator.common import metrics, tracing
+from commutator.common.discovery import Discovery, Instance, InstanceEvent, InstanceSet, WatchKind
+from commutator.common.errors import (
+    Cancelled,
+    CommutatorError,
+    DeadlineExceeded,
+    InstanceNotFound,
+    InvalidRequest,
+    NoInstances,
+    NotFound,
+    Overloaded,
+    RemoteError,
+    Unavailable,
+)
+
+__all__ = ["EndpointClient", "PickMode", "map_rpc_error"]
+
+log = logging.getLogger(__name__)
+
+PickMode = Literal["round_robin", "random", "direct"]
+StubT = TypeVar("StubT")
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+_BY_CODE: dict[grpc.StatusCode, type[CommutatorError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+
+def map_rpc_error(err: grpc.RpcError, where: str) -> CommutatorError:
+    """The typed error for a failed call (the client side of the mapping)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else None) or code.name
+    cls = _BY_CODE.get(code)
+    message = f"{where}: {details}"
+    if cls is None:
+        return RemoteError(message, code.name)
+    return cls(message)
+
+
+class EndpointClient(Generic[StubT]):
+    """Calls to the instances of one endpoint.
+
+    ``stub_factory`` is the generated stub class (e.g. ``WorkerStub``).
+    ``default_timeout_s`` applies to calls that give no ``timeout_s``: every
+    call has a deadline.
+    """
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        namespace: str,
+        component: str,
+        endpoint: str,
+        stub_factory: Callable[[grpc.aio.Channel], StubT],
+        *,
+        default_timeout_s: float = 10.0,
+    ) -> None:
+        self._target = f"{namespace}/{component}/{endpoint}"
+        self.instance_set = InstanceSet(discovery, namespace, component, endpoint)
+        self.instance_set.add_listener(self._on_instance_event)
+        self._stub_factory = stub_factory
+        self._default_timeout = default_timeout_s
+        self._channels: dict[int, tuple[str, grpc.aio.Channel, StubT]] = {}
+        self._rr = itertools.count()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def instances(self) -> dict[int, Instance]:
+        return self.instance_set.instances
+
+    async def start(self) -> None:
+        await self.instance_set.start()
+
+    async def wait_for_instances(self, count: int = 1, timeout_s: float = 30.0) -> None:
+        """Wait until at least ``count`` instances are registered."""
+        try:
+            await self.instance_set.wait_for(lambda m: len(m) >= count, timeout_s)
+        except TimeoutError:
+            raise NoInstances(f"{self._target}: fewer than {count} instances after {timeout_s} s") from None
+
+    async def close(self) -> None:
+        await self.instance_set.close()
+        for _, channel, _ in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _on_instance_event(self, ev: InstanceEvent) -> None:
+        iid = ev.instance.instance_id
+        entry = self._channels.get(iid)
+        if entry is None:
+            return
+        if ev.kind is WatchKind.DELETE or entry[0] != ev.instance.info.address:
+            del self._channels[iid]
+            task = asyncio.get_running_loop().create_task(entry[1].close(grace=5.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def pick(self, mode: PickMode = "round_robin", instance_id: int | None = None) -> Instance:
+        """Choose an instance; ``NoInstances`` when none, ``InstanceNotFound`` for an unknown direct id."""
+        instances = self.instance_set.instances
+        if mode == "direct":
+            if instance_id is None:
+                raise ValueError("direct mode needs an instance_id")
+            inst = instances.get(instance_id)
+            if inst is None:
+                raise InstanceNotFound(f"{self._target}: no instance {instance_id:x}")
+            return inst
+        if not instances:
+            raise NoInstances(f"{self._target}: no instances registered")
+        ids = sorted(instances)
+        if mode == "random":
+            return instances[random.choice(ids)]
+        return instances[ids[next(self._rr) % len(ids)]]
+
+    def stub(self, instance: Instance) -> StubT:
+        """The stub for ``instance`` (one channel per instance, reused)."""
+        entry = self._channels.get(instance.instance_id)
+        if entry is None or entry[0] != instance.info.address:
+            channel = grpc.aio.insecure_channel(instance.info.address, options=_CHANNEL_OPTIONS)
+            entry = (instance.info.address, channel, self._stub_factory(channel))
+            self._channels[instance.instance_id] = entry
+        return entry[2]
+
+    def _resolve(self, mode: PickMode, instance_id: int | None) -> tuple[Instance, StubT]:
+        inst = self.pick("direct" if instance_id is not None else mode, instance_id)
+        return inst, self.stub(inst)
+
+    async def call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        mode: PickMode = "round_robin",
+        instance_id: int | None = None,
+        timeout_s: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Any:
+        """A unary call to ``method`` on a picked instance; typed errors on failure."""
+        inst, stub = self._resolve(mode, instance_id)
+        where = f"{self._target}/{method}@{inst.info.address}"
+        t0 = time.perf_counter()
+        try:
+            response = await getattr(stub, method)(
+                request, timeout=timeout_s or self._default_timeout, metadata=tracing.inject_metadata(metadata)
+            )
+        except grpc.RpcError as err:
+            typed = map_rpc_error(err, where)
+            metrics.GRPC_CLIENT_ERRORS.labels(self._target, method, type(typed).__name__).inc()
+            raise typed from None
+        metrics.GRPC_CLIENT_LATENCY.labels(self._target, method).observe(time.perf_counter() - t0)
+        return response
+
+    async def stream(
+        self,
+        method: str,
+        request: Any,
+        *,
+        mode: PickMode = "round_robin",
+        instance_id: int | None = None,
+        timeout_s: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncIterator[Any]:
+        """A server-streaming call. Closing the iterator (or cancelling its reader) cancels the call."""
+        inst, stub = self._resolve(mode, instance_id)
+        where = f"{self._target}/{method}@{inst.info.address}"
+        call = getattr(stub, method)(
+            request, timeout=timeout_s or self._default_timeout, metadata=tracing.inject_metadata(metadata)
+        )
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as err:
+            typed = map_rpc_error(err, where)
+            metrics.GRPC_CLIENT_ERRORS.labels(self._target, method, type(typed).__name__).inc()
+            raise typed from None
+        finally:
+            if not call.done():
+                call.cancel()

@@ -1,0 +1,128 @@
+"""Every Prometheus metric of Commutator, defined once, on one registry.
+
+Cores compute statistics; service shells update these objects. Each process
+serves the registry as Prometheus text on its metrics port
+(:class:`commutator.common.http.StatusServer`). Roles that share a process
+(the embedded mode) share the registry; labels tell them apart.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+__all__ = ["REGISTRY", "render"]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+_NS = "commutator"
+
+BUILD_INFO = Info(_NS + "_build", "Commutator version and role of this process", registry=REGISTRY)
+
+# ---- discovery --------------------------------------------------------------
+DISCOVERY_REGISTRATIONS = Gauge(
+    _NS + "_discovery_registrations",
+    "Keys this process holds in discovery under its lease",
+    ["backend"],
+    registry=REGISTRY,
+)
+DISCOVERY_LEASE_KEEPALIVES = Counter(
+    _NS + "_discovery_lease_keepalives",
+    "Lease keep-alive attempts by result (ok, failed, lost)",
+    ["backend", "result"],
+    registry=REGISTRY,
+)
+DISCOVERY_LEASE_REGRANTS = Counter(
+    _NS + "_discovery_lease_regrants",
+    "Leases granted again after the old one was lost (registrations re-put)",
+    ["backend"],
+    registry=REGISTRY,
+)
+DISCOVERY_WATCH_RESTARTS = Counter(
+    _NS + "_discovery_watch_restarts",
+    "Prefix watches re-created after the connection to the store broke",
+    ["backend"],
+    registry=REGISTRY,
+)
+
+# ---- event plane ------------------------------------------------------------
+EVENTS_PUBLISHED = Counter(
+    _NS + "_events_published",
+    "Messages acknowledged by the event plane",
+    ["stream"],
+    registry=REGISTRY,
+)
+EVENTS_PUBLISH_RETRIES = Counter(
+    _NS + "_events_publish_retries",
+    "Publishes sent again after an ack timed out or failed (deduplicated by message id)",
+    ["stream"],
+    registry=REGISTRY,
+)
+EVENTS_PUBLISH_FAILURES = Counter(
+    _NS + "_events_publish_failures",
+    "Messages given up on after every retry failed",
+    ["stream"],
+    registry=REGISTRY,
+)
+EVENTS_PUBLISH_PENDING = Gauge(
+    _NS + "_events_publish_pending",
+    "Published messages not yet acknowledged",
+    ["stream"],
+    registry=REGISTRY,
+)
+EVENTS_CONSUMED = Counter(
+    _NS + "_events_consumed",
+    "Messages delivered to a consumer of this process",
+    ["stream", "consumer"],
+    registry=REGISTRY,
+)
+EVENTS_DROPPED = Counter(
+    _NS + "_events_dropped",
+    "Messages dropped by reason (slow_subscriber: a bounded subscriber queue was full)",
+    ["reason"],
+    registry=REGISTRY,
+)
+EVENT_PLANE_RECONNECTS = Counter(
+    _NS + "_event_plane_reconnects",
+    "Reconnections to the event-plane server",
+    ["backend"],
+    registry=REGISTRY,
+)
+
+# ---- gRPC -------------------------------------------------------------------
+GRPC_CLIENT_ERRORS = Counter(
+    _NS + "_grpc_client_errors",
+    "Failed calls by service, method and typed error kind",
+    ["service", "method", "kind"],
+    registry=REGISTRY,
+)
+GRPC_SERVER_INFLIGHT = Gauge(
+    _NS + "_grpc_server_inflight",
+    "RPCs being served",
+    ["service"],
+    registry=REGISTRY,
+)
+GRPC_CLIENT_LATENCY = Histogram(
+    _NS + "_grpc_client_unary_seconds",
+    "Latency of unary calls made through EndpointClient",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+
+
+def render() -> bytes:
+    """The registry as Prometheus text exposition."""
+    return generate_latest(REGISTRY)

@@ -1,0 +1,143 @@
+"""What every Commutator process holds, started and stopped in one place.
+
+:class:`Runtime` owns the discovery client, the event plane, the status HTTP
+server (``/metrics``, ``/health``, ``/live``) and tracing; it turns SIGTERM and
+SIGINT into a shutdown event, and closes everything in reverse order. A role's
+``main`` builds its config, starts a Runtime, adds its gRPC services, waits for
+the shutdown event, drains, and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from commutator.common import config as cfg
+from commutator.common import metrics, tracing
+from commutator.common.config import group, option
+from commutator.common.discovery import Discovery, DiscoveryConfig, MemoryStore, connect_discovery
+from commutator.common.events import EventPlane, EventPlaneConfig, MemoryBroker, connect_event_plane
+from commutator.common.logging import fields, setup_logging
+from commutator.common.status_server import StatusServer
+
+__all__ = ["Runtime", "RuntimeConfig", "run"]
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Settings every process shares: discovery, event plane, metrics, tracing."""
+
+    discovery: DiscoveryConfig = group(DiscoveryConfig)
+    events: EventPlaneConfig = group(EventPlaneConfig)
+    metrics_host: str = option("127.0.0.1", "Interface of the /metrics, /health and /live HTTP server")
+    metrics_port: int = option(0, "Port of the /metrics, /health and /live HTTP server (0: a free port; -1: none)")
+    otlp_endpoint: str = option(
+        "", "OpenTelemetry collector (OTLP/gRPC, host:port) to send traces to; empty: no export"
+    )
+
+
+class Runtime:
+    """Discovery, event plane, status server and tracing of one process (or one role of the embedded mode)."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        role: str,
+        *,
+        memory_store: MemoryStore | None = None,
+        memory_broker: MemoryBroker | None = None,
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self._memory_store = memory_store
+        self._memory_broker = memory_broker
+        self._ready = ready or (lambda: True)
+        self.discovery: Discovery | None = None
+        self.events: EventPlane | None = None
+        self.status: StatusServer | None = None
+        self.shutdown = asyncio.Event()
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
+
+    @property
+    def namespace(self) -> str:
+        return self.config.discovery.namespace
+
+    async def start(self, *, with_events: bool = True) -> None:
+        tracing.setup_tracing(f"commutator-{self.role}", self.config.otlp_endpoint or None)
+        metrics.BUILD_INFO.info({"version": VERSION, "role": self.role})
+        self.discovery = connect_discovery(self.config.discovery, self._memory_store)
+        await self.discovery.start()
+        self._closers.append(lambda: self.discovery.close(deregister=True) if self.discovery else asyncio.sleep(0))
+        if with_events:
+            self.events = await connect_event_plane(
+                self.config.events, self._memory_broker, client_name=f"commutator-{self.role}"
+            )
+            self._closers.append(self.events.close)
+        if self.config.metrics_port >= 0:
+            self.status = StatusServer(self.config.metrics_host, self.config.metrics_port, ready=self._ready)
+            await self.status.start()
+            self._closers.append(self.status.close)
+        log.info(
+            "runtime started",
+            extra=fields(
+                role=self.role,
+                instance_id=f"{self.discovery.instance_id:x}",
+                discovery=self.config.discovery.discovery_backend,
+                events=self.config.events.event_plane if with_events else "none",
+            ),
+        )
+
+    def on_close(self, closer: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``closer`` at :meth:`close`, before what was started earlier (reverse order)."""
+        self._closers.append(closer)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT set :attr:`shutdown` (a second signal exits at once)."""
+        loop = asyncio.get_running_loop()
+
+        def handle(sig: signal.Signals) -> None:
+            if self.shutdown.is_set():
+                log.warning("second %s: exiting now", sig.name)
+                raise SystemExit(128 + sig.value)
+            log.info("%s received: draining", sig.name)
+            self.shutdown.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, handle, sig)
+
+    async def close(self) -> None:
+        """Close what was started, newest first; errors are logged, not raised."""
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                await closer()
+            except Exception:
+                log.exception("error while shutting down")
+        tracing.shutdown_tracing()
+
+
+def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    """Run an async ``main`` on uvloop with logging set up; returns its exit status."""
+    import uvloop
+
+    setup_logging()
+    try:
+        return uvloop.run(main()) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def load_config(cls: type[Any], prog: str, argv: list[str] | None = None) -> Any:
+    """Parse flags and environment into ``cls`` and log the effective settings."""
+    config = cfg.load(cls, argv, prog=prog)
+    log.info("config", extra=fields(**{k: v for k, v in cfg.describe(config).items()}))
+    return config

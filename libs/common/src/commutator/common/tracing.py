@@ -1,0 +1,92 @@
+"""OpenTelemetry tracing: set-up, and W3C trace context carried in gRPC metadata.
+
+Without an OTLP endpoint (``--otlp-endpoint`` / ``OTEL_EXPORTER_OTLP_ENDPOINT``)
+spans are not exported and tracing costs next to nothing. Tests install an
+in-memory exporter. The frontend takes the W3C ``traceparent`` of the HTTP
+request; every gRPC call made through :mod:`commutator.common.grpc` carries the
+current context in its metadata, and servers open their spans as children of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+
+__all__ = ["extract_context", "inject_metadata", "server_span", "setup_tracing", "tracer"]
+
+log = logging.getLogger(__name__)
+
+_provider: TracerProvider | None = None
+
+
+def setup_tracing(
+    service_name: str,
+    otlp_endpoint: str | None = None,
+    exporter: SpanExporter | None = None,
+) -> TracerProvider | None:
+    """Install the process's tracer provider.
+
+    ``exporter`` (tests: an ``InMemorySpanExporter``) is attached with a simple,
+    synchronous processor; an ``otlp_endpoint`` gets a batching OTLP/gRPC
+    exporter. With neither, nothing is installed and spans are no-ops.
+    The first call wins (OpenTelemetry allows one global provider).
+    """
+    global _provider
+    if _provider is not None:
+        if exporter is not None:
+            _provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return _provider
+    if exporter is None and not otlp_endpoint:
+        return None
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+        log.info("tracing: exporting spans over OTLP to %s", otlp_endpoint)
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop the exporters (end of process)."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject_metadata(metadata: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """``metadata`` plus the W3C headers of the current span context (if any)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [*metadata, *carrier.items()]
+
+
+def extract_context(metadata: Sequence[tuple[str, Any]] | None) -> otel_context.Context:
+    """The OpenTelemetry context carried in gRPC invocation metadata."""
+    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    return propagate.extract(carrier)
+
+
+@contextlib.contextmanager
+def server_span(name: str, metadata: Sequence[tuple[str, Any]] | None, **attributes: Any) -> Iterator[trace.Span]:
+    """A server span for one RPC, parented by the caller's context from ``metadata``."""
+    ctx = extract_context(metadata)
+    with trace.get_tracer("commutator").start_as_current_span(
+        name, context=ctx, kind=trace.SpanKind.SERVER, attributes=attributes or None
+    ) as span:
+        yield span

@@ -1,0 +1,1 @@
+"""Engine adapters: the protocol every engine sits behind, and its implementations."""

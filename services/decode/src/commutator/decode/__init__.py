@@ -1,0 +1,1 @@
+"""Decode (or aggregated) worker: serves Generate over gRPC in front of an engine."""

@@ -1,0 +1,1 @@
+"""Prefill worker: consumes the prefill queue and writes KV into decode workers' blocks."""
