@@ -77,9 +77,13 @@ test-integration: setup servers ## Integration tests (real etcd + nats-server)
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/common/src/commutator/common
+	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines services/decode/src/commutator/decode
 
 # ---- running --------------------------------------------------------------
+
+.PHONY: model
+model: setup ## Build the tiny test model (offline, deterministic) into its cache folder
+	$(PY) -m commutator.engines.tiny_model
 
 .PHONY: run
 run: setup ## The whole stack in one process: OpenAI API on :8000 with mocker workers
@@ -91,6 +95,10 @@ run: setup ## The whole stack in one process: OpenAI API on :8000 with mocker wo
 .PHONY: bench-hashing
 bench-hashing: setup ## Block hashing of a 4096-token prompt
 	$(PY) benchmarks/bench_hashing.py
+
+.PHONY: bench-mocker
+bench-mocker: setup servers ## Mocker scheduler pass cost; tokens/s one worker streams (speedup 0)
+	$(PY) benchmarks/bench_mocker.py
 
 .PHONY: bench-events
 bench-events: setup servers ## JetStream publish rate and object-store reads

@@ -122,6 +122,63 @@ GRPC_CLIENT_LATENCY = Histogram(
     registry=REGISTRY,
 )
 
+# ---- workers (decode / aggregated) -------------------------------------------------
+WORKER_REQUESTS = Counter(
+    _NS + "_worker_requests",
+    "Generate requests finished, by outcome (stop, length, abort, error, cancelled, invalid)",
+    ["worker", "outcome"],
+    registry=REGISTRY,
+)
+WORKER_ACTIVE_REQUESTS = Gauge(
+    _NS + "_worker_active_requests",
+    "Generate streams being served",
+    ["worker"],
+    registry=REGISTRY,
+)
+WORKER_OUTPUT_TOKENS = Counter(
+    _NS + "_worker_output_tokens",
+    "Tokens streamed to clients",
+    ["worker"],
+    registry=REGISTRY,
+)
+WORKER_STREAM_MESSAGES = Counter(
+    _NS + "_worker_stream_messages",
+    "Generate stream messages sent (tokens / messages shows how much coalescing a slow client caused)",
+    ["worker"],
+    registry=REGISTRY,
+)
+WORKER_PROMPT_TOKENS = Counter(
+    _NS + "_worker_prompt_tokens",
+    "Prompt tokens received, and how many of them the prefix cache served",
+    ["worker", "kind"],
+    registry=REGISTRY,
+)
+WORKER_TTFT_SECONDS = Histogram(
+    _NS + "_worker_ttft_seconds",
+    "Time from receiving a request to sending its first token, inside the worker",
+    ["worker"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+WORKER_KV_BLOCKS = Gauge(
+    _NS + "_worker_kv_blocks",
+    "KV cache blocks: used (held by running requests) and total",
+    ["worker", "kind"],
+    registry=REGISTRY,
+)
+WORKER_QUEUE = Gauge(
+    _NS + "_worker_requests_in_engine",
+    "Requests inside the engine: running or waiting",
+    ["worker", "state"],
+    registry=REGISTRY,
+)
+WORKER_KV_EVENTS = Counter(
+    _NS + "_worker_kv_events",
+    "KV events published (and dropped because the publisher fell behind)",
+    ["worker", "result"],
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The registry as Prometheus text exposition."""

@@ -23,13 +23,15 @@ __all__ = [
     "parse_instance_key",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
-_ENDPOINT = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_ENDPOINT = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _check(kind: str, value: str, pattern: re.Pattern[str] = _NAME) -> None:
     if not pattern.match(value):
-        raise ValueError(f"invalid {kind} name {value!r}: use letters, digits, '_' and '.'")
+        raise ValueError(
+            f"invalid {kind} name {value!r}: use letters, digits, '_' and '-' (names become NATS subject tokens)"
+        )
 
 
 def instance_prefix(namespace: str, component: str | None = None, endpoint: str | None = None) -> str:

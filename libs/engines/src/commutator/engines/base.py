@@ -1,0 +1,207 @@
+"""The protocol every engine sits behind, and the plain data it exchanges.
+
+Shaped after the public async APIs of the engines Commutator fronts:
+
+- vLLM ``AsyncLLM.generate(prompt, sampling_params, request_id)`` yields
+  ``RequestOutput`` (token ids, ``finish_reason``, ``num_cached_tokens``,
+  logprobs); ``abort(request_id)``; KV events from its ``KVEventsConfig``
+  publisher (``BlockStored``/``BlockRemoved``/``AllBlocksCleared``).
+- SGLang ``Engine.async_generate(input_ids=..., sampling_params=..., stream=True)``
+  yields dicts with ``output_ids`` and ``meta_info`` (``finish_reason``,
+  ``cached_tokens``); abort by request id; the same KV event format.
+- TensorRT-LLM ``LLM.generate_async(inputs, sampling_params, streaming=True)``
+  yields ``RequestOutput``; ``abort()`` on the result;
+  ``get_kv_cache_events_async()`` and ``get_stats_async()``.
+
+So: token ids in, token deltas out, abort by id, a stream of KV events, load
+statistics, capacity, and two hooks for disaggregated serving (prefill-only
+requests; importing a prompt's KV into reserved blocks).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "Engine",
+    "EngineCapacity",
+    "EngineOutput",
+    "EngineRequest",
+    "EngineStats",
+    "FinishReason",
+    "KvCleared",
+    "KvEventRecord",
+    "KvImport",
+    "KvRemoved",
+    "KvStored",
+    "SamplingParams",
+    "StopParams",
+    "TokenLogprob",
+]
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS or a stop token id
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled
+    ERROR = "error"  # the engine failed the request
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopParams:
+    max_tokens: int = 0
+    """0: up to the context limit."""
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KvImport:
+    """A prompt whose KV another worker computed and wrote into ``block_ids`` here."""
+
+    first_token_id: int
+    block_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    token_ids: Sequence[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: StopParams = field(default_factory=StopParams)
+    logprobs: int | None = None
+    """Top alternatives per token to return; ``None``: no logprobs."""
+    lora_name: str = ""
+    cache_salt: str = ""
+    prefill_only: bool = False
+    """Compute the prompt's KV and the first token, then finish (disaggregated prefill)."""
+    kv_import: KvImport | None = None
+    """The prompt's KV was written remotely into blocks reserved with ``reserve_import``."""
+    dp_rank: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """Tokens produced since the last output of a request (one or several)."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    """Set on the first output: prompt tokens served from the prefix cache."""
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCapacity:
+    block_size: int
+    total_blocks: int
+    max_num_seqs: int
+    max_batched_tokens: int
+    context_length: int
+    dp_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    dp_rank: int
+    running_requests: int
+    waiting_requests: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    active_decode_blocks: int
+    pending_prefill_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvStored:
+    """Full blocks stored, in prefix order: ``(engine block id, local block hash)``."""
+
+    parent_hash: int | None
+    blocks: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KvRemoved:
+    block_hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KvCleared:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventRecord:
+    """One KV event of one data-parallel rank, numbered from 0 per rank (DESIGN.md 4.2)."""
+
+    event_id: int
+    data: KvStored | KvRemoved | KvCleared
+    dp_rank: int = 0
+
+
+class Engine(Protocol):
+    """What a worker needs from an engine.
+
+    Lifecycle: ``start`` (load, warm up), then any number of concurrent
+    ``generate`` calls, then ``shutdown``. Closing a ``generate`` iterator
+    early aborts the request and frees its blocks.
+    """
+
+    @property
+    def capacity(self) -> EngineCapacity: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Outputs of one request; the last one carries a finish reason."""
+        ...
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request; False if it was not running."""
+        ...
+
+    def stats(self) -> list[EngineStats]:
+        """Current load, one entry per data-parallel rank."""
+        ...
+
+    async def kv_events(self) -> list[KvEventRecord]:
+        """Wait for, then take, every KV event emitted since the last call (in order)."""
+        ...
+
+    def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
+        """Reserve blocks to receive ``request``'s prompt KV from a prefill worker.
+
+        Returns the block ids (in prompt order), or ``None`` when there is no
+        room now (the caller prefills locally instead).
+        """
+        ...
+
+    def release_import(self, request_id: str) -> None:
+        """Give back blocks reserved by :meth:`reserve_import` that will not be used."""
+        ...

@@ -1,0 +1,241 @@
+"""The mocker engine: the pure scheduler driven in time on the event loop.
+
+Each pass runs :meth:`Scheduler.step`, then waits the pass's simulated
+duration on the injected clock (measured from the start of the pass, so the
+scheduler's own CPU time is part of it), then delivers the pass's tokens and
+KV events. With ``speedup_ratio`` 0 passes follow each other with no delay
+(yielding to the event loop in between).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+from commutator.common.clock import Clock, SystemClock
+from commutator.engines.base import (
+    EngineCapacity,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    KvEventRecord,
+    TokenLogprob,
+)
+from commutator.engines.mocker.config import MockerConfig
+from commutator.engines.mocker.scheduler import Scheduler
+from commutator.engines.model_info import ModelInfo
+
+__all__ = ["MockerEngine"]
+
+log = logging.getLogger(__name__)
+
+KV_EVENT_BUFFER_LIMIT = 100_000
+"""KV events held for a publisher that cannot keep up; past this the oldest are
+dropped, and the router sees the gap in event ids and resets this worker."""
+
+
+class _Channel:
+    """Tokens of one request not yet taken by its reader: coalesced, never more than the request's own output."""
+
+    __slots__ = ("finish", "logprobs", "ready", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.finish: FinishReason | None = None
+        self.ready = asyncio.Event()
+
+
+class MockerEngine:
+    """A CPU stand-in for a GPU engine (DESIGN.md 5). See :class:`commutator.engines.base.Engine`."""
+
+    def __init__(
+        self,
+        config: MockerConfig,
+        *,
+        vocab_size: int = 32000,
+        context_length: int = 32768,
+        eos_token_ids: tuple[int, ...] = (),
+        clock: Clock | None = None,
+        engine_salt: int | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.clock = clock or SystemClock()
+        salt = engine_salt if engine_salt is not None else random.getrandbits(64)
+        self.scheduler = Scheduler(
+            config,
+            vocab_size=config.vocab_size or vocab_size,
+            context_length=config.context_length or context_length,
+            eos_token_ids=config.eos_token_ids or eos_token_ids,
+            engine_salt=salt,
+        )
+        self._capacity = EngineCapacity(
+            block_size=config.block_size,
+            total_blocks=config.num_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_batched_tokens=config.max_batched_tokens,
+            context_length=self.scheduler.context_length,
+        )
+        self._channels: dict[str, _Channel] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._kv_buffer: list[KvEventRecord] = []
+        self._kv_ready = asyncio.Event()
+        self.kv_events_dropped = 0
+        self.passes = 0
+        self.tokens_generated = 0
+
+    @classmethod
+    def for_model(cls, config: MockerConfig, model_path: str | Path | None, **kwargs: object) -> MockerEngine:
+        """A mocker with the vocabulary, context length and EOS ids of the model at ``model_path``."""
+        info = ModelInfo.load(model_path) if model_path else ModelInfo()
+        return cls(
+            config,
+            vocab_size=info.vocab_size,
+            context_length=info.context_length,
+            eos_token_ids=info.eos_token_ids,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    @property
+    def capacity(self) -> EngineCapacity:
+        return self._capacity
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="mocker-engine")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for rid, ch in list(self._channels.items()):
+            self.scheduler.abort(rid)
+            ch.finish = FinishReason.ABORT
+            ch.ready.set()
+
+    # -- requests -----------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+        if self._task is None:
+            raise RuntimeError("engine not started")
+        sched = self.scheduler
+        rid = request.request_id
+        ch = _Channel()
+        if request.kv_import is not None:
+            seq, reason = sched.add_imported(request, request.kv_import.first_token_id)
+            ch.tokens.append(request.kv_import.first_token_id)
+            ch.finish = reason
+            ch.ready.set()
+        else:
+            seq = sched.add(request)
+        self._channels[rid] = ch
+        self._wake.set()
+        first = True
+        done = False
+        try:
+            while True:
+                await ch.ready.wait()
+                ch.ready.clear()
+                tokens, ch.tokens = ch.tokens, []
+                logprobs, ch.logprobs = ch.logprobs, None
+                out = EngineOutput(tokens, ch.finish, logprobs=logprobs)
+                if first:
+                    out.prompt_tokens = seq.num_prompt
+                    out.cached_prompt_tokens = max(seq.cached_tokens, 0)
+                    first = False
+                done = ch.finish is not None
+                yield out
+                if done:
+                    return
+        finally:
+            self._channels.pop(rid, None)
+            if not done:
+                sched.abort(rid)
+
+    async def abort(self, request_id: str) -> bool:
+        ch = self._channels.get(request_id)
+        aborted = self.scheduler.abort(request_id)
+        if ch is not None and ch.finish is None:
+            ch.finish = FinishReason.ABORT
+            ch.ready.set()
+        return aborted
+
+    def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
+        return self.scheduler.reserve_import(request)
+
+    def release_import(self, request_id: str) -> None:
+        self.scheduler.release_import(request_id)
+
+    # -- observation --------------------------------------------------------------
+    def stats(self) -> list[EngineStats]:
+        s = self.scheduler
+        return [
+            EngineStats(
+                dp_rank=0,
+                running_requests=len(s.running),
+                waiting_requests=len(s.waiting),
+                kv_blocks_used=s.pool.active,
+                kv_blocks_total=s.pool.num_blocks,
+                active_decode_blocks=s.active_decode_blocks(),
+                pending_prefill_tokens=s.pending_prefill_tokens(),
+            )
+        ]
+
+    async def kv_events(self) -> list[KvEventRecord]:
+        while not self._kv_buffer:
+            self._kv_ready.clear()
+            await self._kv_ready.wait()
+        out, self._kv_buffer = self._kv_buffer, []
+        return out
+
+    # -- the loop -----------------------------------------------------------------
+    async def _run(self) -> None:
+        sched = self.scheduler
+        clock = self.clock
+        channels = self._channels
+        while True:
+            if not sched.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = clock.monotonic()
+            result = sched.step()
+            self.passes += 1
+            events = sched.pool.take_events()
+            if result.pass_ms > 0:
+                await clock.sleep(started + result.pass_ms / 1000.0 - clock.monotonic())
+            else:
+                await asyncio.sleep(0)
+            for seq, token, reason, lp in result.outputs:
+                ch = channels.get(seq.request_id)
+                if ch is None or ch.finish is not None:
+                    continue
+                ch.tokens.append(token)
+                if lp is not None:
+                    if ch.logprobs is None:
+                        ch.logprobs = []
+                    ch.logprobs.append(lp)
+                if reason is not None:
+                    ch.finish = reason
+                ch.ready.set()
+            self.tokens_generated += len(result.outputs)
+            if events:
+                self._push_events(events)
+
+    def _push_events(self, events: list[KvEventRecord]) -> None:
+        buf = self._kv_buffer
+        buf.extend(events)
+        if len(buf) > KV_EVENT_BUFFER_LIMIT:
+            drop = len(buf) - KV_EVENT_BUFFER_LIMIT
+            del buf[:drop]
+            self.kv_events_dropped += drop
+            log.warning("KV event buffer full: dropped %d events (the router will resync this worker)", drop)
+        self._kv_ready.set()

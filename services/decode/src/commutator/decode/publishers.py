@@ -1,0 +1,153 @@
+"""What a worker publishes on the event plane: KV events (JetStream) and load statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from commutator.common import metrics, subjects
+from commutator.common.events import EventPlane, PublishError
+from commutator.engines.base import Engine, EngineStats
+from commutator.engines.wire import event_batch, stats_to_proto
+
+__all__ = ["KvEventPublisher", "LoadPublisher"]
+
+log = logging.getLogger(__name__)
+
+
+class KvEventPublisher:
+    """Drains the engine's KV events and publishes them, in order, in batches.
+
+    Each message is one ``KvEventBatch`` of up to ``max_batch`` events on
+    ``kv.{namespace}.{component}.{worker_id:x}``. Acks are asynchronous; the
+    publisher sends unacknowledged messages again in order after a NATS outage.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        events: EventPlane,
+        namespace: str,
+        component: str,
+        worker_id: Callable[[], int],
+        worker_label: str,
+        max_batch: int = 1024,
+    ) -> None:
+        self._engine = engine
+        self._events = events
+        self._namespace = namespace
+        self._component = component
+        self._worker_id = worker_id
+        self._max_batch = max_batch
+        self._spec = subjects.kv_events_stream_spec(namespace, component)
+        self._publisher = None
+        self._task: asyncio.Task[None] | None = None
+        self._published = metrics.WORKER_KV_EVENTS.labels(worker_label, "published")
+        self.events_published = 0
+
+    async def start(self) -> None:
+        await self._events.ensure_stream(self._spec)
+        self._publisher = self._events.publisher(self._spec.name)  # type: ignore[assignment]
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-event-publisher")
+
+    async def _run(self) -> None:
+        while True:
+            records = await self._engine.kv_events()
+            await self._publish(records)
+
+    async def _publish(self, records: list) -> None:  # type: ignore[type-arg]
+        assert self._publisher is not None
+        worker_id = self._worker_id()
+        subject = subjects.kv_events_subject(self._namespace, self._component, worker_id)
+        for i in range(0, len(records), self._max_batch):
+            chunk = records[i : i + self._max_batch]
+            await self._publisher.publish(subject, event_batch(chunk, worker_id).SerializeToString())
+            self.events_published += len(chunk)
+            self._published.inc(len(chunk))
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Publish what the engine emitted so far, wait for the acks, stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._publisher is None:
+            return
+        try:
+            pending = await asyncio.wait_for(self._engine.kv_events(), 0.01)
+        except TimeoutError:
+            pending = []
+        if pending:
+            await self._publish(pending)
+        try:
+            await self._publisher.close(timeout_s)
+        except PublishError as exc:
+            log.error("KV events not all acknowledged at shutdown: %s", exc)
+
+
+class LoadPublisher:
+    """Publishes the engine's load statistics: on change (at most every ``min_interval_s``) and every ``interval_s``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        events: EventPlane,
+        namespace: str,
+        component: str,
+        worker_id: Callable[[], int],
+        worker_label: str,
+        interval_s: float,
+        min_interval_s: float,
+    ) -> None:
+        self._engine = engine
+        self._events = events
+        self._namespace = namespace
+        self._component = component
+        self._worker_id = worker_id
+        self._interval = interval_s
+        self._min_interval = min_interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._used = metrics.WORKER_KV_BLOCKS.labels(worker_label, "used")
+        self._total = metrics.WORKER_KV_BLOCKS.labels(worker_label, "total")
+        self._running = metrics.WORKER_QUEUE.labels(worker_label, "running")
+        self._waiting = metrics.WORKER_QUEUE.labels(worker_label, "waiting")
+        self.published = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="load-publisher")
+
+    async def _run(self) -> None:
+        last: list[EngineStats] | None = None
+        last_sent = 0.0
+        while True:
+            await asyncio.sleep(self._min_interval)
+            stats = self._engine.stats()
+            now = time.monotonic()
+            if stats == last and now - last_sent < self._interval:
+                continue
+            last, last_sent = stats, now
+            s0 = stats[0]
+            self._used.set(sum(s.kv_blocks_used for s in stats))
+            self._total.set(sum(s.kv_blocks_total for s in stats))
+            self._running.set(s0.running_requests)
+            self._waiting.set(s0.waiting_requests)
+            worker_id = self._worker_id()
+            subject = subjects.load_subject(self._namespace, self._component, worker_id)
+            wall = time.time()
+            try:
+                for s in stats:
+                    await self._events.publish_core(subject, stats_to_proto(s, worker_id, wall).SerializeToString())
+                self.published += 1
+            except Exception as exc:  # a NATS outage must not stop the loop
+                log.debug("load statistics not published: %s", exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,99 @@
+"""The Worker gRPC service in front of an engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from commutator.common import metrics, tracing
+from commutator.common.errors import InvalidRequest, RemoteError
+from commutator.common.grpc import abort_with
+from commutator.engines.base import Engine
+from commutator.engines.wire import output_to_proto, request_from_proto, stats_to_proto
+from commutator.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+__all__ = ["WorkerServicer"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Generate streams tokens as the engine makes them.
+
+    The engine coalesces the tokens a slow client has not taken yet (at most
+    the request's own output), so a stream never buffers without bound; a
+    cancelled stream aborts the engine request, which frees its blocks.
+    """
+
+    def __init__(self, engine: Engine, worker_label: str, worker_id: object) -> None:
+        self.engine = engine
+        self._worker_id = worker_id  # callable returning the current instance id
+        self._active = metrics.WORKER_ACTIVE_REQUESTS.labels(worker_label)
+        self._tokens = metrics.WORKER_OUTPUT_TOKENS.labels(worker_label)
+        self._messages = metrics.WORKER_STREAM_MESSAGES.labels(worker_label)
+        self._ttft = metrics.WORKER_TTFT_SECONDS.labels(worker_label)
+        self._prompt = metrics.WORKER_PROMPT_TOKENS.labels(worker_label, "received")
+        self._cached = metrics.WORKER_PROMPT_TOKENS.labels(worker_label, "cached")
+        self._label = worker_label
+        self.in_flight = 0
+
+    def _outcome(self, outcome: str) -> None:
+        metrics.WORKER_REQUESTS.labels(self._label, outcome).inc()
+
+    async def Generate(
+        self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        t0 = time.perf_counter()
+        try:
+            ereq = request_from_proto(request)
+        except ValueError as exc:
+            self._outcome("invalid")
+            await abort_with(context, InvalidRequest(str(exc)))
+        outcome = "cancelled"
+        self.in_flight += 1
+        self._active.inc()
+        gen = self.engine.generate(ereq)
+        try:
+            with tracing.server_span("Worker.Generate", context.invocation_metadata(), request_id=ereq.request_id):
+                first = True
+                async for out in gen:
+                    if first:
+                        first = False
+                        self._ttft.observe(time.perf_counter() - t0)
+                        self._prompt.inc(out.prompt_tokens)
+                        self._cached.inc(out.cached_prompt_tokens)
+                    self._tokens.inc(len(out.token_ids))
+                    self._messages.inc()
+                    if out.finish_reason is not None:
+                        outcome = out.finish_reason.value
+                    yield output_to_proto(out)
+        except ValueError as exc:
+            outcome = "invalid"
+            await abort_with(context, InvalidRequest(str(exc)))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            outcome = "error"
+            log.exception("engine failed request %s", ereq.request_id)
+            await abort_with(context, RemoteError(f"engine failed: {exc}"))
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+            self.in_flight -= 1
+            self._active.dec()
+            self._outcome(outcome)
+
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortResponse:
+        if not request.request_id:
+            await abort_with(context, InvalidRequest("request_id is required"))
+        return worker_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
+
+    async def Stats(
+        self, request: worker_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StatsResponse:
+        now = time.time()
+        worker_id = self._worker_id()  # type: ignore[operator]
+        return worker_pb2.StatsResponse(ranks=[stats_to_proto(s, worker_id, now) for s in self.engine.stats()])

@@ -1,0 +1,149 @@
+"""The decode worker as a separate process, on real etcd and NATS, with the mocker engine."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+from commutator.common import subjects
+from commutator.common.discovery import Discovery, EtcdBackend
+from commutator.common.errors import InvalidRequest
+from commutator.common.events import ConsumerSpec, NatsEventPlane
+from commutator.common.grpc import EndpointClient
+from commutator.common.local_servers import EtcdProcess, NatsProcess
+from commutator.v1 import common_pb2, kv_events_pb2, worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def client(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[EndpointClient]:
+    d = Discovery(EtcdBackend([etcd_server.endpoint]))
+    await d.start()
+    c = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=30)
+    await c.start()
+    yield c
+    await c.close()
+    await d.close()
+
+
+def gen(rid: str, n: int, max_tokens: int, start: int = 0) -> common_pb2.GenerateRequest:
+    return common_pb2.GenerateRequest(
+        request_id=rid,
+        token_ids=list(range(start, start + n)),
+        stop=common_pb2.StopConditions(max_tokens=max_tokens, ignore_eos=True),
+    )
+
+
+async def stats(client: EndpointClient) -> common_pb2.WorkerStats:
+    return (await client.call("Stats", worker_pb2.StatsRequest())).ranks[0]
+
+
+async def test_stream_cancel_frees_blocks(spawn, client: EndpointClient) -> None:  # type: ignore[no-untyped-def]
+    worker = spawn("commutator.decode", "--speedup-ratio", "20")
+    await client.wait_for_instances(1, timeout_s=60)
+    [inst] = client.instances.values()
+    assert (inst.info.role, inst.info.model, inst.info.block_size, inst.info.kv_capacity_blocks) == (
+        "decode",
+        "commutator/tiny-llama",
+        64,
+        16384,
+    )
+
+    # A whole stream: tokens arrive, usage on the first message, a finish reason on the last.
+    msgs = [m async for m in client.stream("Generate", gen("full", 200, 12))]
+    assert sum(len(m.token_ids) for m in msgs) == 12
+    assert msgs[0].prompt_tokens == 200 and msgs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+    # Cancel mid-stream: the worker aborts the request and frees its blocks.
+    it = client.stream("Generate", gen("cancel-me", 1000, 100_000, start=2000))
+    got = 0
+    async for m in it:
+        got += len(m.token_ids)
+        if got >= 5:
+            break
+    busy = await stats(client)
+    assert busy.running_requests == 1 and busy.kv_blocks_used >= 16
+    await it.aclose()
+    for _ in range(100):
+        s = await stats(client)
+        if s.running_requests == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (s.running_requests, s.kv_blocks_used) == (0, 0)
+
+    with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+        async for _ in client.stream("Generate", common_pb2.GenerateRequest(request_id="bad", token_ids=[10**9])):
+            pass
+    with pytest.raises(InvalidRequest, match="token_ids is empty"):
+        async for _ in client.stream("Generate", common_pb2.GenerateRequest(request_id="empty")):
+            pass
+    assert worker.proc.poll() is None  # bad input never takes the process down
+
+
+async def test_kv_events_arrive_in_order_without_gaps(
+    spawn, client: EndpointClient, nats_server: NatsProcess, unique: str
+) -> None:  # type: ignore[no-untyped-def]
+    spawn("commutator.decode", "--speedup-ratio", "0", "--block-size", "16", "--num-blocks", "64")
+    await client.wait_for_instances(1, timeout_s=60)
+    [inst] = client.instances.values()
+    # Enough distinct prompts to fill 64 blocks several times over: stores and evictions.
+    for i in range(30):
+        async for _ in client.stream("Generate", gen(f"r{i}", 100, 20, start=i * 100)):
+            pass
+    plane = NatsEventPlane(nats_server.url)
+    await plane.connect()
+    consumer = await plane.pull_consumer(ConsumerSpec(stream=subjects.kv_events_stream(unique, "decode"), durable="t"))
+    events: list[kv_events_pb2.KvEvent] = []
+    for _ in range(50):
+        msgs = await consumer.fetch(100, 0.5)
+        for m in msgs:
+            assert m.subject == subjects.kv_events_subject(unique, "decode", inst.instance_id)
+            events.extend(kv_events_pb2.KvEventBatch.FromString(m.data).events)
+            await m.ack()
+        if not msgs and events:
+            break
+    assert [e.event_id for e in events] == list(range(len(events)))
+    assert {e.worker_id for e in events} == {inst.instance_id}
+    kinds = [e.WhichOneof("data") for e in events]
+    assert "stored" in kinds and "removed" in kinds
+    stored_blocks = sum(len(e.stored.blocks) for e in events if e.HasField("stored"))
+    assert stored_blocks >= 30 * 7  # each 100-token prompt plus 20 tokens fills 7 blocks of 16
+    await consumer.close()
+    await plane.close()
+
+
+async def test_sigterm_drains_without_dropping_a_stream(spawn, client: EndpointClient) -> None:  # type: ignore[no-untyped-def]
+    worker = spawn("commutator.decode", "--speedup-ratio", "1", "--drain-grace-s", "20")
+    await client.wait_for_instances(1, timeout_s=60)
+    iid = next(iter(client.instances))
+    tokens: list[int] = []
+    finish: list[int] = []
+
+    async def consume() -> None:
+        async for m in client.stream("Generate", gen("long", 64, 60), instance_id=iid):
+            tokens.extend(m.token_ids)
+            if m.finish_reason:
+                finish.append(m.finish_reason)
+
+    task = asyncio.create_task(consume())
+    while len(tokens) < 3:  # noqa: ASYNC110 - polling what the consumer task collected
+        await asyncio.sleep(0.01)
+    worker.signal(signal.SIGTERM)
+    await client.instance_set.wait_for(lambda m: iid not in m, 5)  # deregistered first
+    await task  # the in-flight stream runs to its end
+    assert len(tokens) == 60 and finish == [common_pb2.FINISH_REASON_LENGTH]
+    assert await worker.wait(20) == 0
+    assert "draining in_flight=1" in worker.log()
+
+
+async def test_killed_worker_leaves_discovery_within_its_lease(spawn, client: EndpointClient) -> None:  # type: ignore[no-untyped-def]
+    worker = spawn("commutator.decode", "--lease-ttl-s", "2")
+    await client.wait_for_instances(1, timeout_s=60)
+    worker.signal(signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await client.instance_set.wait_for(lambda m: not m, 10)
+    assert loop.time() - t0 <= 2 + 1.0
