@@ -77,7 +77,7 @@ test-integration: setup servers ## Integration tests (real etcd + nats-server)
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines services/decode/src/commutator/decode
+	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines services/decode/src/commutator/decode services/router/src/commutator/router
 
 # ---- running --------------------------------------------------------------
 
@@ -99,6 +99,10 @@ bench-hashing: setup ## Block hashing of a 4096-token prompt
 .PHONY: bench-mocker
 bench-mocker: setup servers ## Mocker scheduler pass cost; tokens/s one worker streams (speedup 0)
 	$(PY) benchmarks/bench_mocker.py
+
+.PHONY: bench-router
+bench-router: setup servers ## Router index, routing decision, event ingestion, memory, restart (1M entries)
+	$(PY) benchmarks/bench_router.py
 
 .PHONY: bench-events
 bench-events: setup servers ## JetStream publish rate and object-store reads

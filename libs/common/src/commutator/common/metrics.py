@@ -179,6 +179,62 @@ WORKER_KV_EVENTS = Counter(
     registry=REGISTRY,
 )
 
+# ---- router --------------------------------------------------------------------------
+ROUTER_STAGE_SECONDS = Histogram(
+    _NS + "_router_stage_seconds",
+    "Routing overhead per decision, by stage (hash, match, select, total)",
+    ["stage"],
+    buckets=(5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+    registry=REGISTRY,
+)
+ROUTER_DECISIONS = Counter(
+    _NS + "_router_decisions",
+    "Routing decisions by outcome (routed, all_busy, no_workers)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+ROUTER_PROMPT_BLOCKS = Counter(
+    _NS + "_router_prompt_blocks",
+    "Prompt blocks routed, and how many the chosen worker had cached (overlap / prompt = predicted KV hit rate)",
+    ["kind"],
+    registry=REGISTRY,
+)
+ROUTER_KV_EVENTS = Counter(
+    _NS + "_router_kv_events",
+    "KV events by what the index did with them",
+    ["result"],
+    registry=REGISTRY,
+)
+ROUTER_INDEX = Gauge(
+    _NS + "_router_index",
+    "Size of the KV index: nodes (distinct blocks), entries ((block, worker) pairs), workers",
+    ["kind"],
+    registry=REGISTRY,
+)
+ROUTER_WORKER_LOAD = Gauge(
+    _NS + "_router_worker_load",
+    "The router's load view per worker: active_blocks, prefill_tokens, requests, kv_usage",
+    ["worker", "kind"],
+    registry=REGISTRY,
+)
+ROUTER_RECOVERIES = Counter(
+    _NS + "_router_recoveries",
+    "Workers rebuilt from a dump of their cache state after lost events, by result",
+    ["result"],
+    registry=REGISTRY,
+)
+ROUTER_SNAPSHOTS = Counter(
+    _NS + "_router_snapshots",
+    "Index snapshots written to the object store",
+    registry=REGISTRY,
+)
+ROUTER_REPLICA_EVENTS = Counter(
+    _NS + "_router_replica_events",
+    "Load events exchanged with other router replicas",
+    ["direction"],
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The registry as Prometheus text exposition."""

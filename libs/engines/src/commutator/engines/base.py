@@ -194,6 +194,11 @@ class Engine(Protocol):
         """Wait for, then take, every KV event emitted since the last call (in order)."""
         ...
 
+    def kv_dump(self) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
+        """The prefix cache now: ``(dp_rank, engine block id, sequence hash)`` for every cached
+        block, and per dp rank the id of the next event (the dump reflects all earlier ones)."""
+        ...
+
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         """Reserve blocks to receive ``request``'s prompt KV from a prefill worker.
 

@@ -12,7 +12,7 @@ from commutator.common.errors import InvalidRequest, RemoteError
 from commutator.common.grpc import abort_with
 from commutator.engines.base import Engine
 from commutator.engines.wire import output_to_proto, request_from_proto, stats_to_proto
-from commutator.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from commutator.v1 import common_pb2, kv_events_pb2, worker_pb2, worker_pb2_grpc
 
 __all__ = ["WorkerServicer"]
 
@@ -90,6 +90,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if not request.request_id:
             await abort_with(context, InvalidRequest("request_id is required"))
         return worker_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
+
+    async def DumpKvState(
+        self, request: worker_pb2.DumpKvStateRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.KvStateDump:
+        blocks, watermarks = self.engine.kv_dump()
+        worker_id = self._worker_id()  # type: ignore[operator]
+        dump = worker_pb2.KvStateDump()
+        by_rank: dict[int, kv_events_pb2.KvEvent] = {}
+        for rank, engine_hash, seq_hash in blocks:
+            ev = by_rank.get(rank)
+            if ev is None:
+                ev = by_rank[rank] = dump.events.add(
+                    worker_id=worker_id, dp_rank=rank, event_id=max(watermarks.get(rank, 1) - 1, 0)
+                )
+                ev.stored.SetInParent()
+            ev.stored.blocks.add(block_hash=engine_hash, sequence_hash=seq_hash)
+        for rank, nxt in sorted(watermarks.items()):
+            dump.watermarks.add(dp_rank=rank, next_event_id=nxt)
+        return dump
 
     async def Stats(
         self, request: worker_pb2.StatsRequest, context: grpc.aio.ServicerContext

@@ -64,6 +64,8 @@ class ConsumerSpec:
     max_ack_pending: int = 20_000
     ack_all: bool = False
     """Acking a message acks every earlier one (one ack per batch; for in-order readers)."""
+    inactive_threshold_s: float | None = None
+    """Delete the consumer after this long without a reader (a process that died); ``None``: keep."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,10 @@ class EventPlane(Protocol):
         ...
 
     async def delete_consumer(self, stream: str, durable: str) -> bool: ...
+
+    async def consumer_ack_floors(self, stream: str) -> dict[str, int]:
+        """Every consumer of ``stream`` with the sequence below which it has acked everything."""
+        ...
 
     async def object_put(self, bucket: str, name: str, data: bytes) -> None: ...
 

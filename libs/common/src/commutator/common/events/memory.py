@@ -359,6 +359,10 @@ class MemoryEventPlane:
             c = s.consumers[spec.durable] = _Consumer(spec, next_seq=start, ack_floor=start - 1)
         return _MemoryPullConsumer(self.broker, s, c)
 
+    async def consumer_ack_floors(self, stream: str) -> dict[str, int]:
+        s = self.broker.stream(stream)
+        return {name: c.ack_floor for name, c in s.consumers.items()}
+
     async def delete_consumer(self, stream: str, durable: str) -> bool:
         s = self.broker.streams.get(stream)
         return s is not None and s.consumers.pop(durable, None) is not None

@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import io
 import itertools
 import logging
@@ -301,6 +303,7 @@ class _NatsPullConsumer:
             ack_wait=s.ack_wait_s,
             max_ack_pending=s.max_ack_pending,
             filter_subject=s.filter_subject,
+            inactive_threshold=s.inactive_threshold_s,
         )
         if s.start_seq is not None:
             cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
@@ -544,6 +547,13 @@ class NatsEventPlane:
         await c.bind()
         return c
 
+    async def consumer_ack_floors(self, stream: str) -> dict[str, int]:
+        try:
+            infos = await self.js._jsm.consumers_info(stream)
+        except nats.js.errors.NotFoundError as exc:
+            raise EventPlaneError(f"stream {stream!r} not found") from exc
+        return {i.name: i.ack_floor.stream_seq if i.ack_floor else 0 for i in infos}
+
     async def delete_consumer(self, stream: str, durable: str) -> bool:
         try:
             return bool(await self.js.delete_consumer(stream, durable))
@@ -567,13 +577,45 @@ class NatsEventPlane:
         obs = await self._bucket(bucket, create=False)
         if obs is None:
             return None
-        buf = io.BytesIO()
         try:
-            # writeinto: chunks go into one buffer (no quadratic bytes concatenation).
-            await obs.get(name, writeinto=buf)
+            info = await obs.get_info(name)
         except nats.js.errors.ObjectNotFoundError:
             return None
-        return buf.getvalue()
+        if info.is_link():
+            # Links are rare; the client's own reader follows them.
+            buf = io.BytesIO()
+            await obs.get(name, writeinto=buf)
+            return buf.getvalue()
+        return await self._read_chunks(bucket, info)
+
+    async def _read_chunks(self, bucket: str, info: Any) -> bytes:
+        """An object's chunks through a pull consumer, checked against its SHA-256.
+
+        nats-py's ``ObjectStore.get`` reads chunks through an ordered push
+        consumer at about 16 MB/s here; pulling them in batches is about 15x
+        faster (``make bench-events``). Layout: chunks on ``$O.{bucket}.C.{nuid}``.
+        """
+        if not info.size:
+            return b""
+        sub = await self.js.pull_subscribe(
+            f"$O.{bucket}.C.{info.nuid}",
+            stream=f"OBJ_{bucket}",
+            config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0),
+        )
+        parts: list[bytes] = []
+        try:
+            while len(parts) < info.chunks:
+                msgs = await sub.fetch(min(256, info.chunks - len(parts)), timeout=10)
+                parts.extend(m.data for m in msgs)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        data = b"".join(parts)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+        expected = info.digest.split("=", 1)[1] if "=" in info.digest else info.digest
+        if digest.rstrip("=") != expected.rstrip("="):
+            raise EventPlaneError(f"object {info.name} in {bucket}: digest mismatch (corrupt or changed while read)")
+        return data
 
     async def object_delete(self, bucket: str, name: str) -> bool:
         obs = await self._bucket(bucket, create=False)

@@ -59,6 +59,14 @@ class BlockPool:
         self.events.append(KvEventRecord(self._next_event_id, data, self.dp_rank))
         self._next_event_id += 1
 
+    @property
+    def next_event_id(self) -> int:
+        return self._next_event_id
+
+    def cached_blocks(self) -> list[tuple[int, int]]:
+        """``(engine block id, sequence hash)`` of every registered block."""
+        return [(self.engine_hash(sh), sh) for sh in self.cached]
+
     def take_events(self) -> list[KvEventRecord]:
         out, self.events = self.events, []
         return out

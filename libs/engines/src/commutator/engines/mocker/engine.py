@@ -189,6 +189,10 @@ class MockerEngine:
             )
         ]
 
+    def kv_dump(self) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
+        pool = self.scheduler.pool
+        return [(0, e, s) for e, s in pool.cached_blocks()], {0: pool.next_event_id}
+
     async def kv_events(self) -> list[KvEventRecord]:
         while not self._kv_buffer:
             self._kv_ready.clear()

@@ -1,0 +1,44 @@
+"""Settings of the router (standalone service or embedded in the frontend)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from commutator.common.config import group, option
+from commutator.common.grpc import GrpcConfig
+from commutator.common.runtime import RuntimeConfig
+from commutator.router.policies import POLICIES
+
+__all__ = ["RouterConfig", "RouterServiceConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """How requests are routed to workers."""
+
+    router_mode: str = option("kv", "How a worker is chosen", choices=tuple(POLICIES))
+    overlap_weight: float = option(1.0, "Weight of cached prompt blocks in the kv cost (0: pure load balancing)")
+    router_temperature: float = option(0.0, "0: lowest cost wins; > 0: softmax sampling over costs")
+    kv_events: bool = option(
+        True, "Index workers' KV events; --no-kv-events: approximate mode (remember own decisions)"
+    )
+    approx_ttl_s: float = option(120.0, "Approximate mode: how long a routed prompt counts as cached")
+    busy_kv_usage: float = option(0.0, "Skip workers whose KV usage is at or above this fraction (0: off)")
+    busy_prefill_tokens: int = option(0, "Skip workers with this many prompt tokens waiting for prefill (0: off)")
+    load_timeout_s: float = option(600.0, "Force-free a request's load if its end is never reported")
+    router_replica_sync: bool = option(False, "Share load accounting with the other router replicas")
+    snapshot_interval_s: float = option(60.0, "How often the index is snapshotted to the object store (0: never)")
+    worker_component: str = option("decode", "Discovery component of the workers to route to")
+    worker_endpoint: str = option("generate", "Discovery endpoint of the workers' Worker service")
+    router_block_size: int = option(0, "Block size for hashing prompts (0: the workers' registered block size)")
+    generate_timeout_s: float = option(3600.0, "Deadline of a proxied Generate stream")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterServiceConfig:
+    """The standalone router service: python -m commutator.router."""
+
+    runtime: RuntimeConfig = group(RuntimeConfig)
+    grpc: GrpcConfig = group(GrpcConfig)
+    router: RouterConfig = group(RouterConfig)
+    router_component: str = option("router", "Discovery component the router registers under")

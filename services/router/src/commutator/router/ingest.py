@@ -1,0 +1,295 @@
+"""KV events into the index: a durable JetStream consumer, snapshots, and recovery.
+
+Start: load the newest index snapshot from the object store (tagged with the
+stream sequence it covers), then read the stream from the next sequence
+through this replica's own durable consumer until caught up. While running:
+apply every message in order; snapshot the index every
+``snapshot_interval_s`` and purge stream messages that every router replica
+has consumed and the snapshot covers; rebuild a worker from a dump of its
+cache state when its event ids show lost events.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from commutator.common import metrics, subjects
+from commutator.common.events import ConsumerSpec, EventPlane, EventPlaneError, PullConsumer
+from commutator.router.indexer import ApplyOutcome, KvIndexer, WorkerKey
+from commutator.v1 import kv_events_pb2, router_pb2
+
+__all__ = ["IngestStats", "KvEventIngest", "snapshot_bucket"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = 1
+_SNAPSHOT_NAME = re.compile(r"^index-(\d{20})-([0-9a-f]+)$")
+_RECOVERY_BUFFER = 50_000
+
+Recover = Callable[[WorkerKey], Awaitable[tuple[list[tuple[int, int]], int] | None]]
+"""Fetch a worker's cache state: ``(engine id, sequence hash)`` pairs and the next event id."""
+
+
+def snapshot_bucket(namespace: str, component: str) -> str:
+    return f"router_index_{namespace}_{component}"
+
+
+@dataclass(slots=True)
+class IngestStats:
+    snapshot_seq: int = 0
+    snapshot_entries: int = 0
+    snapshot_load_s: float = 0.0
+    replayed_messages: int = 0
+    catch_up_s: float = 0.0
+    messages: int = 0
+    applied_seq: int = 0
+
+
+class KvEventIngest:
+    def __init__(
+        self,
+        indexer: KvIndexer,
+        events: EventPlane,
+        namespace: str,
+        component: str,
+        router_id: int,
+        *,
+        recover: Recover | None = None,
+        snapshot_interval_s: float = 60.0,
+        keep_snapshots: int = 2,
+        fetch_batch: int = 512,
+        is_departed: Callable[[int], bool] = lambda _: False,
+    ) -> None:
+        self.indexer = indexer
+        self.events = events
+        self.namespace = namespace
+        self.component = component
+        self.router_id = router_id
+        self._recover = recover
+        self._snapshot_interval = snapshot_interval_s
+        self._keep = keep_snapshots
+        self._batch = fetch_batch
+        self._is_departed = is_departed
+        self._spec = subjects.kv_events_stream_spec(namespace, component)
+        self._bucket = snapshot_bucket(namespace, component)
+        self._consumer: PullConsumer | None = None
+        self._durable = f"router-{router_id:x}"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._recovering: dict[WorkerKey, list[kv_events_pb2.KvEvent]] = {}
+        self._recovery_tasks: set[asyncio.Task[None]] = set()
+        self.stats = IngestStats()
+        self._last_snapshot_seq = 0
+        self._counters = {o: metrics.ROUTER_KV_EVENTS.labels(o.value) for o in ApplyOutcome}
+        self._buffered = metrics.ROUTER_KV_EVENTS.labels("buffered_for_recovery")
+        self._departed_events = metrics.ROUTER_KV_EVENTS.labels("dropped_departed_worker")
+
+    # -- start ------------------------------------------------------------------------------
+    async def start(self) -> IngestStats:
+        """Load the newest snapshot, replay the stream until caught up, then keep reading."""
+        await self.events.ensure_stream(self._spec)
+        t0 = time.perf_counter()
+        start_seq = await self._load_snapshot() + 1
+        self.stats.snapshot_load_s = time.perf_counter() - t0
+        await self.events.delete_consumer(self._spec.name, self._durable)
+        self._consumer = await self.events.pull_consumer(
+            ConsumerSpec(
+                stream=self._spec.name,
+                durable=self._durable,
+                start_seq=start_seq if start_seq > 1 else None,
+                ack_all=True,
+                ack_wait_s=60.0,
+                inactive_threshold_s=3600.0,
+            )
+        )
+        t1 = time.perf_counter()
+        target = (await self.events.stream_state(self._spec.name)).last_seq
+        empty = 0
+        while self.stats.applied_seq < target and empty < 3:
+            empty = 0 if await self._fetch_and_apply(timeout_s=0.5) else empty + 1
+        self.stats.replayed_messages = self.stats.messages
+        self.stats.catch_up_s = time.perf_counter() - t1
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._run(), name="kv-ingest"))
+        if self._snapshot_interval > 0:
+            self._tasks.append(loop.create_task(self._snapshot_loop(), name="kv-snapshots"))
+        log.info(
+            "KV index ready: snapshot seq %d (%d entries, %.0f ms), replayed %d messages (%.0f ms)",
+            self.stats.snapshot_seq,
+            self.stats.snapshot_entries,
+            self.stats.snapshot_load_s * 1000,
+            self.stats.replayed_messages,
+            self.stats.catch_up_s * 1000,
+        )
+        return self.stats
+
+    async def _load_snapshot(self) -> int:
+        names = await self.events.object_list(self._bucket)
+        best = max(((int(m.group(1)), n) for n in names if (m := _SNAPSHOT_NAME.match(n))), default=None)
+        if best is None:
+            return 0
+        _, name = best
+        data = await self.events.object_get(self._bucket, name)
+        if data is None:
+            return 0
+        snap = router_pb2.IndexSnapshot.FromString(data)
+        if snap.format != SNAPSHOT_FORMAT:
+            log.warning("ignoring index snapshot %s of unknown format %d", name, snap.format)
+            return 0
+        entries = 0
+        for w in snap.workers:
+            engine = array.array("Q")
+            engine.frombytes(w.engine_hashes)
+            seqs = array.array("Q")
+            seqs.frombytes(w.sequence_hashes)
+            self.indexer.restore_worker(
+                (w.worker_id, w.dp_rank), zip(engine.tolist(), seqs.tolist(), strict=True), w.last_event_id + 1
+            )
+            entries += len(engine)
+        self.stats.snapshot_seq = snap.stream_seq
+        self.stats.snapshot_entries = entries
+        self.stats.applied_seq = snap.stream_seq
+        self._last_snapshot_seq = snap.stream_seq
+        return snap.stream_seq
+
+    # -- reading ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._fetch_and_apply(timeout_s=1.0)
+            except EventPlaneError as exc:
+                log.warning("KV event fetch failed: %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def _fetch_and_apply(self, timeout_s: float) -> int:
+        assert self._consumer is not None
+        msgs = await self._consumer.fetch(self._batch, timeout_s)
+        if not msgs:
+            return 0
+        indexer = self.indexer
+        counters = self._counters
+        recovering = self._recovering
+        for m in msgs:
+            batch = kv_events_pb2.KvEventBatch.FromString(m.data)
+            for ev in batch.events:
+                if self._is_departed(ev.worker_id):
+                    self._departed_events.inc()
+                    continue
+                if recovering:
+                    key = (ev.worker_id, ev.dp_rank)
+                    buf = recovering.get(key)
+                    if buf is not None:
+                        if len(buf) < _RECOVERY_BUFFER:
+                            buf.append(ev)
+                            self._buffered.inc()
+                        continue
+                outcome = indexer.apply_event(ev)
+                counters[outcome].inc()
+                if outcome is ApplyOutcome.GAP:
+                    self._start_recovery((ev.worker_id, ev.dp_rank))
+        self.stats.messages += len(msgs)
+        self.stats.applied_seq = msgs[-1].seq
+        await msgs[-1].ack()  # the consumer acks everything up to here
+        return len(msgs)
+
+    # -- recovery ---------------------------------------------------------------------------
+    def _start_recovery(self, key: WorkerKey) -> None:
+        if self._recover is None or key in self._recovering:
+            return
+        self._recovering[key] = []
+        task = asyncio.get_running_loop().create_task(self._run_recovery(key), name=f"kv-recover-{key[0]:x}")
+        self._recovery_tasks.add(task)
+        task.add_done_callback(self._recovery_tasks.discard)
+
+    async def _run_recovery(self, key: WorkerKey) -> None:
+        assert self._recover is not None
+        result = None
+        try:
+            result = await self._recover(key)
+        except Exception as exc:
+            log.warning("could not fetch the cache state of worker %x: %s", key[0], exc)
+        buffered = self._recovering.pop(key, [])
+        if result is None:
+            metrics.ROUTER_RECOVERIES.labels("failed").inc()
+            # Keep what the live events rebuild; a later gap tries again.
+            for ev in buffered:
+                self.indexer.apply_event(ev)
+            return
+        pairs, next_event_id = result
+        self.indexer.restore_worker(key, pairs, next_event_id)
+        for ev in buffered:  # events older than the dump are skipped by id
+            self.indexer.apply_event(ev)
+        metrics.ROUTER_RECOVERIES.labels("ok").inc()
+        log.info(
+            "worker %x rebuilt from its cache state: %d blocks as of event %d, %d events replayed",
+            key[0],
+            len(pairs),
+            next_event_id,
+            len(buffered),
+        )
+
+    # -- snapshots --------------------------------------------------------------------------
+    def build_snapshot(self) -> router_pb2.IndexSnapshot:
+        """The index as it is now (synchronous: consistent with ``stats.applied_seq``)."""
+        snap = router_pb2.IndexSnapshot(
+            format=SNAPSHOT_FORMAT, stream_seq=self.stats.applied_seq, created_s=time.time()
+        )
+        for key in sorted(self.indexer.slots):
+            engine, seqs, last = self.indexer.worker_pairs(key)
+            snap.workers.add(
+                worker_id=key[0],
+                dp_rank=key[1],
+                last_event_id=max(last, 0),
+                engine_hashes=array.array("Q", engine).tobytes(),
+                sequence_hashes=array.array("Q", seqs).tobytes(),
+            )
+        return snap
+
+    async def snapshot_now(self) -> int | None:
+        """Write a snapshot (if there is anything new), prune old ones, purge the stream. Returns its seq."""
+        if self._recovering or self.stats.applied_seq <= self._last_snapshot_seq:
+            return None
+        snap = self.build_snapshot()
+        seq = snap.stream_seq
+        name = f"index-{seq:020d}-{self.router_id:x}"
+        await self.events.object_put(self._bucket, name, snap.SerializeToString())
+        self._last_snapshot_seq = seq
+        metrics.ROUTER_SNAPSHOTS.inc()
+        names = sorted(
+            (n for n in await self.events.object_list(self._bucket) if _SNAPSHOT_NAME.match(n)), reverse=True
+        )
+        for old in names[self._keep :]:
+            await self.events.object_delete(self._bucket, old)
+        # Purge what every router replica has consumed and this snapshot covers.
+        floors = await self.events.consumer_ack_floors(self._spec.name)
+        router_floors = [f for n, f in floors.items() if n.startswith("router-")]
+        purge_to = min([seq, *router_floors])
+        if purge_to > 0:
+            await self.events.purge(self._spec.name, before_seq=purge_to + 1)
+        log.info("index snapshot %s: %d entries; stream purged below %d", name, self.indexer.num_entries, purge_to + 1)
+        return seq
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._snapshot_interval)
+            try:
+                await self.snapshot_now()
+            except Exception:
+                log.exception("index snapshot failed")
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *self._recovery_tasks]:
+            task.cancel()
+        for task in [*self._tasks, *self._recovery_tasks]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._consumer is not None:
+            await self._consumer.close()
+            self._consumer = None

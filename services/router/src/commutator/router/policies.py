@@ -1,0 +1,195 @@
+"""Routing modes as plugins behind one protocol (pure).
+
+A policy picks one candidate for a request, or ``None``. Candidates have
+already been filtered (model, busy thresholds) by the router. Adding a mode
+is one class here and one line in :data:`POLICIES`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from commutator.router.indexer import WorkerKey
+from commutator.router.load import ActiveLoad
+
+__all__ = [
+    "POLICIES",
+    "DirectPolicy",
+    "KvPolicy",
+    "LeastLoadedPolicy",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "RouteContext",
+    "RoutingPolicy",
+    "kv_cost",
+    "make_policy",
+    "softmax_pick",
+]
+
+
+@dataclass(slots=True)
+class RouteContext:
+    """What a policy may look at for one request."""
+
+    isl: int
+    block_size: int
+    load: ActiveLoad
+    overlaps: dict[WorkerKey, int] = field(default_factory=dict)
+    """Cached leading blocks per worker (kv mode only)."""
+    active_overlaps: dict[WorkerKey, int] = field(default_factory=dict)
+    """Leading prompt blocks already active per worker (kv mode only)."""
+    requested: WorkerKey | None = None
+    """The worker the caller asked for (direct mode)."""
+    costs: list[float] | None = None
+    """Filled by the kv policy: the cost of each candidate, in candidate order."""
+
+
+class RoutingPolicy(Protocol):
+    name: str
+    needs_overlap: bool
+
+    def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None: ...
+
+
+def kv_cost(ctx: RouteContext, worker: WorkerKey, overlap_weight: float) -> float:
+    """DESIGN.md 4.4: prefill blocks (floored at 0) plus decode blocks."""
+    bs = ctx.block_size
+    load = ctx.load
+    prefill = (load.prefill_tokens.get(worker, 0) + ctx.isl) / bs - overlap_weight * ctx.overlaps.get(worker, 0)
+    if prefill < 0:
+        prefill = 0.0
+    request_blocks = -(-ctx.isl // bs)
+    decode = load.active_blocks.get(worker, 0) + request_blocks - ctx.active_overlaps.get(worker, 0)
+    return prefill + decode
+
+
+def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
+    """Index chosen with probability proportional to ``exp(-(c - min) / ((max - min) * T))``;
+    ``T == 0``: the lowest cost, ties broken uniformly."""
+    lo = min(costs)
+    if temperature <= 0:
+        best = [i for i, c in enumerate(costs) if c == lo]
+        return best[0] if len(best) == 1 else rng.choice(best)
+    hi = max(costs)
+    if hi == lo:
+        return rng.randrange(len(costs))
+    scale = (hi - lo) * temperature
+    weights = [math.exp(-(c - lo) / scale) for c in costs]
+    return rng.choices(range(len(costs)), weights=weights)[0]
+
+
+class KvPolicy:
+    name = "kv"
+    needs_overlap = True
+
+    def __init__(self, overlap_weight: float = 1.0, temperature: float = 0.0, rng: random.Random | None = None) -> None:
+        self.overlap_weight = overlap_weight
+        self.temperature = temperature
+        self.rng = rng or random.Random()
+
+    def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None:
+        if not candidates:
+            return None
+        # kv_cost inlined for the 64-worker loop (per request, hot).
+        bs = ctx.block_size
+        raw_prefill = ctx.isl / bs
+        request_blocks = -(-ctx.isl // bs)
+        weight = self.overlap_weight
+        prefill_tokens = ctx.load.prefill_tokens.get
+        active_blocks = ctx.load.active_blocks.get
+        overlap = ctx.overlaps.get
+        active_overlap = ctx.active_overlaps.get
+        costs = []
+        for c in candidates:
+            prefill = prefill_tokens(c, 0) / bs + raw_prefill - weight * overlap(c, 0)
+            costs.append(
+                (prefill if prefill > 0 else 0.0) + active_blocks(c, 0) + request_blocks - active_overlap(c, 0)
+            )
+        ctx.costs = costs
+        return candidates[softmax_pick(costs, self.temperature, self.rng)]
+
+
+class RoundRobinPolicy:
+    name = "round-robin"
+    needs_overlap = False
+
+    def __init__(self, **_: object) -> None:
+        self._next = itertools.count()
+
+    def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None:
+        if not candidates:
+            return None
+        return sorted(candidates)[next(self._next) % len(candidates)]
+
+
+class RandomPolicy:
+    name = "random"
+    needs_overlap = False
+
+    def __init__(self, rng: random.Random | None = None, **_: object) -> None:
+        self.rng = rng or random.Random()
+
+    def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None:
+        return self.rng.choice(candidates) if candidates else None
+
+
+class LeastLoadedPolicy:
+    """Fewest active blocks (then fewest active requests); ties uniformly at random."""
+
+    name = "least-loaded"
+    needs_overlap = False
+
+    def __init__(self, rng: random.Random | None = None, **_: object) -> None:
+        self.rng = rng or random.Random()
+
+    def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None:
+        if not candidates:
+            return None
+        load = ctx.load
+        keys = [(load.active_blocks.get(c, 0), load.active_requests.get(c, 0)) for c in candidates]
+        lo = min(keys)
+        best = [c for c, k in zip(candidates, keys, strict=True) if k == lo]
+        return best[0] if len(best) == 1 else self.rng.choice(best)
+
+
+class DirectPolicy:
+    """The caller names the worker; ``None`` if it is not among the candidates."""
+
+    name = "direct"
+    needs_overlap = False
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None:
+        if ctx.requested is None:
+            return None
+        if ctx.requested in candidates:
+            return ctx.requested
+        # A worker id without a dp rank: any rank of that worker.
+        ranks = [c for c in candidates if c[0] == ctx.requested[0]]
+        return ranks[0] if ranks else None
+
+
+POLICIES: dict[str, Callable[..., RoutingPolicy]] = {
+    "kv": KvPolicy,
+    "round-robin": RoundRobinPolicy,
+    "random": RandomPolicy,
+    "least-loaded": LeastLoadedPolicy,
+    "direct": DirectPolicy,
+}
+
+
+def make_policy(
+    name: str, *, overlap_weight: float = 1.0, temperature: float = 0.0, rng: random.Random | None = None
+) -> RoutingPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown router mode {name!r}; choose one of {sorted(POLICIES)}")
+    if name == "kv":
+        return KvPolicy(overlap_weight=overlap_weight, temperature=temperature, rng=rng)
+    return POLICIES[name](rng=rng)

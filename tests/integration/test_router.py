@@ -1,0 +1,220 @@
+"""The router service with mocker workers, all separate processes on real etcd and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from commutator.common.discovery import Discovery, EtcdBackend
+from commutator.common.grpc import EndpointClient
+from commutator.common.local_servers import EtcdProcess
+from commutator.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+BS = 16
+
+
+@pytest.fixture
+async def clients(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[tuple[EndpointClient, EndpointClient]]:
+    d = Discovery(EtcdBackend([etcd_server.endpoint]))
+    await d.start()
+    routers = EndpointClient(d, unique, "router", "route", router_pb2_grpc.RouterStub, default_timeout_s=30)
+    workers = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=30)
+    await routers.start()
+    await workers.start()
+    yield routers, workers
+    await routers.close()
+    await workers.close()
+    await d.close()
+
+
+def start_workers(spawn, n: int, *extra: str) -> list:  # type: ignore[no-untyped-def,type-arg]
+    return [spawn("commutator.decode", "--speedup-ratio", "0", "--block-size", str(BS), *extra) for _ in range(n)]
+
+
+def prompt(group: int, n_tokens: int = 160, suffix: int = 0) -> list[int]:
+    base = [(group * 7919 + i * 31) % 4000 for i in range(n_tokens)]
+    return base + [(suffix * 13 + k) % 4000 for k in range(1, 9)] if suffix else base
+
+
+async def generate(client: EndpointClient, rid: str, tokens: list[int], max_tokens: int = 4, **kw: object) -> int:
+    """A Generate stream through ``client`` (a router, or a worker directly)."""
+    req = common_pb2.GenerateRequest(
+        request_id=rid, token_ids=tokens, stop=common_pb2.StopConditions(max_tokens=max_tokens, ignore_eos=True)
+    )
+    n = 0
+    async for m in client.stream("Generate", req, **kw):  # type: ignore[arg-type]
+        n += len(m.token_ids)
+    return n
+
+
+async def overlap(routers: EndpointClient, tokens: list[int], **kw: object) -> dict[int, int]:
+    resp = await routers.call("Overlap", router_pb2.OverlapRequest(token_ids=tokens), **kw)  # type: ignore[arg-type]
+    return {w.worker_id: w.overlap_blocks for w in resp.workers}
+
+
+async def until(pred, timeout_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        if await pred():
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def dump(routers: EndpointClient, **kw: object) -> dict[tuple[int, int], tuple[int, list[tuple[int, int]]]]:
+    out = {}
+    async for batch in routers.stream("Dump", router_pb2.DumpRequest(), **kw):  # type: ignore[arg-type]
+        for ev in batch.events:
+            out[(ev.worker_id, ev.dp_rank)] = (
+                ev.event_id,
+                sorted((b.block_hash, b.sequence_hash) for b in ev.stored.blocks),
+            )
+    return out
+
+
+async def test_repeated_prefix_lands_on_the_worker_that_cached_it(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+    routers, workers = clients
+    start_workers(spawn, 3)
+    spawn("commutator.router")
+    await workers.wait_for_instances(3, 60)
+    await routers.wait_for_instances(1, 60)
+    owner: dict[int, int] = {}
+    for group in range(6):
+        assert await generate(routers, f"g{group}-0", prompt(group, suffix=1)) == 4
+        await until(lambda g=group: _has_full(routers, prompt(g)))
+        holders = await overlap(routers, prompt(group))
+        owner[group] = max(holders, key=holders.__getitem__)
+        assert holders[owner[group]] == 160 // BS
+    # Distinct prompts spread over the workers (they were idle: the cost ties on load otherwise).
+    assert len(set(owner.values())) >= 2
+    for group in range(6):
+        for suffix in (2, 3, 4):
+            r = await routers.call("Route", router_pb2.RouteRequest(token_ids=prompt(group, suffix=suffix)))
+            assert r.outcome == router_pb2.ROUTE_OUTCOME_ROUTED
+            assert (r.worker_id, r.overlap_blocks) == (owner[group], 160 // BS)
+
+
+async def _has_full(routers: EndpointClient, tokens: list[int]) -> bool:
+    return any(n == len(tokens) // BS for n in (await overlap(routers, tokens)).values())
+
+
+async def test_restarted_router_recovers_an_identical_index(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+    routers, workers = clients
+    start_workers(spawn, 2, "--num-blocks", "64")  # small caches: stores and evictions
+    router = spawn("commutator.router", "--snapshot-interval-s", "1")
+    await workers.wait_for_instances(2, 60)
+    await routers.wait_for_instances(1, 60)
+    for i in range(20):
+        await generate(routers, f"a{i}", prompt(i, n_tokens=96), max_tokens=20)
+    await asyncio.sleep(2.5)  # at least one snapshot covers these
+    for i in range(20, 30):  # and these come after it: replayed from the stream
+        await generate(routers, f"b{i}", prompt(i, n_tokens=96), max_tokens=20)
+    await asyncio.sleep(0.5)  # the router has applied every event
+    before = await dump(routers)
+    assert sum(len(pairs) for _, pairs in before.values()) > 0
+    old_id = next(iter(routers.instances))
+    router.signal(signal.SIGKILL)
+    await routers.instance_set.wait_for(lambda m: old_id not in m, 10)  # lease 5 s
+    spawn("commutator.router", "--snapshot-interval-s", "1")
+    await routers.wait_for_instances(1, 60)
+    after = await dump(routers)
+    assert after == before
+    log = (router.log_path.parent / "commutator.router-3.log").read_text()
+    assert "KV index ready: snapshot seq " in log and "KV index ready: snapshot seq 0 " not in log
+
+
+async def test_replica_sync_spreads_a_burst_like_one_router(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+    routers, workers = clients
+    for _ in range(4):
+        spawn("commutator.decode", "--speedup-ratio", "1", "--block-size", str(BS))
+    for _ in range(2):
+        spawn("commutator.router", "--router-replica-sync")
+    await workers.wait_for_instances(4, 60)
+    await routers.wait_for_instances(2, 60)
+    router_ids = sorted(routers.instances)
+    tasks = []
+    for i in range(8):  # distinct prompts, alternating routers: only load decides
+        tasks.append(
+            asyncio.create_task(
+                generate(routers, f"burst{i}", prompt(100 + i), max_tokens=300, instance_id=router_ids[i % 2])
+            )
+        )
+        await asyncio.sleep(0.1)  # a load event reaches the other router well within this
+    await asyncio.sleep(0.3)
+    running = []
+    for wid in sorted(workers.instances):
+        s = await workers.call("Stats", worker_pb2.StatsRequest(), instance_id=wid)
+        running.append(s.ranks[0].running_requests)
+    assert sorted(running) == [2, 2, 2, 2], running
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_killed_worker_leaves_the_index_and_gets_no_requests(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+    routers, workers = clients
+    procs = start_workers(spawn, 2, "--lease-ttl-s", "2")
+    spawn("commutator.router")
+    await workers.wait_for_instances(2, 60)
+    await routers.wait_for_instances(1, 60)
+    for i in range(8):
+        await generate(routers, f"w{i}", prompt(200 + i))
+    await until(lambda: _index_workers(routers, 2))
+    ids = sorted(workers.instances)
+    procs[0].signal(signal.SIGKILL)
+    await workers.instance_set.wait_for(lambda m: len(m) == 1, 10)
+    survivor = next(iter(workers.instances))
+    victim = next(i for i in ids if i != survivor)
+    assert victim not in {k[0] for k in await dump(routers)}
+    picks = Counter()
+    for i in range(20):
+        r = await routers.call("Route", router_pb2.RouteRequest(token_ids=prompt(200 + i % 8)))
+        picks[r.worker_id] += 1
+    assert picks == {survivor: 20}
+    for g in range(8):
+        assert victim not in await overlap(routers, prompt(200 + g))
+
+
+async def _index_workers(routers: EndpointClient, n: int) -> bool:
+    return len(await dump(routers)) >= n
+
+
+async def test_lost_events_are_recovered_from_the_workers_cache_state(spawn, clients, nats_server, unique) -> None:  # type: ignore[no-untyped-def]
+    from commutator.common import subjects
+    from commutator.common.events import NatsEventPlane
+
+    routers, workers = clients
+    start_workers(spawn, 1)
+    await workers.wait_for_instances(1, 60)
+    [wid] = workers.instances
+    for i in range(5):  # straight to the worker: no router runs yet
+        await generate(workers, f"early{i}", prompt(300 + i), max_tokens=20)
+    # The events of that traffic are lost: purged before any router read them.
+    plane = NatsEventPlane(nats_server.url)
+    await plane.connect()
+    stream = subjects.kv_events_stream(unique, "decode")
+    await asyncio.sleep(0.5)
+    await plane.purge(stream, before_seq=(await plane.stream_state(stream)).last_seq + 1)
+    await plane.close()
+    await generate(workers, "late", prompt(400), max_tokens=20)
+    spawn("commutator.router")
+    await routers.wait_for_instances(1, 60)
+    truth = await workers.call("DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=wid)
+    want = sorted((b.block_hash, b.sequence_hash) for ev in truth.events for b in ev.stored.blocks)
+    assert len(want) >= 6 * 10
+
+    async def recovered() -> bool:
+        got = (await dump(routers)).get((wid, 0))
+        return got is not None and got[1] == want
+
+    await until(recovered)
+    for i in range(5):  # the lost history is routable again
+        holders = await overlap(routers, prompt(300 + i))
+        assert holders == {wid: 160 // BS}
