@@ -77,7 +77,7 @@ test-integration: setup servers ## Integration tests (real etcd + nats-server)
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines services/decode/src/commutator/decode services/router/src/commutator/router
+	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines services/decode/src/commutator/decode services/router/src/commutator/router services/frontend/src/commutator/frontend libs/cli/src/commutator/cli
 
 # ---- running --------------------------------------------------------------
 
@@ -87,8 +87,11 @@ model: setup ## Build the tiny test model (offline, deterministic) into its cach
 
 .PHONY: run
 run: setup ## The whole stack in one process: OpenAI API on :8000 with mocker workers
-	@echo "make run: not yet. The frontend (issue 5) has not landed; until then there is no HTTP API to start."
-	@exit 1
+	$(VENV)/bin/commutator up $(RUN_ARGS)
+
+.PHONY: run-distributed
+run-distributed: setup servers ## The same with real etcd + nats-server, one process per role
+	$(VENV)/bin/commutator up --distributed $(RUN_ARGS)
 
 # ---- benchmarks -----------------------------------------------------------
 
@@ -103,6 +106,10 @@ bench-mocker: setup servers ## Mocker scheduler pass cost; tokens/s one worker s
 .PHONY: bench-router
 bench-router: setup servers ## Router index, routing decision, event ingestion, memory, restart (1M entries)
 	$(PY) benchmarks/bench_router.py
+
+.PHONY: bench-e2e
+bench-e2e: setup servers ## The whole stack (frontend + 2 mocker workers): req/s, TTFT, ITL, frontend CPU/request
+	$(PY) benchmarks/bench_e2e.py
 
 .PHONY: bench-events
 bench-events: setup servers ## JetStream publish rate and object-store reads

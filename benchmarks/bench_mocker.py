@@ -72,7 +72,7 @@ async def bench_stream(concurrency: int, duration_s: float, max_tokens: int) -> 
         )
         prof = os.environ.get("BENCH_PROFILE_WORKER")  # a path: cProfile the worker into it
         cmd = [sys.executable, *(["-m", "cProfile", "-o", prof] if prof else []), "-m", "commutator.decode"]
-        worker = subprocess.Popen([*cmd, "--speedup-ratio", "0"], env=env)  # noqa: ASYNC220 - started once
+        worker = subprocess.Popen([*cmd, "--speedup-ratio", "0"], env=env)
         d = Discovery(EtcdBackend([etcd.endpoint]))
         await d.start()
         client = EndpointClient(d, "bench", "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=600)

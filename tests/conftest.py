@@ -7,8 +7,14 @@ which give a test its own server to stop and restart.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from commutator.common.local_servers import EtcdProcess, NatsProcess
@@ -50,3 +56,66 @@ def nats_private() -> Iterator[NatsProcess]:
 def unique() -> str:
     """A short unique name for this test's namespaces, streams and buckets."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+class RoleProcess:
+    """A role (``python -m commutator.<role>``) running as its own process, logging to a file."""
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    async def wait(self, timeout_s: float) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.proc.poll() is None:
+            if loop.time() > deadline:
+                raise TimeoutError(f"process still running after {timeout_s} s; log:\n{self.log()}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def spawn(etcd_server: EtcdProcess, nats_server: NatsProcess, tmp_path: Path, unique: str) -> Iterator[object]:
+    """``spawn(module, *args)`` starts a role wired to the session's etcd and NATS, in namespace ``unique``."""
+    procs: list[RoleProcess] = []
+
+    def start(module: str, *args: str, env: dict[str, str] | None = None) -> RoleProcess:
+        full_env = dict(os.environ)
+        full_env.update(
+            {
+                "COMMUTATOR_ETCD_ENDPOINTS": etcd_server.endpoint,
+                "COMMUTATOR_NATS_URL": nats_server.url,
+                "COMMUTATOR_NAMESPACE": unique,
+                "COMMUTATOR_LOG": "info",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        full_env.update(env or {})
+        p = RoleProcess(module, list(args), full_env, tmp_path / f"{module}-{len(procs)}.log")
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop()

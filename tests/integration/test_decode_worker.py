@@ -129,7 +129,7 @@ async def test_sigterm_drains_without_dropping_a_stream(spawn, client: EndpointC
                 finish.append(m.finish_reason)
 
     task = asyncio.create_task(consume())
-    while len(tokens) < 3:  # noqa: ASYNC110 - polling what the consumer task collected
+    while len(tokens) < 3:
         await asyncio.sleep(0.01)
     worker.signal(signal.SIGTERM)
     await client.instance_set.wait_for(lambda m: iid not in m, 5)  # deregistered first

@@ -57,6 +57,21 @@ async def overlap(routers: EndpointClient, tokens: list[int], **kw: object) -> d
     return {w.worker_id: w.overlap_blocks for w in resp.workers}
 
 
+async def router_sees(routers: EndpointClient, workers: EndpointClient, n: int, timeout_s: float = 60.0) -> None:
+    """Wait until every router replica knows ``n`` workers (its own discovery watch may lag the test's)."""
+    await workers.wait_for_instances(n, timeout_s)
+
+    async def knows_all() -> bool:
+        for rid in routers.instances:
+            for wid in workers.instances:
+                r = await routers.call("Route", router_pb2.RouteRequest(token_ids=[1], worker_id=wid), instance_id=rid)
+                if r.outcome != router_pb2.ROUTE_OUTCOME_ROUTED:
+                    return False
+        return True
+
+    await until(knows_all, timeout_s)
+
+
 async def until(pred, timeout_s: float = 15.0) -> None:  # type: ignore[no-untyped-def]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -83,8 +98,8 @@ async def test_repeated_prefix_lands_on_the_worker_that_cached_it(spawn, clients
     routers, workers = clients
     start_workers(spawn, 3)
     spawn("commutator.router")
-    await workers.wait_for_instances(3, 60)
     await routers.wait_for_instances(1, 60)
+    await router_sees(routers, workers, 3)
     owner: dict[int, int] = {}
     for group in range(6):
         assert await generate(routers, f"g{group}-0", prompt(group, suffix=1)) == 4
@@ -109,8 +124,8 @@ async def test_restarted_router_recovers_an_identical_index(spawn, clients) -> N
     routers, workers = clients
     start_workers(spawn, 2, "--num-blocks", "64")  # small caches: stores and evictions
     router = spawn("commutator.router", "--snapshot-interval-s", "1")
-    await workers.wait_for_instances(2, 60)
     await routers.wait_for_instances(1, 60)
+    await router_sees(routers, workers, 2)
     for i in range(20):
         await generate(routers, f"a{i}", prompt(i, n_tokens=96), max_tokens=20)
     await asyncio.sleep(2.5)  # at least one snapshot covers these
@@ -136,8 +151,8 @@ async def test_replica_sync_spreads_a_burst_like_one_router(spawn, clients) -> N
         spawn("commutator.decode", "--speedup-ratio", "1", "--block-size", str(BS))
     for _ in range(2):
         spawn("commutator.router", "--router-replica-sync")
-    await workers.wait_for_instances(4, 60)
     await routers.wait_for_instances(2, 60)
+    await router_sees(routers, workers, 4)
     router_ids = sorted(routers.instances)
     tasks = []
     for i in range(8):  # distinct prompts, alternating routers: only load decides
@@ -162,8 +177,8 @@ async def test_killed_worker_leaves_the_index_and_gets_no_requests(spawn, client
     routers, workers = clients
     procs = start_workers(spawn, 2, "--lease-ttl-s", "2")
     spawn("commutator.router")
-    await workers.wait_for_instances(2, 60)
     await routers.wait_for_instances(1, 60)
+    await router_sees(routers, workers, 2)
     for i in range(8):
         await generate(routers, f"w{i}", prompt(200 + i))
     await until(lambda: _index_workers(routers, 2))
@@ -206,6 +221,7 @@ async def test_lost_events_are_recovered_from_the_workers_cache_state(spawn, cli
     await generate(workers, "late", prompt(400), max_tokens=20)
     spawn("commutator.router")
     await routers.wait_for_instances(1, 60)
+    await router_sees(routers, workers, 1)
     truth = await workers.call("DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=wid)
     want = sorted((b.block_hash, b.sequence_hash) for ev in truth.events for b in ev.stored.blocks)
     assert len(want) >= 6 * 10

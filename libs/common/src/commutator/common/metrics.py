@@ -235,6 +235,37 @@ ROUTER_REPLICA_EVENTS = Counter(
     registry=REGISTRY,
 )
 
+# ---- frontend ------------------------------------------------------------------------
+FRONTEND_REQUESTS = Counter(
+    _NS + "_frontend_requests",
+    "HTTP requests by endpoint and status code",
+    ["endpoint", "status"],
+    registry=REGISTRY,
+)
+FRONTEND_INFLIGHT = Gauge(
+    _NS + "_frontend_inflight_requests",
+    "Generation requests being served",
+    registry=REGISTRY,
+)
+FRONTEND_TTFT_SECONDS = Histogram(
+    _NS + "_frontend_ttft_seconds",
+    "Time from receiving a request to its first token, at the frontend",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    registry=REGISTRY,
+)
+FRONTEND_CHUNK_SECONDS = Histogram(
+    _NS + "_frontend_inter_chunk_seconds",
+    "Mean time between the streamed chunks of a response, one observation per response",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    registry=REGISTRY,
+)
+FRONTEND_TOKENS = Counter(
+    _NS + "_frontend_tokens",
+    "Tokens: prompt, cached (prompt tokens served from a prefix cache), completion",
+    ["kind"],
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The registry as Prometheus text exposition."""

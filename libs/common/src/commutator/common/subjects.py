@@ -51,12 +51,13 @@ def model_bucket(namespace: str) -> str:
 def kv_events_stream_spec(namespace: str, component: str) -> StreamSpec:
     """The stream spec workers and routers both ensure (one definition, so they never disagree).
 
-    Limits only guard against unbounded growth; routers snapshot the index and
-    purge what the snapshot covers.
+    Routers snapshot the index and purge what every replica has consumed and
+    the snapshot covers; the age limit only guards a deployment with no router.
+    No byte limit: JetStream reserves a stream's byte limit from the server's
+    storage up front, which would make every stream cost its maximum.
     """
     return StreamSpec(
         name=kv_events_stream(namespace, component),
         subjects=(kv_events_subjects(namespace, component),),
-        max_bytes=4 * 1024**3,
         max_age_s=7 * 24 * 3600.0,
     )

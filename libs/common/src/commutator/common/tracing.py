@@ -9,9 +9,10 @@ current context in its metadata, and servers open their spans as children of it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -69,24 +70,37 @@ def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 
 
-def inject_metadata(metadata: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """``metadata`` plus the W3C headers of the current span context (if any)."""
+def inject_metadata(metadata: Sequence[tuple[str, str]] = (), span: trace.Span | None = None) -> list[tuple[str, str]]:
+    """``metadata`` plus the W3C headers of ``span`` (default: the current span), if any."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=trace.set_span_in_context(span) if span is not None else None)
     return [*metadata, *carrier.items()]
 
 
-def extract_context(metadata: Sequence[tuple[str, Any]] | None) -> otel_context.Context:
+def extract_context(metadata: Iterable[tuple[str, Any]] | None) -> otel_context.Context:
     """The OpenTelemetry context carried in gRPC invocation metadata."""
     carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
     return propagate.extract(carrier)
 
 
 @contextlib.contextmanager
-def server_span(name: str, metadata: Sequence[tuple[str, Any]] | None, **attributes: Any) -> Iterator[trace.Span]:
-    """A server span for one RPC, parented by the caller's context from ``metadata``."""
+def server_span(name: str, metadata: Iterable[tuple[str, Any]] | None, **attributes: Any) -> Iterator[trace.Span]:
+    """A server span for one RPC, parented by the caller's context from ``metadata``.
+
+    The span is not made *current*: streaming handlers are async generators,
+    which may be finished in another task's context than the one they started
+    in, and a current-context token cannot be reset across contexts. Pass the
+    span to :func:`inject_metadata` to carry it on to downstream calls.
+    """
     ctx = extract_context(metadata)
-    with trace.get_tracer("commutator").start_as_current_span(
+    span = trace.get_tracer("commutator").start_span(
         name, context=ctx, kind=trace.SpanKind.SERVER, attributes=attributes or None
-    ) as span:
+    )
+    try:
         yield span
+    except BaseException as exc:
+        if not isinstance(exc, GeneratorExit | asyncio.CancelledError):
+            span.record_exception(exc)
+        raise
+    finally:
+        span.end()

@@ -1,8 +1,9 @@
 """The decode (aggregated) worker: engine + gRPC server + discovery + event publishers.
 
 Start order: runtime (discovery, event plane, status server), engine, gRPC
-server, KV-event and load publishers, model card, and last the registration
-(so nobody is routed here before the worker can serve). Drain reverses it:
+server, KV-event and load publishers, then the registration (nobody is routed
+here before the worker can serve) and last the model card (frontends list a
+model once a worker for it is registered, so its first request finds one). Drain reverses it:
 deregister, stop taking calls and let in-flight streams finish within the
 grace period, publish and flush the remaining KV events, stop the engine,
 close the runtime.
@@ -124,17 +125,6 @@ class DecodeWorker:
         rt.on_close(self.load_publisher.close)
 
         cap = self.engine.capacity
-        info = ModelInfo.load(model_path)
-        await publish_model(
-            rt.discovery,
-            rt.events,
-            ns,
-            model_name=self.model_name,
-            model_path=model_path,
-            block_size=cap.block_size,
-            context_length=cap.context_length,
-            eos_token_ids=info.eos_token_ids,
-        )
         self.registration = await rt.discovery.register(
             ns,
             wc.component,
@@ -147,6 +137,17 @@ class DecodeWorker:
                 kv_capacity_blocks=cap.total_blocks,
                 dp_size=cap.dp_size,
             ),
+        )
+        info = ModelInfo.load(model_path)
+        await publish_model(
+            rt.discovery,
+            rt.events,
+            ns,
+            model_name=self.model_name,
+            model_path=model_path,
+            block_size=cap.block_size,
+            context_length=cap.context_length,
+            eos_token_ids=info.eos_token_ids,
         )
         log.info(
             "worker ready",

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from commutator.common.hashing import block_hash_seed, local_block_hashes, sequence_hashes
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
 from commutator.router.load import ActiveLoad
-from commutator.router.policies import RouteContext, RoutingPolicy
+from commutator.router.policies import DirectPolicy, RouteContext, RoutingPolicy
 
 __all__ = ["Outcome", "RouteResult", "Scheduler", "WorkerView"]
 
 log = logging.getLogger(__name__)
+
+_DIRECT = DirectPolicy()
 
 
 class Outcome(enum.Enum):
@@ -159,7 +161,8 @@ class Scheduler:
             if self.policy.needs_overlap:
                 ctx.active_overlaps = self.load.active_overlap(seq)
             t2 = time.perf_counter()
-        choice = self.policy.choose(ctx, candidates)
+        # A caller that names a worker gets it (if it is a candidate), whatever the mode.
+        choice = _DIRECT.choose(ctx, candidates) if requested is not None else self.policy.choose(ctx, candidates)
         t3 = time.perf_counter()
         if choice is None:
             return RouteResult(Outcome.NO_WORKERS, hash_s=t1 - t0 if needs_hashes else 0.0)

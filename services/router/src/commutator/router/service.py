@@ -39,8 +39,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         md = context.invocation_metadata() or ()
         try:
-            with tracing.server_span("Router.Generate", md, request_id=request.request_id):
-                async for resp in self.router.generate(request, metadata=tracing.inject_metadata()):
+            with tracing.server_span("Router.Generate", md, request_id=request.request_id) as span:
+                async for resp in self.router.generate(request, metadata=tracing.inject_metadata(span=span)):
                     yield resp
         except CommutatorError as exc:
             await abort_with(context, exc)

@@ -46,8 +46,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # A peer that stops answering (frozen, cut off) fails its calls with UNAVAILABLE within ~15 s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
@@ -99,6 +100,8 @@ class EndpointClient(Generic[StubT]):
         self._channels: dict[int, tuple[str, grpc.aio.Channel, StubT]] = {}
         self._rr = itertools.count()
         self._closing: set[asyncio.Task[None]] = set()
+        self._active: dict[int, int] = {}  # id(channel) -> calls in flight
+        self._retired: dict[int, grpc.aio.Channel] = {}  # left discovery, closed when idle
 
     @property
     def instances(self) -> dict[int, Instance]:
@@ -118,7 +121,10 @@ class EndpointClient(Generic[StubT]):
         await self.instance_set.close()
         for _, channel, _ in self._channels.values():
             await channel.close()
+        for channel in self._retired.values():
+            await channel.close()
         self._channels.clear()
+        self._retired.clear()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -128,10 +134,32 @@ class EndpointClient(Generic[StubT]):
         if entry is None:
             return
         if ev.kind is WatchKind.DELETE or entry[0] != ev.instance.info.address:
+            # A draining instance finishes its in-flight calls: close its channel only once they are done.
             del self._channels[iid]
-            task = asyncio.get_running_loop().create_task(entry[1].close(grace=5.0))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            channel = entry[1]
+            if self._active.get(id(channel), 0) == 0:
+                self._close_channel(channel)
+            else:
+                self._retired[id(channel)] = channel
+
+    def _close_channel(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _acquire(self, channel: grpc.aio.Channel) -> None:
+        self._active[id(channel)] = self._active.get(id(channel), 0) + 1
+
+    def _release(self, channel: grpc.aio.Channel) -> None:
+        key = id(channel)
+        n = self._active.get(key, 0) - 1
+        if n > 0:
+            self._active[key] = n
+            return
+        self._active.pop(key, None)
+        retired = self._retired.pop(key, None)
+        if retired is not None:
+            self._close_channel(retired)
 
     def pick(self, mode: PickMode = "round_robin", instance_id: int | None = None) -> Instance:
         """Choose an instance; ``NoInstances`` when none, ``InstanceNotFound`` for an unknown direct id."""
@@ -159,9 +187,10 @@ class EndpointClient(Generic[StubT]):
             self._channels[instance.instance_id] = entry
         return entry[2]
 
-    def _resolve(self, mode: PickMode, instance_id: int | None) -> tuple[Instance, StubT]:
+    def _resolve(self, mode: PickMode, instance_id: int | None) -> tuple[Instance, StubT, grpc.aio.Channel]:
         inst = self.pick("direct" if instance_id is not None else mode, instance_id)
-        return inst, self.stub(inst)
+        stub = self.stub(inst)
+        return inst, stub, self._channels[inst.instance_id][1]
 
     async def call(
         self,
@@ -174,9 +203,10 @@ class EndpointClient(Generic[StubT]):
         metadata: Sequence[tuple[str, str]] = (),
     ) -> Any:
         """A unary call to ``method`` on a picked instance; typed errors on failure."""
-        inst, stub = self._resolve(mode, instance_id)
+        inst, stub, channel = self._resolve(mode, instance_id)
         where = f"{self._target}/{method}@{inst.info.address}"
         t0 = time.perf_counter()
+        self._acquire(channel)
         try:
             response = await getattr(stub, method)(
                 request, timeout=timeout_s or self._default_timeout, metadata=tracing.inject_metadata(metadata)
@@ -185,6 +215,12 @@ class EndpointClient(Generic[StubT]):
             typed = map_rpc_error(err, where)
             metrics.GRPC_CLIENT_ERRORS.labels(self._target, method, type(typed).__name__).inc()
             raise typed from None
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise Unavailable(f"{where}: the call was cancelled under us (channel closed)") from None
+        finally:
+            self._release(channel)
         metrics.GRPC_CLIENT_LATENCY.labels(self._target, method).observe(time.perf_counter() - t0)
         return response
 
@@ -199,11 +235,12 @@ class EndpointClient(Generic[StubT]):
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[Any]:
         """A server-streaming call. Closing the iterator (or cancelling its reader) cancels the call."""
-        inst, stub = self._resolve(mode, instance_id)
+        inst, stub, channel = self._resolve(mode, instance_id)
         where = f"{self._target}/{method}@{inst.info.address}"
         call = getattr(stub, method)(
             request, timeout=timeout_s or self._default_timeout, metadata=tracing.inject_metadata(metadata)
         )
+        self._acquire(channel)
         try:
             async for response in call:
                 yield response
@@ -211,6 +248,17 @@ class EndpointClient(Generic[StubT]):
             typed = map_rpc_error(err, where)
             metrics.GRPC_CLIENT_ERRORS.labels(self._target, method, type(typed).__name__).inc()
             raise typed from None
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise Unavailable(f"{where}: the stream was cancelled under us (channel closed)") from None
         finally:
             if not call.done():
                 call.cancel()
+            self._release(channel)
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether the current task is being cancelled (rather than the gRPC call alone)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

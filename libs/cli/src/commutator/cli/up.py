@@ -1,0 +1,202 @@
+"""``commutator up``: the whole stack on this machine.
+
+Embedded (default): one process. Discovery and the event plane are in memory,
+and every role still speaks gRPC on loopback to the others, exactly as when
+distributed. ``--distributed``: a real etcd and nats-server (temporary data,
+free ports) and one process per role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from commutator.common.discovery import DiscoveryConfig, MemoryStore
+from commutator.common.events import EventPlaneConfig, MemoryBroker
+from commutator.common.grpc import GrpcConfig
+from commutator.common.logging import setup_logging
+from commutator.common.runtime import RuntimeConfig
+from commutator.engines.mocker import MockerConfig
+from commutator.engines.tiny_model import MODEL_NAME, ensure_tiny_model
+
+__all__ = ["up_main"]
+
+log = logging.getLogger("commutator.up")
+
+
+def _curl(host: str, port: int, model: str) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+    shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "") else host
+    return f"curl http://{shown}:{port}/v1/chat/completions \\\n  -H 'Content-Type: application/json' \\\n  -d '{body}'"
+
+
+def _banner(args: argparse.Namespace, model: str, mode: str) -> None:
+    print(
+        f"\nCommutator is up ({mode}): OpenAI API on http://{args.http_host}:{args.http_port}/v1, "
+        f"{args.workers} mocker workers, router mode {args.router_mode}.\nTry:\n\n"
+        f"{_curl(args.http_host, args.http_port, model)}\n\nCtrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def up_main(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.distributed:
+        return _up_distributed(args)
+    import uvloop
+
+    try:
+        return uvloop.run(_up_embedded(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _up_embedded(args: argparse.Namespace) -> int:
+    from commutator.decode.config import DecodeConfig, WorkerConfig
+    from commutator.decode.worker import DecodeWorker
+    from commutator.frontend.config import FrontendConfig
+    from commutator.frontend.server import Frontend
+    from commutator.router.config import RouterConfig
+
+    store, broker = MemoryStore(), MemoryBroker()
+    runtime = RuntimeConfig(
+        discovery=DiscoveryConfig(discovery_backend="memory", namespace=args.namespace),
+        events=EventPlaneConfig(event_plane="memory"),
+        metrics_port=-1,  # the frontend serves /metrics for the whole process
+    )
+    model_path = args.model_path or str(ensure_tiny_model())
+    workers = [
+        DecodeWorker(
+            DecodeConfig(
+                runtime=runtime,
+                grpc=GrpcConfig(),
+                worker=WorkerConfig(model_path=model_path, model_name="" if args.model_path else MODEL_NAME),
+                mocker=MockerConfig(speedup_ratio=args.speedup_ratio),
+            ),
+            memory_store=store,
+            memory_broker=broker,
+        )
+        for _ in range(args.workers)
+    ]
+    frontend = Frontend(
+        FrontendConfig(
+            runtime=runtime,
+            router=RouterConfig(router_mode=args.router_mode),
+            http_host=args.http_host,
+            http_port=args.http_port,
+        ),
+        memory_store=store,
+        memory_broker=broker,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[object] = []
+    try:
+        for w in workers:
+            await w.start()
+            started.append(w)
+        await frontend.start()
+        started.append(frontend)
+        _banner(args, workers[0].model_name, "embedded, one process")
+        await stop.wait()
+        print("\nstopping...", flush=True)
+    finally:
+        for role in reversed(started):
+            await role.drain()  # type: ignore[attr-defined]
+    return 0
+
+
+def _wait_ready(port: int, timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"a role exited with status {p.returncode} while starting")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1) as r:
+                data = json.loads(r.read())["data"]
+                if data:
+                    return str(data[0]["id"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the frontend did not list a model within {timeout_s} s")
+
+
+def _up_distributed(args: argparse.Namespace) -> int:
+    from commutator.common.local_servers import EtcdProcess, NatsProcess
+
+    ensure_tiny_model()
+    etcd, nats = EtcdProcess(), NatsProcess()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        etcd.start()
+        nats.start()
+        print(
+            f"etcd at {etcd.endpoint}, nats-server at {nats.url} (data in {etcd.data_dir}, {nats.data_dir})", flush=True
+        )
+        env = dict(
+            os.environ,
+            COMMUTATOR_ETCD_ENDPOINTS=etcd.endpoint,
+            COMMUTATOR_NATS_URL=nats.url,
+            COMMUTATOR_NAMESPACE=args.namespace,
+        )
+        worker_args = ["--speedup-ratio", str(args.speedup_ratio)]
+        if args.model_path:
+            worker_args += ["--model-path", args.model_path]
+        for _ in range(args.workers):
+            procs.append(subprocess.Popen([sys.executable, "-m", "commutator.decode", *worker_args], env=env))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "commutator.frontend",
+                    "--http-port",
+                    str(args.http_port),
+                    "--http-host",
+                    args.http_host,
+                    "--router-mode",
+                    args.router_mode,
+                ],
+                env=env,
+            )
+        )
+        model = _wait_ready(args.http_port, 120.0, procs)
+        _banner(args, model, "distributed, one process per role")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("a role exited; stopping the rest", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"commutator up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for p in reversed(procs):  # the frontend first, then the workers
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        nats.close()
+        etcd.close()

@@ -1,0 +1,544 @@
+"""The OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models.
+
+A request is validated, templated and tokenized, routed, and its worker's
+token stream is detokenized (stop strings applied) into SSE chunks or one JSON
+body. Errors before the first token get their HTTP status (400, 404, 413,
+503 no worker, 529 all busy); a stream that fails after it started ends with
+an error event and ``[DONE]``, never a silent cut. A client that goes away
+cancels the worker stream (aiohttp cancels the handler), which frees the
+worker's blocks and the router's accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+from commutator.common import metrics, tracing
+from commutator.common.errors import (
+    Cancelled,
+    CommutatorError,
+    DeadlineExceeded,
+    InvalidRequest,
+    NoInstances,
+    Overloaded,
+    Unavailable,
+)
+from commutator.frontend.detokenize import TextStream
+from commutator.frontend.models import ModelRegistry
+from commutator.frontend.preprocess import PreprocessError, Preprocessor
+from commutator.frontend.protocol import ApiError, SamplingRequest, parse_chat, parse_completion
+from commutator.v1 import common_pb2
+
+__all__ = ["Backend", "OpenAIApi", "error_response"]
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE = b"data: [DONE]\n\n"
+_RETRIES_BEFORE_FIRST_TOKEN = 2
+
+
+class Backend(Protocol):
+    """Where token-level requests go: the embedded router, or a router service."""
+
+    def generate(
+        self, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
+    ) -> AsyncIterator[common_pb2.GenerateResponse]: ...
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.Response(status=err.status, body=orjson.dumps(err.body()), content_type="application/json")
+
+
+def _api_error(exc: CommutatorError, model: str) -> ApiError:
+    if isinstance(exc, NoInstances):
+        return ApiError(
+            503, f"no worker is serving model '{model}' right now", type="service_unavailable", code="no_workers"
+        )
+    if isinstance(exc, Overloaded):
+        return ApiError(529, "all workers are busy; retry later", type="overloaded", code="overloaded")
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc).split(": ", 1)[-1])
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, "the request timed out", type="timeout")
+    if isinstance(exc, Unavailable):
+        return ApiError(503, "the worker serving this request went away", type="service_unavailable")
+    return ApiError(500, f"internal error: {exc}", type="internal_error")
+
+
+class _Choice:
+    """One generation (one of ``n``): the worker stream and its detokenized text."""
+
+    __slots__ = ("agen", "cached", "completion_tokens", "finish", "index", "logprobs", "prompt_tokens", "text")
+
+    def __init__(self, index: int, agen: AsyncIterator[common_pb2.GenerateResponse], text: TextStream) -> None:
+        self.index = index
+        self.agen = agen
+        self.text = text
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.cached = 0
+        self.finish: str | None = None
+        self.logprobs: list[Any] = []
+
+    def take(self, resp: common_pb2.GenerateResponse) -> str:
+        """Text of one worker message; sets :attr:`finish` when the choice ends."""
+        if resp.prompt_tokens:
+            self.prompt_tokens = resp.prompt_tokens
+            self.cached = resp.cached_prompt_tokens
+        ids = resp.token_ids
+        self.completion_tokens += len(ids)
+        out = self.text.push(ids)
+        if resp.logprobs:
+            self.logprobs.extend(resp.logprobs)
+        if self.text.stopped is not None:
+            self.finish = "stop"
+        elif resp.finish_reason:
+            if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                raise CommutatorError(resp.error_message or "the engine failed the request")
+            out += self.text.flush()
+            self.finish = _FINISH.get(resp.finish_reason, "stop")
+        return out
+
+    async def close(self) -> None:
+        aclose = getattr(self.agen, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class OpenAIApi:
+    def __init__(self, registry: ModelRegistry, backend: Backend) -> None:
+        self.registry = registry
+        self.backend = backend
+        self._inflight = metrics.FRONTEND_INFLIGHT
+        self._ttft = metrics.FRONTEND_TTFT_SECONDS
+        self._chunk = metrics.FRONTEND_CHUNK_SECONDS
+        self._tok_prompt = metrics.FRONTEND_TOKENS.labels("prompt")
+        self._tok_cached = metrics.FRONTEND_TOKENS.labels("cached")
+        self._tok_completion = metrics.FRONTEND_TOKENS.labels("completion")
+
+    # -- endpoints ------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": e.name, "object": "model", "created": e.created, "owned_by": "commutator"}
+            for e in self.registry.names()
+        ]
+        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        endpoint = "chat" if chat else "completions"
+        t0 = time.perf_counter()
+        self._inflight.inc()
+        status = 200
+        try:
+            try:
+                body = await _read_json(request)
+                resp = await (self._chat(request, body, t0) if chat else self._completion(request, body, t0))
+                status = resp.status
+                return resp
+            except ApiError as err:
+                status = err.status
+                return error_response(err)
+        finally:
+            self._inflight.dec()
+            metrics.FRONTEND_REQUESTS.labels(endpoint, str(status)).inc()
+
+    # -- chat -------------------------------------------------------------------------------
+    async def _chat(self, request: web.Request, body: Any, t0: float) -> web.StreamResponse:
+        req = parse_chat(body)
+        pre = await self.registry.preprocessor(req.model)
+        try:
+            tokens = pre.chat_token_ids(req.messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools)
+        except PreprocessError as exc:
+            raise ApiError.bad(str(exc), "messages") from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        return await self._generate(request, t0, rid, req.model, pre, [tokens], req.sampling, chat=True)
+
+    async def _completion(self, request: web.Request, body: Any, t0: float) -> web.StreamResponse:
+        req = parse_completion(body)
+        pre = await self.registry.preprocessor(req.model)
+        prompts = [pre.encode(p) if isinstance(p, str) else p for p in req.prompts]
+        vocab = pre.tokenizer.get_vocab_size(with_added_tokens=True)
+        for p in prompts:
+            if not p:
+                raise ApiError.bad("the prompt tokenizes to nothing", "prompt")
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError.bad(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        return await self._generate(request, t0, rid, req.model, pre, prompts, req.sampling, chat=False)
+
+    # -- generation -------------------------------------------------------------------------
+    def _requests(
+        self, rid: str, model: str, pre: Preprocessor, prompts: list[list[int]], s: SamplingRequest
+    ) -> list[common_pb2.GenerateRequest]:
+        out = []
+        ctx = pre.context_length
+        for p_index, tokens in enumerate(prompts):
+            if ctx and len(tokens) >= ctx:
+                raise ApiError.bad(
+                    f"the prompt has {len(tokens)} tokens; this model's context is {ctx} tokens", "messages"
+                )
+            max_tokens = s.max_tokens if s.max_tokens is not None else (ctx - len(tokens) if ctx else 0)
+            if ctx and max_tokens > ctx - len(tokens):
+                max_tokens = ctx - len(tokens)
+            for i in range(s.n):
+                g = common_pb2.GenerateRequest(request_id=f"{rid}-{p_index * s.n + i}", model=model, token_ids=tokens)
+                st = g.stop
+                st.max_tokens = max_tokens
+                st.min_tokens = s.min_tokens
+                st.ignore_eos = s.ignore_eos
+                if s.stop_token_ids:
+                    st.stop_token_ids.extend(s.stop_token_ids)
+                sp = g.sampling
+                if s.temperature is not None:
+                    sp.temperature = s.temperature
+                if s.top_p is not None:
+                    sp.top_p = s.top_p
+                if s.top_k is not None:
+                    sp.top_k = s.top_k
+                if s.seed is not None:
+                    sp.seed = (s.seed + i) % 2**64
+                if s.frequency_penalty is not None:
+                    sp.frequency_penalty = s.frequency_penalty
+                if s.presence_penalty is not None:
+                    sp.presence_penalty = s.presence_penalty
+                if s.repetition_penalty is not None:
+                    sp.repetition_penalty = s.repetition_penalty
+                if s.logprobs is not None:
+                    g.logprobs = s.logprobs
+                out.append(g)
+        return out
+
+    async def _open(
+        self,
+        greq: common_pb2.GenerateRequest,
+        model: str,
+        pre: Preprocessor,
+        stop: list[str],
+        index: int,
+        md: Sequence[tuple[str, str]],
+    ) -> tuple[_Choice, common_pb2.GenerateResponse | None]:
+        """Start one choice and wait for its first message (so that errors still have an HTTP status)."""
+        for attempt in range(_RETRIES_BEFORE_FIRST_TOKEN + 1):
+            agen = self.backend.generate(greq, md)
+            choice = _Choice(index, agen, TextStream(pre.tokenizer, stop))
+            try:
+                first = await agen.__anext__()
+                return choice, first
+            except StopAsyncIteration:
+                return choice, None
+            except (Unavailable, Cancelled) as exc:
+                # The worker went away, or refused the call because it is draining: route again.
+                await choice.close()
+                if attempt == _RETRIES_BEFORE_FIRST_TOKEN:
+                    raise _api_error(exc, model) from None
+                log.warning("worker unavailable before the first token of %s; routing again", greq.request_id)
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except CommutatorError as exc:
+                await choice.close()
+                raise _api_error(exc, model) from None
+        raise AssertionError("unreachable")
+
+    async def _generate(
+        self,
+        request: web.Request,
+        t0: float,
+        rid: str,
+        model: str,
+        pre: Preprocessor,
+        prompts: list[list[int]],
+        s: SamplingRequest,
+        *,
+        chat: bool,
+    ) -> web.StreamResponse:
+        greqs = self._requests(rid, model, pre, prompts, s)
+        # The client's W3C trace context (if any) continues into the router and the workers.
+        with tracing.server_span(f"POST {request.path}", request.headers.items(), request_id=rid) as span:
+            return await self._generate_traced(
+                request, t0, rid, model, pre, greqs, s, chat, tracing.inject_metadata(span=span)
+            )
+
+    async def _generate_traced(
+        self,
+        request: web.Request,
+        t0: float,
+        rid: str,
+        model: str,
+        pre: Preprocessor,
+        greqs: list[common_pb2.GenerateRequest],
+        s: SamplingRequest,
+        chat: bool,
+        md: list[tuple[str, str]],
+    ) -> web.StreamResponse:
+        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]] = []
+        try:
+            if len(greqs) == 1:
+                opened.append(await self._open(greqs[0], model, pre, s.stop, 0, md))
+            else:
+                results = await asyncio.gather(
+                    *(self._open(g, model, pre, s.stop, i, md) for i, g in enumerate(greqs)), return_exceptions=True
+                )
+                errors = [r for r in results if isinstance(r, BaseException)]
+                opened = [r for r in results if not isinstance(r, BaseException)]  # type: ignore[misc]
+                if errors:
+                    raise errors[0]
+            self._ttft.observe(time.perf_counter() - t0)
+            created = int(time.time())
+            if s.stream:
+                return await self._stream(request, rid, model, created, pre, opened, s, chat)
+            return await self._collect(rid, model, created, pre, opened, s, chat)
+        finally:
+            for choice, _ in opened:
+                await choice.close()
+
+    async def _collect(
+        self,
+        rid: str,
+        model: str,
+        created: int,
+        pre: Preprocessor,
+        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]],
+        s: SamplingRequest,
+        chat: bool,
+    ) -> web.Response:
+        async def run(choice: _Choice, first: common_pb2.GenerateResponse | None) -> str:
+            parts = []
+            if first is not None:
+                parts.append(choice.take(first))
+            while choice.finish is None:
+                try:
+                    resp = await choice.agen.__anext__()
+                except StopAsyncIteration:
+                    choice.finish = choice.finish or "stop"
+                    break
+                parts.append(choice.take(resp))
+            return "".join(parts)
+
+        try:
+            texts = await asyncio.gather(*(run(c, f) for c, f in opened))
+        except CommutatorError as exc:
+            raise _api_error(exc, model) from None
+        choices = []
+        for (choice, _), text in zip(opened, texts, strict=True):
+            lp = _logprobs(pre, choice.logprobs, chat) if s.logprobs is not None else None
+            if chat:
+                choices.append(
+                    {
+                        "index": choice.index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": choice.finish,
+                    }
+                )
+            else:
+                choices.append({"index": choice.index, "text": text, "logprobs": lp, "finish_reason": choice.finish})
+        body = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": self._usage([c for c, _ in opened], s.n),
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    def _usage(self, choices: list[_Choice], n: int) -> dict[str, Any]:
+        # Prompt tokens count once per prompt, not once per choice.
+        prompt = sum(c.prompt_tokens for c in choices[::n])
+        cached = sum(c.cached for c in choices[::n])
+        completion = sum(c.completion_tokens for c in choices)
+        self._tok_prompt.inc(prompt)
+        self._tok_cached.inc(cached)
+        self._tok_completion.inc(completion)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    async def _stream(
+        self,
+        request: web.Request,
+        rid: str,
+        model: str,
+        created: int,
+        pre: Preprocessor,
+        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]],
+        s: SamplingRequest,
+        chat: bool,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = orjson.dumps({"id": rid, "object": obj, "created": created, "model": model})[:-1] + b',"choices":['
+        write = resp.write
+        chunk_hist = self._chunk
+        last = time.perf_counter()
+        chunks = 0
+        if chat:
+            for choice, _ in opened:
+                await write(
+                    b"data: "
+                    + head
+                    + _chat_delta(choice.index, {"role": "assistant", "content": ""}, None, None)
+                    + b"]}\n\n"
+                )
+        queue: asyncio.Queue[tuple[_Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
+        readers: list[asyncio.Task[None]] = []
+        try:
+            if len(opened) == 1:
+                choice, first = opened[0]
+                pending = [first] if first is not None else []
+                while True:
+                    if pending:
+                        msg = pending.pop()
+                    else:
+                        try:
+                            msg = await choice.agen.__anext__()
+                        except StopAsyncIteration:
+                            if choice.finish is None:
+                                choice.finish = "stop"
+                                await write(b"data: " + head + _piece(chat, choice, "", s, pre) + b"]}\n\n")
+                            break
+                    text = choice.take(msg)
+                    if text or choice.finish is not None or (s.logprobs is not None and choice.logprobs):
+                        await write(b"data: " + head + _piece(chat, choice, text, s, pre) + b"]}\n\n")
+                        chunks += 1
+                    if choice.finish is not None:
+                        break
+                if chunks > 1:  # one observation per request: the mean gap (per-chunk ones cost more than they tell)
+                    chunk_hist.observe((time.perf_counter() - last) / (chunks - 1))
+            else:
+                queue = asyncio.Queue(maxsize=64 * len(opened))
+
+                async def pump(choice: _Choice, first: common_pb2.GenerateResponse | None) -> None:
+                    """Owns its choice's worker stream: reads it into the queue, closes it when done."""
+                    assert queue is not None
+                    try:
+                        if first is not None:
+                            await queue.put((choice, first))
+                        async for m in choice.agen:
+                            await queue.put((choice, m))
+                        await queue.put((choice, None))
+                    except CommutatorError as exc:
+                        await queue.put((choice, exc))
+                    finally:
+                        await choice.close()
+
+                loop = asyncio.get_running_loop()
+                pumps = {id(c): loop.create_task(pump(c, f)) for c, f in opened}
+                readers = list(pumps.values())
+                remaining = len(opened)
+                while remaining:
+                    choice, item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if choice.finish is not None:
+                        continue
+                    text = "" if item is None else choice.take(item)
+                    if item is None and choice.finish is None:
+                        choice.finish = "stop"
+                    if text or choice.finish is not None:
+                        await write(b"data: " + head + _piece(chat, choice, text, s, pre) + b"]}\n\n")
+                    if choice.finish is not None:
+                        remaining -= 1
+                        pumps[id(choice)].cancel()  # a stop string ends it early: stop its worker
+            usage = self._usage([c for c, _ in opened], s.n)
+            if s.include_usage:
+                await write(b"data: " + head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n")
+        except CommutatorError as exc:
+            err = _api_error(exc, model)
+            log.warning("stream %s failed after it started: %s", rid, exc)
+            await write(b"data: " + orjson.dumps(err.body()) + b"\n\n")
+        finally:
+            for t in readers:
+                t.cancel()
+            if readers:
+                await asyncio.gather(*readers, return_exceptions=True)
+        await write(_DONE)
+        await resp.write_eof()
+        return resp
+
+
+def _chat_delta(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any) -> bytes:
+    return orjson.dumps({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+
+
+def _piece(chat: bool, choice: _Choice, text: str, s: SamplingRequest, pre: Preprocessor) -> bytes:
+    lp = None
+    if s.logprobs is not None and choice.logprobs:
+        lp = _logprobs(pre, choice.logprobs, chat)
+        choice.logprobs = []
+    if chat:
+        return _chat_delta(choice.index, {"content": text} if text else {}, choice.finish, lp)
+    return orjson.dumps({"index": choice.index, "text": text, "logprobs": lp, "finish_reason": choice.finish})
+
+
+def _logprobs(pre: Preprocessor, entries: list[Any], chat: bool) -> dict[str, Any]:
+    if chat:
+        content = []
+        for e in entries:
+            tok = pre.token_text(e.token_id)
+            content.append(
+                {
+                    "token": tok,
+                    "logprob": e.logprob,
+                    "bytes": list(tok.encode()),
+                    "top_logprobs": [
+                        {"token": (t := pre.token_text(a.token_id)), "logprob": a.logprob, "bytes": list(t.encode())}
+                        for a in e.top
+                    ],
+                }
+            )
+        return {"content": content}
+    tokens = [pre.token_text(e.token_id) for e in entries]
+    offsets = []
+    pos = 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{pre.token_text(a.token_id): a.logprob for a in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+async def _read_json(request: web.Request) -> Any:
+    try:
+        data = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request._client_max_size  # the application's configured limit
+        raise ApiError(
+            413,
+            f"the request body is larger than {limit} bytes",
+            type="invalid_request_error",
+            code="request_too_large",
+        ) from None
+    if not data:
+        raise ApiError.bad("the request body is empty")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError.bad(f"the request body is not valid JSON: {exc}") from None

@@ -1,0 +1,256 @@
+"""Prompts to token ids: the model's chat template and tokenizer.
+
+The template is rendered exactly as ``transformers``' ``apply_chat_template``
+renders it (a sandboxed Jinja environment with ``trim_blocks`` and
+``lstrip_blocks``, the loop-controls extension, its ``tojson``,
+``raise_exception`` and ``strftime_now``, and the tokenizer's special tokens
+as variables), then tokenized without adding special tokens. Routing depends
+on this: the same conversation must give the same token ids as the engine's
+own tokenizer, or prefix-cache hits are lost. The parity is tested against
+``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+__all__ = ["ChatTemplate", "ChunkedEncoder", "PreprocessError", "Preprocessor"]
+
+log = logging.getLogger(__name__)
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class PreprocessError(ValueError):
+    """The conversation cannot be rendered or tokenized (the client's fault: HTTP 400)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+class ChatTemplate:
+    """A compiled chat template with the tokenizer's special tokens bound."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        self._template = env.from_string(source)
+        self._special = special_tokens
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._special,
+                **kwargs,
+            )
+        except jinja2.exceptions.TemplateError as exc:
+            raise PreprocessError(f"the chat template rejected the conversation: {exc}") from None
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+_LINE_START = re.compile(r"\n(?=\S)")
+
+
+class ChunkedEncoder:
+    """Tokenization with a cache of recurring text chunks (system prompts, conversation history).
+
+    Text is cut after a newline that is followed by a non-space character.
+    For byte-level BPE tokenizers (GPT-2, Llama 3, Qwen and alike, with no
+    prefix space added) such a cut is a pre-tokenization boundary, so tokenizing
+    the chunks separately gives exactly the ids of the whole. That is checked
+    when the encoder is built and on a sample of requests afterwards; any
+    difference turns the cache off. Chunks not in the cache are tokenized
+    together in one batch call.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, *, min_chunk_chars: int = 256, max_entries: int = 8192, verify_every: int = 512
+    ) -> None:
+        self._tok = tokenizer
+        self._min = min_chunk_chars
+        self._max = max_entries
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._verify_every = verify_every
+        self._calls = 0
+        self.enabled = _byte_level_without_prefix_space(tokenizer)
+        self.hits = 0
+        self.misses = 0
+        if self.enabled:
+            sample = "".join(f"line {i}: value = {i * 7} # näive 🌍\n    indented({i})\n" for i in range(64))
+            if self._chunked(sample) != self._whole(sample):
+                self.enabled = False
+            self._cache.clear()
+
+    def _whole(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str) -> list[int]:
+        if not self.enabled or len(text) < 2 * self._min:
+            return self._whole(text)
+        ids = self._chunked(text)
+        self._calls += 1
+        if self._calls % self._verify_every == 0 and ids != self._whole(text):
+            self.enabled = False
+            self._cache.clear()
+            log.warning("chunked tokenization differs from whole-text tokenization for this tokenizer; cache off")
+            return self._whole(text)
+        return ids
+
+    def _chunked(self, text: str) -> list[int]:
+        chunks: list[str] = []
+        start = 0
+        for m in _LINE_START.finditer(text):
+            end = m.end()
+            if end - start >= self._min:
+                chunks.append(text[start:end])
+                start = end
+        chunks.append(text[start:])
+        cache = self._cache
+        missing = [c for c in chunks if c not in cache]
+        if missing:
+            self.misses += len(missing)
+            unique = list(dict.fromkeys(missing))
+            for c, enc in zip(unique, self._tok.encode_batch_fast(unique, add_special_tokens=False), strict=True):
+                cache[c] = enc.ids
+            while len(cache) > self._max:
+                cache.popitem(last=False)
+        out: list[int] = []
+        for c in chunks:
+            ids = cache[c]
+            cache.move_to_end(c)
+            out += ids
+        self.hits += len(chunks) - len(missing)
+        return out
+
+
+def _byte_level_without_prefix_space(tokenizer: Tokenizer) -> bool:
+    try:
+        spec = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
+    except (ValueError, AttributeError):
+        return False
+    parts = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    kinds = [p.get("type") for p in parts]
+    if not kinds or kinds[-1] != "ByteLevel" or any(k not in ("ByteLevel", "Split") for k in kinds):
+        return False
+    return not any(p.get("add_prefix_space") for p in parts if p.get("type") == "ByteLevel")
+
+
+@dataclass(slots=True)
+class Preprocessor:
+    """Tokenizer, chat template and stop tokens of one model."""
+
+    tokenizer: Tokenizer
+    template: ChatTemplate | None
+    eos_token_ids: tuple[int, ...]
+    context_length: int
+    encoder: ChunkedEncoder | None = None
+
+    def __post_init__(self) -> None:
+        if self.encoder is None:
+            self.encoder = ChunkedEncoder(self.tokenizer)
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        chat_template: str | None = None,
+        eos_token_ids: Sequence[int] = (),
+        context_length: int = 0,
+    ) -> Preprocessor:
+        """From a folder holding tokenizer.json (and tokenizer_config.json)."""
+        path = Path(folder)
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        special = {k: v for k in _SPECIAL_KEYS if (v := _token_content(config.get(k))) is not None}
+        source = chat_template or (
+            config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+        )
+        if source is None and (path / "chat_template.jinja").is_file():
+            source = (path / "chat_template.jinja").read_text()
+        eos = tuple(eos_token_ids)
+        if not eos and "eos_token" in special:
+            tid = tokenizer.token_to_id(special["eos_token"])
+            eos = (tid,) if tid is not None else ()
+        return cls(
+            tokenizer,
+            ChatTemplate(source, special) if source else None,
+            eos,
+            context_length or int(config.get("model_max_length", 0) or 0),
+        )
+
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        if self.template is None:
+            raise PreprocessError("this model has no chat template; use /v1/completions")
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without special tokens added (as apply_chat_template does)."""
+        assert self.encoder is not None
+        return self.encoder.encode(text)
+
+    def chat_token_ids(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools))
+
+    def token_text(self, token_id: int) -> str:
+        """A single token as text (for logprobs)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

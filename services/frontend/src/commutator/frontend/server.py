@@ -1,0 +1,182 @@
+"""The frontend process: HTTP server, model registry, router (embedded or remote)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from pathlib import Path
+
+from aiohttp import web
+from commutator.common import config as cfg
+from commutator.common import metrics
+from commutator.common.clock import Clock
+from commutator.common.discovery import MemoryStore
+from commutator.common.events import MemoryBroker
+from commutator.common.logging import fields
+from commutator.common.runtime import Runtime
+from commutator.frontend.api import Backend, OpenAIApi, error_response
+from commutator.frontend.backend import EmbeddedRouterBackend, RouterServiceBackend
+from commutator.frontend.config import FrontendConfig
+from commutator.frontend.models import ModelRegistry
+from commutator.frontend.protocol import ApiError
+from commutator.router.core import Router
+
+__all__ = ["Frontend"]
+
+log = logging.getLogger(__name__)
+
+
+def _json_errors() -> web.middleware:  # type: ignore[valid-type]
+    """404/405 and unexpected failures in OpenAI's error format; bad input never takes the process down."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return error_response(ApiError(404, f"no route {request.path}", type="not_found"))
+        except web.HTTPMethodNotAllowed:
+            return error_response(ApiError(405, f"{request.method} is not allowed on {request.path}"))
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(ApiError(413, "the request body is too large", code="request_too_large"))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            return error_response(ApiError(500, "internal error", type="internal_error"))
+
+    return middleware
+
+
+class Frontend:
+    def __init__(
+        self,
+        config: FrontendConfig,
+        *,
+        memory_store: MemoryStore | None = None,
+        memory_broker: MemoryBroker | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.draining = False
+        self.runtime = Runtime(
+            config.runtime,
+            "frontend",
+            memory_store=memory_store,
+            memory_broker=memory_broker,
+            ready=lambda: not self.draining,
+        )
+        self._clock = clock
+        self.router: Router | None = None
+        self.registry: ModelRegistry | None = None
+        self.api: OpenAIApi | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        rt = self.runtime
+        await rt.start()
+        assert rt.discovery is not None and rt.events is not None
+        cache = (
+            Path(self.config.model_cache_dir)
+            if self.config.model_cache_dir
+            else (Path.home() / ".cache" / "commutator" / "frontend")
+        )
+        self.registry = ModelRegistry(rt.discovery, rt.events, rt.namespace, cache)
+        await self.registry.start()
+        rt.on_close(self.registry.close)
+        backend: Backend
+        if self.config.router_endpoint:
+            remote = RouterServiceBackend(
+                rt.discovery, rt.namespace, self.config.router_endpoint, self.config.router.generate_timeout_s
+            )
+            await remote.start()
+            rt.on_close(remote.close)
+            backend = remote
+        else:
+            self.router = Router(self.config.router, rt.discovery, rt.events, rt.namespace, clock=self._clock)
+            await self.router.start()
+            rt.on_close(self.router.close)
+            backend = EmbeddedRouterBackend(self.router)
+        self.api = OpenAIApi(self.registry, backend)
+
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[_json_errors()])
+        app.router.add_post("/v1/chat/completions", self.api.chat_completions)
+        app.router.add_post("/v1/completions", self.api.completions)
+        app.router.add_get("/v1/models", self.api.models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/live", self._live)
+        app.router.add_get("/metrics", self._metrics)
+        # handler_cancellation: a client that disconnects cancels its request (and the worker stream).
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=self.config.drain_grace_s,
+        )
+        await self._runner.setup()
+        ssl_ctx = None
+        if self.config.tls_cert_path or self.config.tls_key_path:
+            if not (self.config.tls_cert_path and self.config.tls_key_path):
+                raise SystemExit("--tls-cert-path and --tls-key-path go together")
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(self.config.tls_cert_path, self.config.tls_key_path)
+        site = web.TCPSite(
+            self._runner,
+            self.config.http_host,
+            self.config.http_port,
+            ssl_context=ssl_ctx,
+            backlog=1024,
+            reuse_address=True,
+        )
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        scheme = "https" if ssl_ctx else "http"
+        log.info(
+            "frontend ready",
+            extra=fields(
+                url=f"{scheme}://{self.config.http_host}:{self.port}/v1",
+                router=self.config.router_endpoint or f"embedded ({self.config.router.router_mode})",
+            ),
+        )
+
+    async def _health(self, request: web.Request) -> web.Response:
+        models = [e.name for e in self.registry.names()] if self.registry else []
+        ok = not self.draining
+        return web.json_response({"status": "ready" if ok else "draining", "models": models}, status=200 if ok else 503)
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "live"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def drain(self) -> None:
+        """Stop taking requests, let in-flight ones finish (within the grace period), close."""
+        if self.draining:
+            return
+        self.draining = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.runtime.close()
+
+    async def serve(self) -> None:
+        self.runtime.install_signal_handlers()
+        await self.start()
+        await self.runtime.shutdown.wait()
+        await self.drain()
+
+
+async def _main() -> int:
+    config = cfg.load(FrontendConfig, prog="python -m commutator.frontend")
+    log.info("starting frontend", extra=fields(**cfg.describe(config)))
+    try:
+        await Frontend(config).serve()
+    except asyncio.CancelledError:
+        pass
+    return 0

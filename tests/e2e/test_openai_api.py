@@ -1,0 +1,373 @@
+"""The whole stack as separate processes (frontend with its embedded router, mocker workers)
+on real etcd and NATS, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from commutator.common.discovery import Discovery, EtcdBackend
+from commutator.common.grpc import EndpointClient
+from commutator.common.local_servers import EtcdProcess, free_port
+from commutator.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "commutator/tiny-llama"
+
+
+async def wait_models(base: str, want: set[str], timeout_s: float = 60.0, ssl: object = None) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(f"{base}/models", ssl=ssl) as r:
+                    if r.status == 200 and {m["id"] for m in (await r.json())["data"]} == want:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if loop.time() > deadline:
+                raise AssertionError(f"models never became {want}")
+            await asyncio.sleep(0.2)
+
+
+async def wait_serving(base: str, model: str = MODEL, ssl: object = None, timeout_s: float = 60.0) -> None:
+    """Wait until a one-token request succeeds (the frontend's router may see workers after their model card)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    body = {"model": model, "prompt": "x", "max_tokens": 1}
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.post(f"{base}/completions", json=body, ssl=ssl) as r:
+                if r.status == 200:
+                    return
+            if loop.time() > deadline:
+                raise AssertionError(f"{model} never served a request")
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def stack(spawn, etcd_server: EtcdProcess, unique: str) -> AsyncIterator[dict[str, object]]:  # type: ignore[no-untyped-def]
+    port = free_port()
+    workers = [spawn("commutator.decode", "--speedup-ratio", "10") for _ in range(2)]
+    frontend = spawn(
+        "commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1", "--max-body-bytes", "200000"
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    await wait_models(base, {MODEL})
+    await wait_serving(base)
+    d = Discovery(EtcdBackend([etcd_server.endpoint]))
+    await d.start()
+    worker_client = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub)
+    await worker_client.start()
+    await worker_client.wait_for_instances(2, 30)
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+    yield {
+        "base": base,
+        "client": client,
+        "workers": workers,
+        "frontend": frontend,
+        "worker_client": worker_client,
+        "spawn": spawn,
+    }
+    await client.close()
+    await worker_client.close()
+    await d.close()
+
+
+async def test_chat_and_completions_streaming_and_not(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    r = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=12
+    )
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story."}]},
+        ],
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage = "", None, None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert finish == "length" and usage is not None and usage.completion_tokens == 10 and text
+
+    c = await client.completions.create(model=MODEL, prompt="def main():", max_tokens=8)
+    assert c.object == "text_completion" and c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 8
+    c = await client.completions.create(model=MODEL, prompt=["first", "second"], max_tokens=3)
+    assert sorted(ch.index for ch in c.choices) == [0, 1]
+    c = await client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=3, stream=False)
+    assert c.usage.prompt_tokens == 4
+    pieces = [
+        ch.choices[0].text
+        async for ch in await client.completions.create(model=MODEL, prompt="import os", max_tokens=6, stream=True)
+        if ch.choices
+    ]
+    assert "".join(pieces)
+
+
+async def test_n_choices_seed_and_logprobs(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    msgs = [{"role": "user", "content": "Two answers please"}]
+    r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, n=2, seed=3)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.completion_tokens == 16
+    again = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, n=2, seed=3)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+    stream = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, n=2, stream=True)
+    texts = {0: "", 1: ""}
+    async for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts[0] and texts[1]
+    lp = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+async def test_stop_strings_cut_the_text_and_are_not_returned(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    msgs = [{"role": "user", "content": "Say something long"}]
+    full = (
+        (await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, seed=11))
+        .choices[0]
+        .message.content
+    )
+    assert len(full) > 20
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)]
+    r = await client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=40, seed=11, stop=[stop, "\x00never"]
+    )
+    assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+    streamed = ""
+    finish = None
+    async for chunk in await client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=40, seed=11, stop=stop, stream=True
+    ):
+        if chunk.choices:
+            streamed += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+    assert streamed == expected and finish == "stop"
+
+
+async def test_usage_reports_cached_tokens_on_a_repeated_prompt(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    long_prompt = "import os\n" + "\n".join(f"def function_{i}(x):\n    return x * {i}" for i in range(60))
+    msgs = [{"role": "user", "content": long_prompt}]
+    first = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    assert first.usage.prompt_tokens > 300 and first.usage.prompt_tokens_details.cached_tokens == 0
+    await asyncio.sleep(0.5)  # the router learns from the worker's KV events
+    second = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= (first.usage.prompt_tokens - 1) // 64 * 64 - 64 and cached > 0
+
+
+async def test_model_list_follows_workers(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    other = stack["spawn"]("commutator.decode", "--speedup-ratio", "10", "--model-name", "acme/other")
+    await wait_models(stack["base"], {MODEL, "acme/other"})
+    await wait_serving(stack["base"], "acme/other")
+    assert {m.id async for m in client.models.list()} == {MODEL, "acme/other"}
+    r = await client.chat.completions.create(
+        model="acme/other", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert r.model == "acme/other"
+    other.signal(signal.SIGTERM)
+    await wait_models(stack["base"], {MODEL})
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(
+            model="acme/other", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+
+
+async def test_cancelling_mid_stream_frees_the_worker(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    workers: EndpointClient = stack["worker_client"]
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go on forever"}],
+        max_tokens=3000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    got = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+        if got >= 5:
+            break
+    running = [
+        (await workers.call("Stats", worker_pb2.StatsRequest(), instance_id=i)).ranks[0] for i in workers.instances
+    ]
+    assert sum(s.running_requests for s in running) == 1
+    await stream.close()
+    for _ in range(100):
+        stats = [
+            (await workers.call("Stats", worker_pb2.StatsRequest(), instance_id=i)).ranks[0] for i in workers.instances
+        ]
+        if sum(s.running_requests for s in stats) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(s.running_requests for s in stats) == 0 and sum(s.kv_blocks_used for s in stats) == 0
+    async with aiohttp.ClientSession() as http:  # and the router's accounting is freed
+        async with http.get(stack["base"].replace("/v1", "/metrics")) as r:
+            text = await r.text()
+    loads = [
+        line
+        for line in text.splitlines()
+        if line.startswith("commutator_router_worker_load{") and 'kind="requests"' in line
+    ]
+    await asyncio.sleep(1.2)  # gauges are refreshed every second
+    async with aiohttp.ClientSession() as http:
+        async with http.get(stack["base"].replace("/v1", "/metrics")) as r:
+            text = await r.text()
+    loads = [
+        line
+        for line in text.splitlines()
+        if line.startswith("commutator_router_worker_load{") and 'kind="requests"' in line
+    ]
+    assert loads and all(line.endswith(" 0.0") for line in loads), loads
+
+
+async def test_bad_requests_get_the_right_errors_and_the_server_keeps_serving(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    base: str = stack["base"]
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as e404:
+        await client.chat.completions.create(model="no/such-model", messages=msgs)
+    assert e404.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=-5)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        await client.chat.completions.create(model=MODEL, messages=msgs, temperature="hot")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": 5}])  # type: ignore[list-item]
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        await client.completions.create(model=MODEL, prompt=[10**7], max_tokens=2)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/chat/completions", data=b"{not json") as r:
+            assert r.status == 400 and "not valid JSON" in (await r.json())["error"]["message"]
+        async with http.post(f"{base}/chat/completions", data=b"[1, 2]") as r:
+            assert r.status == 400
+        big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 300_000}]})
+        async with http.post(f"{base}/chat/completions", data=big) as r:
+            assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+        async with http.get(f"{base}/nowhere") as r:
+            assert r.status == 404 and "error" in await r.json()
+        body = {"model": MODEL, "messages": msgs, "max_tokens": 2, "some_future_field": {"x": 1}}
+        async with http.post(f"{base}/chat/completions", json=body) as r:
+            assert r.status == 200  # unknown fields are ignored
+    r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3)
+    assert r.usage.completion_tokens == 3
+    assert stack["frontend"].proc.poll() is None
+
+
+async def test_no_routable_worker_is_503(spawn) -> None:  # type: ignore[no-untyped-def]
+    """A worker draining a long request has left the routing set but still publishes its model."""
+    port = free_port()
+    worker = spawn("commutator.decode", "--speedup-ratio", "1", "--drain-grace-s", "60")
+    spawn("commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1")
+    base = f"http://127.0.0.1:{port}/v1"
+    await wait_models(base, {MODEL})
+    await wait_serving(base)
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0)
+    long = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "long"}],
+        max_tokens=400,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    got = 0
+    async for _chunk in long:
+        got += 1
+        if got == 3:
+            worker.signal(signal.SIGTERM)  # deregisters, keeps finishing the stream
+            break
+    with pytest.raises(openai.APIStatusError) as err:
+        for _ in range(100):
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            await asyncio.sleep(0.05)
+    assert err.value.status_code == 503 and err.value.body["code"] == "no_workers"  # type: ignore[index]
+    rest = [c async for c in long]  # the draining worker still finishes the first stream
+    assert rest[-1].choices[0].finish_reason == "length"
+    await client.close()
+
+
+async def test_tls_with_a_self_signed_certificate(spawn, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    spawn("commutator.decode", "--speedup-ratio", "10")
+    spawn(
+        "commutator.frontend",
+        "--http-port",
+        str(port),
+        "--http-host",
+        "127.0.0.1",
+        "--tls-cert-path",
+        str(cert),
+        "--tls-key-path",
+        str(key),
+    )
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(cert))
+    base = f"https://127.0.0.1:{port}/v1"
+    await wait_models(base, {MODEL}, ssl=ctx)
+    await wait_serving(base, ssl=ctx)
+    import httpx2
+
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", http_client=httpx2.AsyncClient(verify=ctx))
+    r = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "secure?"}], max_tokens=3
+    )
+    assert r.usage.completion_tokens == 3
+    await client.close()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP is not served on that port
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)

@@ -1,0 +1,99 @@
+"""Chat templates render as transformers renders them (routing depends on identical token ids),
+and detokenization never breaks characters and applies stop strings across tokens."""
+
+from __future__ import annotations
+
+import pytest
+from commutator.engines.tiny_model import ensure_tiny_model
+from commutator.frontend.detokenize import TextStream
+from commutator.frontend.preprocess import ChatTemplate, PreprocessError, Preprocessor
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.unit
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [
+        {"role": "system", "content": "  Be terse.  "},
+        {"role": "user", "content": "def f(x):\n    return x * 2  # héllo 🌍"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again"},
+    ],
+    [{"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two"}]}],
+    [{"role": "user", "content": "tabs\tand\nnewlines\r\n and <|eot_id|> text that looks special"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Preprocessor:
+    return Preprocessor.load(ensure_tiny_model())
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_token_ids_match_transformers(tiny: Preprocessor, conversation, add_generation_prompt: bool) -> None:  # type: ignore[no-untyped-def]
+    hf = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+    want = hf.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert tiny.chat_token_ids(conversation, add_generation_prompt=add_generation_prompt) == want
+
+
+def test_template_features_transformers_offers() -> None:
+    src = (
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{{ m | tojson }}|{% endfor %}{{ bos_token }}{% if add_generation_prompt %}>{% endif %}"
+        "{% if messages | length > 5 %}{{ raise_exception('too many') }}{% endif %}"
+    )
+    t = ChatTemplate(src, {"bos_token": "<s>"})
+    out = t.render([{"role": "user", "content": "é"}] * 3, add_generation_prompt=True)
+    assert out == '{"role": "user", "content": "é"}|{"role": "user", "content": "é"}|<s>>'
+    with pytest.raises(PreprocessError, match="too many"):
+        t.render([{"role": "user", "content": "x"}] * 6)
+
+
+def test_template_sandbox_refuses_escapes() -> None:
+    t = ChatTemplate("{{ messages.__class__.__mro__ }}", {})
+    with pytest.raises(Exception):  # noqa: B017 - jinja's SecurityError
+        t.render([{"role": "user", "content": "x"}])
+
+
+def test_multibyte_characters_are_never_split(tiny: Preprocessor) -> None:
+    text = "naïve café 🌍🚀 日本語 ok"
+    ids = tiny.encode(text)
+    stream = TextStream(tiny.tokenizer)
+    pieces = [stream.push([t]) for t in ids]
+    assert "".join(pieces) + stream.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some tokens carry only part of a character
+
+
+@pytest.mark.parametrize("stop", ["STOP", "ST", "é🌍", "x"])
+def test_stop_strings_across_token_boundaries_are_cut_and_not_returned(tiny: Preprocessor, stop: str) -> None:
+    text = f"alpha beta {stop} gamma {stop} delta"
+    ids = tiny.encode(text)
+    stream = TextStream(tiny.tokenizer, stop=[stop, "never-there"])
+    out = ""
+    for t in ids:
+        out += stream.push([t])
+        if stream.stopped:
+            break
+    out += stream.flush()
+    assert out == text[: text.index(stop)] and stream.stopped == stop
+    assert stream.push(ids) == ""  # nothing after a stop
+
+
+def test_text_that_only_looks_like_a_stop_prefix_is_released(tiny: Preprocessor) -> None:
+    stream = TextStream(tiny.tokenizer, stop=["STOP!"])
+    ids = tiny.encode("a STO b STOP")
+    out = "".join(stream.push([t]) for t in ids) + stream.flush()
+    assert out == "a STO b STOP"  # no full stop string: everything comes out at the end
+
+
+def test_no_chat_template_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = ensure_tiny_model()
+    (tmp_path / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    pre = Preprocessor.load(tmp_path)
+    with pytest.raises(PreprocessError, match="no chat template"):
+        pre.chat_token_ids([{"role": "user", "content": "x"}])
+    assert isinstance(pre.tokenizer, Tokenizer)
