@@ -137,9 +137,16 @@ def _wait_ready(port: int, timeout_s: float, procs: list[subprocess.Popen[bytes]
     raise RuntimeError(f"the frontend did not list a model within {timeout_s} s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _up_distributed(args: argparse.Namespace) -> int:
     from commutator.common.local_servers import EtcdProcess, NatsProcess
 
+    # Explicit handlers: a shell that starts us in the background may have set SIGINT to "ignore".
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     ensure_tiny_model()
     etcd, nats = EtcdProcess(), NatsProcess()
     procs: list[subprocess.Popen[bytes]] = []
@@ -158,27 +165,21 @@ def _up_distributed(args: argparse.Namespace) -> int:
         worker_args = ["--speedup-ratio", str(args.speedup_ratio)]
         if args.model_path:
             worker_args += ["--model-path", args.model_path]
-        for _ in range(args.workers):
-            procs.append(subprocess.Popen([sys.executable, "-m", "commutator.decode", *worker_args], env=env))
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "commutator.frontend",
-                    "--http-port",
-                    str(args.http_port),
-                    "--http-host",
-                    args.http_host,
-                    "--router-mode",
-                    args.router_mode,
-                ],
-                env=env,
-            )
-        )
+        frontend_args = [
+            "--http-port",
+            str(args.http_port),
+            "--http-host",
+            args.http_host,
+            "--router-mode",
+            args.router_mode,
+        ]
+        commands = [["commutator.decode", *worker_args] for _ in range(args.workers)]
+        commands.append(["commutator.frontend", *frontend_args])
+        for cmd in commands:
+            # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the roles in order.
+            procs.append(subprocess.Popen([sys.executable, "-m", *cmd], env=env, start_new_session=True))
         model = _wait_ready(args.http_port, 120.0, procs)
         _banner(args, model, "distributed, one process per role")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in procs):
             time.sleep(0.5)
         print("a role exited; stopping the rest", file=sys.stderr)
@@ -190,13 +191,14 @@ def _up_distributed(args: argparse.Namespace) -> int:
         print(f"commutator up: {exc}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the drain short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in reversed(procs):  # the frontend first, then the workers
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(40)
-            except subprocess.TimeoutExpired:
-                p.kill()
+                try:
+                    p.wait(40)
+                except subprocess.TimeoutExpired:
+                    p.kill()
         nats.close()
         etcd.close()

@@ -1,0 +1,54 @@
+"""`make run` / `commutator up`: the whole stack from one command, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from commutator.common.local_servers import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _chat(port: int) -> dict[str, object]:
+    body = json.dumps({"model": "commutator/tiny-llama", "messages": [{"role": "user", "content": "Hello!"}],
+                       "max_tokens": 5}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mode", ["embedded", "distributed"])
+def test_up_serves_and_stops_cleanly_on_ctrl_c(mode: str, tmp_path: Path) -> None:
+    port = free_port()
+    args = [sys.executable, "-m", "commutator.cli", "up", "--http-port", str(port), "--speedup-ratio", "10"]
+    if mode == "distributed":
+        args.append("--distributed")
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 90
+        while b"Commutator is up" not in (tmp_path / "up.log").read_bytes():
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, "not up in time"
+            time.sleep(0.2)
+        out = (tmp_path / "up.log").read_text()
+        assert f"curl http://localhost:{port}/v1/chat/completions" in out
+        reply = _chat(port)
+        assert reply["usage"]["completion_tokens"] == 5  # type: ignore[index]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "stopping" in (tmp_path / "up.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
