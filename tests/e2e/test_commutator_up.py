@@ -12,17 +12,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from commutator.common.local_servers import free_port
 
 pytestmark = pytest.mark.e2e
 
 
 def _chat(port: int) -> dict[str, object]:
-    body = json.dumps({"model": "commutator/tiny-llama", "messages": [{"role": "user", "content": "Hello!"}],
-                       "max_tokens": 5}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {"model": "commutator/tiny-llama", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5}
+    ).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
@@ -33,7 +34,7 @@ def test_up_serves_and_stops_cleanly_on_ctrl_c(mode: str, tmp_path: Path) -> Non
     args = [sys.executable, "-m", "commutator.cli", "up", "--http-port", str(port), "--speedup-ratio", "10"]
     if mode == "distributed":
         args.append("--distributed")
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         deadline = time.monotonic() + 90

@@ -371,3 +371,51 @@ async def test_tls_with_a_self_signed_certificate(spawn, tmp_path: Path) -> None
     await client.close()
     with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP is not served on that port
         urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+
+
+async def test_all_workers_busy_is_529(spawn) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    spawn("commutator.decode", "--speedup-ratio", "0.02")  # a 64-token prefill takes about a second
+    spawn("commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1", "--busy-prefill-tokens", "1")
+    base = f"http://127.0.0.1:{port}/v1"
+    await wait_models(base, {MODEL})
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+    slow = asyncio.create_task(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "one slow prompt " * 20}], max_tokens=1
+        )
+    )
+    await asyncio.sleep(0.3)  # routed, still prefilling: its worker is over the busy threshold
+    with pytest.raises(openai.APIStatusError) as err:
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert err.value.status_code == 529 and err.value.body["code"] == "overloaded"  # type: ignore[index]
+    assert (await slow).usage.completion_tokens == 1
+    await client.close()
+
+
+async def test_a_stream_whose_worker_dies_ends_with_an_error_event(spawn) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    worker = spawn("commutator.decode", "--speedup-ratio", "1")
+    spawn("commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1")
+    base = f"http://127.0.0.1:{port}/v1"
+    await wait_models(base, {MODEL})
+    await wait_serving(base)
+    async with aiohttp.ClientSession() as http:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 2000,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        async with http.post(f"{base}/chat/completions", json=body) as r:
+            assert r.status == 200
+            lines: list[bytes] = []
+            async for line in r.content:
+                if line.strip():
+                    lines.append(line.strip())
+                if len(lines) == 5:
+                    worker.signal(signal.SIGKILL)
+    events = [json.loads(x[6:]) for x in lines if x.startswith(b"data: {")]
+    assert lines[-1] == b"data: [DONE]"
+    assert "error" in events[-1] and events[-1]["error"]["type"] == "service_unavailable"
