@@ -95,6 +95,14 @@ run-distributed: setup servers ## The same with real etcd + nats-server, one pro
 
 # ---- benchmarks -----------------------------------------------------------
 
+.PHONY: bench
+bench: setup servers ## Load test a freshly launched Commutator stack (BENCH_ARGS: see commutator bench run --help)
+	$(VENV)/bin/commutator bench run --launch commutator --concurrency 16 --duration 30 $(BENCH_ARGS)
+
+.PHONY: bench-compare
+bench-compare: setup servers ## Commutator vs NVIDIA Dynamo 1.6.1 (overhead, routing quality); rewrites docs/benchmarks.md
+	$(VENV)/bin/commutator bench compare $(BENCH_ARGS)
+
 .PHONY: bench-hashing
 bench-hashing: setup ## Block hashing of a 4096-token prompt
 	$(PY) benchmarks/bench_hashing.py

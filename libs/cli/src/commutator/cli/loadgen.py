@@ -1,25 +1,30 @@
-"""An asyncio load generator for OpenAI-compatible servers (streaming chat completions).
+"""An asyncio load generator for OpenAI-compatible servers (streaming).
 
 Closed loop: ``concurrency`` clients, each sending its next request when the
-previous one ends, over keep-alive connections. Per request it records the
-time to the first content chunk (TTFT), the gaps between chunks, the tokens
-and cached tokens from ``usage``, and errors by kind.
+previous one ends. Open loop: requests go out at their scheduled times (a
+trace) or as a Poisson process at a given rate, however many are in flight.
+Per request it records the time to the first content chunk (TTFT), the
+gaps between chunks, the per-token decode time (TPOT: time after the first
+chunk over the remaining tokens), the tokens and cached tokens from ``usage``,
+and errors by kind. Connections are kept alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+from commutator.cli.workloads import ConversationWorkload, RequestSpec
 
-__all__ = ["RequestResult", "Summary", "run_closed_loop", "summarize"]
+__all__ = ["RequestResult", "Summary", "run_closed_loop", "run_conversations", "run_open_loop", "summarize"]
 
 
 @dataclass(slots=True)
@@ -34,6 +39,13 @@ class RequestResult:
     cached_tokens: int = 0
     error: str | None = None
 
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.end - self.start - self.ttft_s) / (self.output_tokens - 1)
+
 
 @dataclass(slots=True)
 class Summary:
@@ -43,11 +55,13 @@ class Summary:
     requests_per_s: float
     output_tokens_per_s: float
     ttft_ms: dict[str, float]
+    itl_ms: dict[str, float]
     chunk_ms: dict[str, float]
     cached_share: float
+    goodput_per_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return asdict(self)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -57,25 +71,44 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def summarize(results: list[RequestResult], wall_s: float) -> Summary:
+def _dist(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": _pct(values, 0.5),
+        "p90": _pct(values, 0.9),
+        "p99": _pct(values, 0.99),
+        "mean": statistics.fmean(values) if values else float("nan"),
+    }
+
+
+def summarize(
+    results: list[RequestResult], wall_s: float, *, ttft_slo_ms: float | None = None, itl_slo_ms: float | None = None
+) -> Summary:
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
+    itl = [t * 1000 for r in ok if (t := r.tpot_s) is not None]
     gaps = [g * 1000 for r in ok for g in r.chunk_gaps_s]
     prompt = sum(r.prompt_tokens for r in ok)
+    goodput = None
+    if ttft_slo_ms is not None or itl_slo_ms is not None:
+        good = 0
+        for r in ok:
+            if ttft_slo_ms is not None and (r.ttft_s is None or r.ttft_s * 1000 > ttft_slo_ms):
+                continue
+            if itl_slo_ms is not None and (t := r.tpot_s) is not None and t * 1000 > itl_slo_ms:
+                continue
+            good += 1
+        goodput = good / wall_s if wall_s else 0.0
     return Summary(
         requests=len(ok),
         errors=dict(Counter(r.error or "unknown" for r in results if not r.ok)),
         wall_s=wall_s,
         requests_per_s=len(ok) / wall_s if wall_s else 0.0,
         output_tokens_per_s=sum(r.output_tokens for r in ok) / wall_s if wall_s else 0.0,
-        ttft_ms={
-            "p50": _pct(ttft, 0.5),
-            "p90": _pct(ttft, 0.9),
-            "p99": _pct(ttft, 0.99),
-            "mean": statistics.fmean(ttft) if ttft else float("nan"),
-        },
-        chunk_ms={"p50": _pct(gaps, 0.5), "p90": _pct(gaps, 0.9), "p99": _pct(gaps, 0.99)},
+        ttft_ms=_dist(ttft),
+        itl_ms=_dist(itl),
+        chunk_ms=_dist(gaps),
         cached_share=sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
+        goodput_per_s=goodput,
     )
 
 
@@ -109,57 +142,128 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
                     last = now
                 usage = chunk.get("usage")
                 if usage:
-                    result.output_tokens = usage.get("completion_tokens", 0)
-                    result.prompt_tokens = usage.get("prompt_tokens", 0)
+                    result.output_tokens = usage.get("completion_tokens") or 0
+                    result.prompt_tokens = usage.get("prompt_tokens") or 0
                     result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             result.ok = True
     except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
         result.error = type(exc).__name__
+    except orjson.JSONDecodeError:
+        result.error = "bad_json"
     finally:
         result.end = time.perf_counter()
     return result
 
 
+def _session(limit: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=600))
+
+
+def _body(spec: RequestSpec, model: str) -> dict[str, Any]:
+    return {"model": model, **spec.body}
+
+
 async def run_closed_loop(
     base_url: str,
-    bodies: Iterator[dict[str, Any]],
+    model: str,
+    specs: Iterator[RequestSpec],
     *,
     concurrency: int,
     duration_s: float | None = None,
     max_requests: int | None = None,
-    path: str = "/chat/completions",
     on_result: Callable[[RequestResult], None] | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Send requests from ``bodies`` with ``concurrency`` clients until ``duration_s`` or ``max_requests``.
-
-    Returns the results and the wall time of the run.
-    """
-    url = base_url.rstrip("/") + path
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False, enable_cleanup_closed=True)
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
+    """``concurrency`` clients until ``duration_s`` or ``max_requests``. Returns the results and the wall time."""
+    base = base_url.rstrip("/")
     results: list[RequestResult] = []
     sent = 0
     t0 = time.perf_counter()
     stop_at = t0 + duration_s if duration_s else None
-
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _session(concurrency) as session:
 
         async def client() -> None:
             nonlocal sent
-            while True:
-                if stop_at is not None and time.perf_counter() >= stop_at:
-                    return
-                if max_requests is not None and sent >= max_requests:
-                    return
+            while (stop_at is None or time.perf_counter() < stop_at) and (max_requests is None or sent < max_requests):
                 sent += 1
                 try:
-                    body = next(bodies)
+                    spec = next(specs)
                 except StopIteration:
                     return
-                r = await _one(session, url, body)
+                r = await _one(session, base + spec.path, _body(spec, model))
                 results.append(r)
                 if on_result is not None:
                     on_result(r)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results, time.perf_counter() - t0
+
+
+async def run_open_loop(
+    base_url: str,
+    model: str,
+    specs: Iterable[RequestSpec],
+    *,
+    rate: float | None = None,
+    duration_s: float | None = None,
+    seed: int = 0,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> tuple[list[RequestResult], float]:
+    """Send each request at its ``at_s`` (a trace), or as a Poisson process of ``rate`` per second.
+
+    Returns when every sent request has finished.
+    """
+    base = base_url.rstrip("/")
+    results: list[RequestResult] = []
+    rng = random.Random(seed)
+    tasks: set[asyncio.Task[None]] = set()
+    t0 = time.perf_counter()
+    async with _session(10_000) as session:
+
+        async def send(spec: RequestSpec) -> None:
+            r = await _one(session, base + spec.path, _body(spec, model))
+            results.append(r)
+            if on_result is not None:
+                on_result(r)
+
+        next_at = 0.0
+        for spec in specs:
+            if spec.at_s is not None:
+                next_at = spec.at_s
+            elif rate:
+                next_at += rng.expovariate(rate)
+            if duration_s is not None and next_at > duration_s:
+                break
+            delay = t0 + next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.get_running_loop().create_task(send(spec))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+    return results, time.perf_counter() - t0
+
+
+async def run_conversations(
+    base_url: str,
+    model: str,
+    workload: ConversationWorkload,
+    *,
+    on_result: Callable[[RequestResult], None] | None = None,
+) -> tuple[list[RequestResult], float]:
+    """Every user's turns one after another; users in parallel."""
+    base = base_url.rstrip("/")
+    results: list[RequestResult] = []
+    t0 = time.perf_counter()
+    async with _session(workload.users) as session:
+
+        async def user(u: int) -> None:
+            while (spec := workload.next_turn(u)) is not None:
+                r = await _one(session, base + spec.path, _body(spec, model))
+                results.append(r)
+                if on_result is not None:
+                    on_result(r)
+
+        await asyncio.gather(*(user(u) for u in range(workload.users)))
     return results, time.perf_counter() - t0

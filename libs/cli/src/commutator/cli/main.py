@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--router-mode", default="kv", help="kv, round-robin, random, least-loaded (default kv)")
     up.add_argument("--model-path", default="", help="model folder (default: the tiny test model)")
     up.add_argument("--namespace", default="commutator", help="discovery namespace (default commutator)")
+    from commutator.cli import bench
+
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.main(args)
     if args.command == "up":
         from commutator.cli.up import up_main
 

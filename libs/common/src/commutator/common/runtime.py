@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -130,14 +131,29 @@ class Runtime:
 
 
 def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
-    """Run an async ``main`` on uvloop with logging set up; returns its exit status."""
+    """Run an async ``main`` on uvloop with logging set up; returns its exit status.
+
+    ``COMMUTATOR_PROFILE=PATH`` runs the process under cProfile and writes the
+    profile to PATH when it exits (``%p`` in PATH becomes the pid; it slows Python code).
+    """
     import uvloop
 
     setup_logging()
+    profile_to = os.environ.get("COMMUTATOR_PROFILE")  # a path: cProfile the process, written at exit
+    profiler = None
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         return uvloop.run(main()) or 0
     except KeyboardInterrupt:
         return 130
+    finally:
+        if profiler is not None and profile_to:
+            profiler.disable()
+            profiler.dump_stats(profile_to.replace("%p", str(os.getpid())))
 
 
 def load_config(cls: type[Any], prog: str, argv: list[str] | None = None) -> Any:

@@ -26,6 +26,11 @@ class WorkerConfig:
     stats_interval_s: float = option(1.0, "Publish load statistics at least this often")
     stats_min_interval_s: float = option(0.05, "Publish load statistics on change, at most this often")
     kv_events_max_batch: int = option(1024, "Most KV events in one published message")
+    stream_interval_ms: float = option(
+        2.0,
+        "Least time between two messages of a Generate stream after the first: tokens produced closer together "
+        "go out in one message (0: a message per engine output). Engines decoding slower than this are unaffected.",
+    )
 
 
 @dataclass(frozen=True, slots=True)

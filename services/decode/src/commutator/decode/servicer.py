@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,8 +28,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     cancelled stream aborts the engine request, which frees its blocks.
     """
 
-    def __init__(self, engine: Engine, worker_label: str, worker_id: object) -> None:
+    def __init__(self, engine: Engine, worker_label: str, worker_id: object, stream_interval_s: float = 0.0) -> None:
         self.engine = engine
+        self._interval = stream_interval_s
         self._worker_id = worker_id  # callable returning the current instance id
         self._active = metrics.WORKER_ACTIVE_REQUESTS.labels(worker_label)
         self._tokens = metrics.WORKER_OUTPUT_TOKENS.labels(worker_label)
@@ -58,6 +60,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             with tracing.server_span("Worker.Generate", context.invocation_metadata(), request_id=ereq.request_id):
                 first = True
+                interval = self._interval
                 async for out in gen:
                     if first:
                         first = False
@@ -69,6 +72,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     if out.finish_reason is not None:
                         outcome = out.finish_reason.value
                     yield output_to_proto(out)
+                    if interval and out.finish_reason is None:
+                        # Tokens the engine makes meanwhile wait in its channel and leave as one message.
+                        await asyncio.sleep(interval)
         except ValueError as exc:
             outcome = "invalid"
             await abort_with(context, InvalidRequest(str(exc)))

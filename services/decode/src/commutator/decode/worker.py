@@ -100,7 +100,7 @@ class DecodeWorker:
         rt.on_close(self.engine.shutdown)
 
         self.server = GrpcServer(self.config.grpc)
-        self.servicer = WorkerServicer(self.engine, label, lambda: self.instance_id)
+        self.servicer = WorkerServicer(self.engine, label, lambda: self.instance_id, wc.stream_interval_ms / 1000.0)
         self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, "commutator.v1.Worker")
         await self.server.start()
         rt.on_close(self.server.stop)

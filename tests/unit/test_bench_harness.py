@@ -1,0 +1,109 @@
+"""The benchmark harness's own logic: workloads, trace replay, statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from commutator.cli.loadgen import RequestResult, summarize
+from commutator.cli.workloads import (
+    ChatWorkload,
+    ConversationWorkload,
+    SyntheticWorkload,
+    TraceWorkload,
+    generate_traces,
+    read_trace,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_trace_ids_become_deterministic_shared_blocks(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    lines = [
+        {"timestamp": 0, "input_length": 1000, "output_length": 10, "hash_ids": [1, 2]},
+        {"timestamp": 500, "input_length": 700, "output_length": 20, "hash_ids": [1, 3]},
+        {"timestamp": 2000, "input_length": 300, "output_length": 5, "hash_ids": [1]},
+    ]
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    reqs = list(TraceWorkload(trace, speedup=2.0, block_tokens=512, length_scale=2.0))
+    assert [r.at_s for r in reqs] == [0.0, 0.25, 1.0]
+    p = [r.body["prompt"] for r in reqs]
+    assert [len(x) for x in p] == [500, 350, 150]
+    assert p[0][:256] == p[1][:256] and p[2] == p[0][:150]  # hash id 1 is the same 256 tokens everywhere
+    assert p[0][256:] != p[1][256:350]
+    assert [r.body["max_tokens"] for r in reqs] == [5, 10, 2]
+    again = [r.body["prompt"] for r in TraceWorkload(trace, speedup=2.0, length_scale=2.0)]
+    assert again == p
+    assert len(list(TraceWorkload(trace, max_duration_s=0.4))) == 1
+
+
+def test_the_shipped_mooncake_trace_reads() -> None:
+    path = Path(__file__).parents[3] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+    if not path.is_file():
+        pytest.skip("the shared trace is not beside this checkout")
+    reqs = read_trace(path, limit=100)
+    assert len(reqs) == 100 and all(len(r.hash_ids) * 512 >= r.input_length for r in reqs)
+
+
+def test_generated_workload_set_is_reproducible(tmp_path: Path) -> None:
+    a = generate_traces(tmp_path / "a")
+    b = generate_traces(tmp_path / "b")
+    assert [p.name for p in a] == ["prefix_heavy.jsonl", "conversation.jsonl", "long_prompt.jsonl"]
+    for x, y in zip(a, b, strict=True):
+        assert x.read_bytes() == y.read_bytes()
+    shipped = Path(__file__).parents[2] / "benchmarks" / "traces"
+    for p in a:
+        assert (shipped / p.name).read_bytes() == p.read_bytes(), f"benchmarks/traces/{p.name} is stale: regenerate"
+    conv = read_trace(a[1])
+    by_first = {}
+    for r in conv:
+        by_first.setdefault(r.hash_ids[0], []).append(r.hash_ids)
+    grown = [turns for turns in by_first.values() if len(turns) > 1]
+    assert grown and all(t[i][: len(t[i - 1])] == t[i - 1] for t in grown for i in range(1, len(t)))
+
+
+def test_synthetic_and_chat_workloads() -> None:
+    w = SyntheticWorkload(isl_mean=200, osl_mean=8, prefix_groups=2, prefix_ratio=0.5, seed=1)
+    reqs = [next(w) for _ in range(20)]
+    assert all(len(r.body["prompt"]) == 200 for r in reqs)
+    prefixes = {tuple(r.body["prompt"][:100]) for r in reqs}
+    assert len(prefixes) == 2
+    assert len({tuple(r.body["prompt"][100:]) for r in reqs}) == 20
+    chat = ChatWorkload(isl=400, osl=4, prefix_groups=3)
+    msgs = [next(chat).body["messages"][0]["content"] for _ in range(10)]
+    assert len({m[:200] for m in msgs}) <= 3
+
+
+def test_conversations_grow_their_prefix() -> None:
+    w = ConversationWorkload(users=2, turns=3, system_tokens=32, user_tokens=8, reply_tokens=4)
+    turns = [w.next_turn(0) for _ in range(4)]
+    assert turns[3] is None
+    p = [t.body["prompt"] for t in turns[:3]]  # type: ignore[union-attr]
+    assert [len(x) for x in p] == [40, 52, 64]
+    assert p[1][:40] == p[0] and p[2][:52] == p[1]
+    assert w.next_turn(1).body["prompt"][:32] == p[0][:32]  # type: ignore[union-attr]
+
+
+def test_summary_statistics_and_goodput() -> None:
+    def r(ttft: float, total: float, tokens: int, ok: bool = True, cached: int = 0) -> RequestResult:
+        return RequestResult(
+            ok=ok,
+            start=0.0,
+            end=total,
+            ttft_s=ttft,
+            output_tokens=tokens,
+            prompt_tokens=100,
+            cached_tokens=cached,
+            error=None if ok else "http_503",
+        )
+
+    results = [r(0.010, 0.110, 11, cached=50), r(0.020, 0.220, 21), r(0.500, 0.600, 11), r(0, 0, 0, ok=False)]
+    s = summarize(results, wall_s=2.0, ttft_slo_ms=100, itl_slo_ms=15)
+    assert s.requests == 3 and s.errors == {"http_503": 1}
+    assert s.requests_per_s == 1.5 and s.output_tokens_per_s == 21.5
+    assert s.ttft_ms["p50"] == 20.0
+    assert s.itl_ms["p50"] == pytest.approx(10.0)  # (0.22 - 0.02) / 20
+    assert s.cached_share == pytest.approx(50 / 300)
+    assert s.goodput_per_s == 1.0  # the 500 ms TTFT misses the target; two of three meet both
