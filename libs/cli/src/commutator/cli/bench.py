@@ -494,7 +494,11 @@ def _page(out: dict[str, Any], plots: list[Path], args: argparse.Namespace) -> s
             "",
             f"Mocker speed-up {OVERHEAD_SPEEDUP:g} (Dynamo's speed-up 0 behaves like 1), streaming chat requests of "
             "about 1,000 prompt tokens (75% a prefix shared within 32 groups), 64 output tokens, closed loop, "
-            f"keep-alive connections, {args.overhead_duration:g} s per level after a 2 s warm-up.",
+            f"keep-alive connections, {args.overhead_duration:g} s per level after a 2 s warm-up. Closed loop: the "
+            "faster stack also loads its workers more, so TTFT at concurrency 16 and 64 is compared at different "
+            "throughputs. Commutator's workers coalesce tokens made less than 2 ms apart into one message "
+            '(`--stream-interval-ms`, its default); Dynamo sends a message per token. "Other CPU" is everything '
+            "else on the machine (for Commutator: etcd and nats-server).",
             "",
             "| system | conc | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | frontend CPU ms/req "
             "| load-gen CPU % | other CPU % |",
@@ -538,7 +542,8 @@ def _page(out: dict[str, Any], plots: list[Path], args: argparse.Namespace) -> s
             f"{args.routing_duration:g} s at its "
             f"own pace, lengths divided by {ROUTING_LENGTH_SCALE:g} (about 750-token prompts), mocker speed-up 1, "
             f"a KV cache of {ROUTING_NUM_BLOCKS} blocks per worker so that placement matters; kv routing vs "
-            "round-robin on both systems.",
+            "round-robin on both systems. Both start with empty caches (fresh stacks, no warm-up: the cold start "
+            "is part of the workload).",
             "",
             "| system | router | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | cached share | frontend CPU ms/req |",
             "|---|---|---|---|---|---|---|---|",
@@ -560,14 +565,14 @@ def _page(out: dict[str, Any], plots: list[Path], args: argparse.Namespace) -> s
             "",
             "Ratios, Commutator / Dynamo (medians):",
             "",
-            "| router | TTFT p50 | TTFT p99 | cached share |",
-            "|---|---|---|---|",
+            "| router | req/s | TTFT p50 | TTFT p99 | ITL p50 | frontend CPU/req | cached share |",
+            "|---|---|---|---|---|---|---|",
         ]
         for mode in ("kv", "round-robin"):
             a, b = out["routing"].get(f"commutator/{mode}", []), out["routing"].get(f"dynamo/{mode}", [])
             if not a or not b:
                 continue
-            cells = [_ratios(a, b, g) for g in (_TTFT50, _TTFT99, _CACHED)]
+            cells = [_ratios(a, b, g) for g in (_RPS, _TTFT50, _TTFT99, _ITL50, _FE_CPU, _CACHED)]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("")
     if plots:
