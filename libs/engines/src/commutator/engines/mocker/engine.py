@@ -205,22 +205,17 @@ class MockerEngine:
         sched = self.scheduler
         clock = self.clock
         channels = self._channels
-        busy_until = 0.0  # when the previous pass ended on the simulated timeline
         while True:
             if not sched.has_work:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            # Back-to-back passes follow the simulated timeline, not the wake-up times: event-loop
-            # timers fire up to a millisecond late, and that lateness must not add up pass after pass.
-            now = clock.monotonic()
-            started = busy_until if now - busy_until < 0.002 else now
+            started = clock.monotonic()
             result = sched.step()
             self.passes += 1
             events = sched.pool.take_events()
-            busy_until = started + result.pass_ms / 1000.0
             if result.pass_ms > 0:
-                await clock.sleep(busy_until - clock.monotonic())
+                await clock.sleep(started + result.pass_ms / 1000.0 - clock.monotonic())
             else:
                 await asyncio.sleep(0)
             for seq, token, reason, lp in result.outputs:
