@@ -16,17 +16,17 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from commutator.common import config as cfg
 from commutator.common import metrics, tracing
 from commutator.common.config import group, option
-from commutator.common.discovery import Discovery, DiscoveryConfig, MemoryStore, connect_discovery
-from commutator.common.events import EventPlane, EventPlaneConfig, MemoryBroker, connect_event_plane
+from commutator.common.discovery import Discovery, DiscoveryConfig, DiscoveryError, MemoryStore, connect_discovery
+from commutator.common.events import EventPlane, EventPlaneConfig, EventPlaneError, MemoryBroker, connect_event_plane
 from commutator.common.logging import fields, setup_logging
 from commutator.common.status_server import StatusServer
 
-__all__ = ["Runtime", "RuntimeConfig", "run"]
+__all__ = ["Role", "Runtime", "RuntimeConfig", "run", "serve_role"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,37 @@ def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
         if profiler is not None and profile_to:
             profiler.disable()
             profiler.dump_stats(profile_to.replace("%p", str(os.getpid())))
+
+
+class Role(Protocol):
+    """A process role: a Runtime, started by ``start`` and stopped (drained) by ``drain``."""
+
+    runtime: Runtime
+
+    async def start(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+def serve_role(config_cls: type[Any], prog: str, make: Callable[[Any], Role]) -> Callable[[], Coroutine[Any, Any, int]]:
+    """The ``main`` of a role's process: read the config, start, wait for SIGTERM/SIGINT, drain."""
+
+    async def main() -> int:
+        config = cfg.load(config_cls, prog=prog)
+        log.info("starting %s", prog, extra=fields(**cfg.describe(config)))
+        role = make(config)
+        role.runtime.install_signal_handlers()
+        try:
+            await role.start()
+            await role.runtime.shutdown.wait()
+        except (DiscoveryError, EventPlaneError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        finally:
+            await role.drain()
+        return 0
+
+    return main
 
 
 def load_config(cls: type[Any], prog: str, argv: list[str] | None = None) -> Any:

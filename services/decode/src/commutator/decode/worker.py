@@ -11,11 +11,9 @@ close the runtime.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
-from commutator.common import config as cfg
 from commutator.common.clock import Clock
 from commutator.common.discovery import InstanceInfo, MemoryStore, Registration
 from commutator.common.events import MemoryBroker
@@ -177,21 +175,3 @@ class DecodeWorker:
             await self.server.drain(grace_s)
         await rt.close()
         log.info("stopped")
-
-    async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT, then drain."""
-        self.runtime.install_signal_handlers()
-        await self.start()
-        await self.runtime.shutdown.wait()
-        await self.drain()
-
-
-async def _main() -> int:
-    config = cfg.load(DecodeConfig, prog="python -m commutator.decode")
-    log.info("starting decode worker", extra=fields(**cfg.describe(config)))
-    worker = DecodeWorker(config)
-    try:
-        await worker.serve()
-    except asyncio.CancelledError:
-        pass
-    return 0

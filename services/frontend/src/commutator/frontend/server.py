@@ -8,7 +8,6 @@ import ssl
 from pathlib import Path
 
 from aiohttp import web
-from commutator.common import config as cfg
 from commutator.common import metrics
 from commutator.common.clock import Clock
 from commutator.common.discovery import MemoryStore
@@ -164,19 +163,3 @@ class Frontend:
             await self._runner.cleanup()
             self._runner = None
         await self.runtime.close()
-
-    async def serve(self) -> None:
-        self.runtime.install_signal_handlers()
-        await self.start()
-        await self.runtime.shutdown.wait()
-        await self.drain()
-
-
-async def _main() -> int:
-    config = cfg.load(FrontendConfig, prog="python -m commutator.frontend")
-    log.info("starting frontend", extra=fields(**cfg.describe(config)))
-    try:
-        await Frontend(config).serve()
-    except asyncio.CancelledError:
-        pass
-    return 0

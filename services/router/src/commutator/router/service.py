@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from commutator.common import config as cfg
 from commutator.common import tracing
 from commutator.common.discovery import InstanceInfo
 from commutator.common.errors import CommutatorError, InvalidRequest
@@ -153,19 +151,3 @@ class RouterService:
         if self.server is not None:
             await self.server.drain()
         await rt.close()
-
-    async def serve(self) -> None:
-        self.runtime.install_signal_handlers()
-        await self.start()
-        await self.runtime.shutdown.wait()
-        await self.drain()
-
-
-async def _main() -> int:
-    config = cfg.load(RouterServiceConfig, prog="python -m commutator.router")
-    log.info("starting router", extra=fields(**cfg.describe(config)))
-    try:
-        await RouterService(config).serve()
-    except asyncio.CancelledError:
-        pass
-    return 0
