@@ -37,10 +37,12 @@ async def test_registrations_and_watches_recover_after_etcd_restart(etcd_private
     await asyncio.sleep(2.0)  # keep-alives and the watch fail meanwhile
     etcd_private.start()
 
-    # The worker's registration is there again (its lease kept, or re-granted and re-put).
-    await eventually(lambda: set(iset.instances) == {worker.instance_id})
+    # A call made at once, while the client's channel may still be between reconnect
+    # attempts, waits for the reconnect instead of failing; the worker's registration
+    # is there (its lease kept, or re-granted and re-put).
     listed = await watcher.list_instances(unique, "decode")
     assert [i.instance_id for i in listed] == [worker.instance_id]
+    await eventually(lambda: set(iset.instances) == {worker.instance_id})
 
     # The watch is alive: it sees a newcomer and a departure after the restart.
     await late.start()
@@ -88,6 +90,21 @@ async def test_start_fails_clearly_when_etcd_is_unreachable() -> None:
         await backend.start()
     with contextlib.suppress(Exception):
         await backend.close()
+
+
+async def test_calls_fail_clearly_when_etcd_stays_down(etcd_private: EtcdProcess, unique: str) -> None:
+    d = Discovery(EtcdBackend([etcd_private.endpoint], lease_ttl_s=3, call_timeout_s=1.0))
+    await d.start()
+    etcd_private.stop()
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(DiscoveryError, match=r"etcd get /services/.* failed"):
+            await d.list_instances(unique, "decode")
+        assert loop.time() - t0 < 3.0  # bounded by the call timeout, not gRPC's reconnect backoff
+    finally:
+        etcd_private.start()
+        await d.close()
 
 
 async def test_fails_over_to_the_next_endpoint(etcd_server: EtcdProcess, unique: str) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -36,6 +37,9 @@ _CHANNEL_OPTIONS = {
 }
 
 _CLIENT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError, asyncio.TimeoutError)
+
+
+_T = TypeVar("_T")
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -198,27 +202,40 @@ class EtcdBackend:
             await self._listener(old, lease.id)
 
     # -- keys -----------------------------------------------------------------
+    async def _call(self, what: str, op: Callable[[aetcd.Client], Awaitable[_T]]) -> _T:
+        """Run one idempotent key operation, riding out a reconnect.
+
+        Right after etcd comes back, the channel may still be between reconnect
+        attempts and fail calls at once with UNAVAILABLE; such calls are retried
+        until the call timeout, so a short etcd outage is not an error for callers.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._call_timeout
+        delay = min(self._retry, 0.1)
+        while True:
+            try:
+                return await op(self.client)
+            except aetcd.exceptions.ConnectionFailedError as exc:
+                if self._closed or loop.time() + delay >= deadline:
+                    raise DiscoveryError(f"etcd {what} failed: {exc}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except _CLIENT_ERRORS as exc:
+                raise DiscoveryError(f"etcd {what} failed: {exc}") from exc
+
     async def put(self, key: str, value: bytes, *, leased: bool = True) -> None:
-        try:
-            await self.client.put(key.encode(), value, lease=self.lease_id if leased else None)
-        except _CLIENT_ERRORS as exc:
-            raise DiscoveryError(f"etcd put {key} failed: {exc}") from exc
+        lease = self.lease_id if leased else None
+        await self._call(f"put {key}", lambda c: c.put(key.encode(), value, lease=lease))
 
     async def delete(self, key: str) -> bool:
-        try:
-            result = await self.client.delete(key.encode())
-        except _CLIENT_ERRORS as exc:
-            raise DiscoveryError(f"etcd delete {key} failed: {exc}") from exc
+        result = await self._call(f"delete {key}", lambda c: c.delete(key.encode()))
         return bool(result and result.deleted)
 
     async def get_prefix(self, prefix: str) -> dict[str, bytes]:
         return (await self._get_prefix_rev(prefix))[0]
 
     async def _get_prefix_rev(self, prefix: str) -> tuple[dict[str, bytes], int]:
-        try:
-            rng = await self.client.get_prefix(prefix.encode(), sort_order="ascend")
-        except _CLIENT_ERRORS as exc:
-            raise DiscoveryError(f"etcd get {prefix}* failed: {exc}") from exc
+        rng = await self._call(f"get {prefix}*", lambda c: c.get_prefix(prefix.encode(), sort_order="ascend"))
         return {kv.key.decode(): kv.value for kv in rng.kvs}, rng.header.revision
 
     async def watch_prefix(self, prefix: str) -> AsyncGenerator[list[KeyEvent], None]:
