@@ -74,6 +74,7 @@ async def test_lease_revoked_after_restart_is_regranted(etcd_private: EtcdProces
     etcd_private.stop()
     await asyncio.sleep(1.0)
     etcd_private.start()
+    await watcher.list_instances(unique, "decode")  # waits out the watcher's reconnect
     await watcher.backend.client.revoke_lease(old)  # type: ignore[attr-defined]
 
     await eventually(lambda: len(iset.instances) == 1 and old not in iset.instances)
