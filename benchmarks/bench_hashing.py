@@ -42,7 +42,7 @@ def main() -> None:
     )
     report("local hashes, block 16 (pack + 256 x XXH3)", per_call_us(lambda: local_block_hashes(tokens, 16)))
     report("  of which: pack 4096 ids to LE uint32 bytes", per_call_us(lambda: tokens_to_bytes(tokens)))
-    report("  of which: 64 x XXH3 on memoryview slices", per_call_us(lambda: local_block_hashes(data, 64)))
+    report("  of which: 64 x XXH3 on slices of the bytes", per_call_us(lambda: local_block_hashes(data, 64)))
     report("sequence hashes of 64 local hashes", per_call_us(lambda: sequence_hashes(local64)))
 
 

@@ -79,12 +79,16 @@ def local_block_hashes(
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    if isinstance(token_ids, bytes | bytearray | memoryview):
+    # Block-sized slices of bytes cost less than memoryview slices.
+    data: bytes | memoryview
+    if isinstance(token_ids, bytes):
+        data = token_ids
+    elif isinstance(token_ids, bytearray | memoryview):
         data = memoryview(token_ids).cast("B")
-        if len(data) % 4:
-            raise ValueError("token bytes must be a whole number of uint32 values")
     else:
-        data = memoryview(tokens_to_bytes(token_ids))
+        data = tokens_to_bytes(token_ids)
+    if len(data) % 4:
+        raise ValueError("token bytes must be a whole number of uint32 values")
     step = block_size * 4
     end = len(data) - len(data) % step
     return [_xxh3(data[i : i + step], seed) for i in range(0, end, step)]
