@@ -581,7 +581,7 @@ def _page(out: dict[str, Any], plots: list[Path], args: argparse.Namespace) -> s
         "## Reproduce",
         "",
         "```bash",
-        "make bench-compare          # both comparisons, 3 repetitions (about 12 minutes)",
+        "make bench-compare          # both comparisons, 3 repetitions (about 8 minutes on 2 cores)",
         "commutator bench compare --only overhead --reps 5",
         "commutator bench run --launch commutator --workload trace --trace benchmarks/traces/prefix_heavy.jsonl",
         "```",
