@@ -19,7 +19,12 @@ pytestmark = pytest.mark.e2e
 
 def _chat(port: int) -> dict[str, object]:
     body = json.dumps(
-        {"model": "commutator/tiny-llama", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 5}
+        {
+            "model": "commutator/tiny-llama",
+            "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 5,
+            "ignore_eos": True,
+        }
     ).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}

@@ -22,6 +22,9 @@ from commutator.v1 import worker_pb2, worker_pb2_grpc
 pytestmark = pytest.mark.e2e
 
 MODEL = "commutator/tiny-llama"
+# The mocker draws an unseeded request's tokens at random, so it meets one of the model's two EOS ids
+# (of 4096) about once in 2,000 tokens. A test that counts tokens asks for the full length.
+FULL = {"ignore_eos": True}
 
 
 async def wait_models(base: str, want: set[str], timeout_s: float = 60.0, ssl: object = None) -> None:
@@ -87,7 +90,7 @@ async def stack(spawn, etcd_server: EtcdProcess, unique: str) -> AsyncIterator[d
 async def test_chat_and_completions_streaming_and_not(stack) -> None:  # type: ignore[no-untyped-def]
     client: openai.AsyncOpenAI = stack["client"]
     r = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=12
+        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=12, extra_body=FULL
     )
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
@@ -102,6 +105,7 @@ async def test_chat_and_completions_streaming_and_not(stack) -> None:  # type: i
         max_tokens=10,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body=FULL,
     )
     text, finish, usage = "", None, None
     async for chunk in stream:
@@ -112,7 +116,7 @@ async def test_chat_and_completions_streaming_and_not(stack) -> None:  # type: i
             usage = chunk.usage
     assert finish == "length" and usage is not None and usage.completion_tokens == 10 and text
 
-    c = await client.completions.create(model=MODEL, prompt="def main():", max_tokens=8)
+    c = await client.completions.create(model=MODEL, prompt="def main():", max_tokens=8, extra_body=FULL)
     assert c.object == "text_completion" and c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 8
     c = await client.completions.create(model=MODEL, prompt=["first", "second"], max_tokens=3)
     assert sorted(ch.index for ch in c.choices) == [0, 1]
@@ -120,7 +124,9 @@ async def test_chat_and_completions_streaming_and_not(stack) -> None:  # type: i
     assert c.usage.prompt_tokens == 4
     pieces = [
         ch.choices[0].text
-        async for ch in await client.completions.create(model=MODEL, prompt="import os", max_tokens=6, stream=True)
+        async for ch in await client.completions.create(
+            model=MODEL, prompt="import os", max_tokens=6, stream=True, extra_body=FULL
+        )
         if ch.choices
     ]
     assert "".join(pieces)
@@ -135,13 +141,17 @@ async def test_n_choices_seed_and_logprobs(stack) -> None:  # type: ignore[no-un
     assert r.usage.completion_tokens == 16
     again = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, n=2, seed=3)
     assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
-    stream = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, n=2, stream=True)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=6, n=2, stream=True, extra_body=FULL
+    )
     texts = {0: "", 1: ""}
     async for chunk in stream:
         for ch in chunk.choices:
             texts[ch.index] += ch.delta.content or ""
     assert texts[0] and texts[1]
-    lp = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, logprobs=True, top_logprobs=2)
+    lp = await client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=4, logprobs=True, top_logprobs=2, extra_body=FULL
+    )
     content = lp.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
@@ -279,7 +289,7 @@ async def test_bad_requests_get_the_right_errors_and_the_server_keeps_serving(st
         body = {"model": MODEL, "messages": msgs, "max_tokens": 2, "some_future_field": {"x": 1}}
         async with http.post(f"{base}/chat/completions", json=body) as r:
             assert r.status == 200  # unknown fields are ignored
-    r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3)
+    r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, extra_body=FULL)
     assert r.usage.completion_tokens == 3
     assert stack["frontend"].proc.poll() is None
 
@@ -365,7 +375,7 @@ async def test_tls_with_a_self_signed_certificate(spawn, tmp_path: Path) -> None
 
     client = openai.AsyncOpenAI(base_url=base, api_key="unused", http_client=httpx2.AsyncClient(verify=ctx))
     r = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "secure?"}], max_tokens=3
+        model=MODEL, messages=[{"role": "user", "content": "secure?"}], max_tokens=3, extra_body=FULL
     )
     assert r.usage.completion_tokens == 3
     await client.close()
