@@ -131,7 +131,7 @@ async def test_restarted_router_recovers_an_identical_index(spawn, clients) -> N
     await asyncio.sleep(2.5)  # at least one snapshot covers these
     for i in range(20, 30):  # and these come after it: replayed from the stream
         await generate(routers, f"b{i}", prompt(i, n_tokens=96), max_tokens=20)
-    await asyncio.sleep(0.5)  # the router has applied every event
+    await until(lambda: caught_up(routers, workers))
     before = await dump(routers)
     assert sum(len(pairs) for _, pairs in before.values()) > 0
     old_id = next(iter(routers.instances))
@@ -155,10 +155,12 @@ async def test_replica_sync_spreads_a_burst_like_one_router(spawn, clients) -> N
     await router_sees(routers, workers, 4)
     router_ids = sorted(routers.instances)
     tasks = []
-    for i in range(8):  # distinct prompts, alternating routers: only load decides
+    # Distinct prompts, alternating routers: only load decides. Each stream would run about 11 s, so all
+    # 8 are still running when the stats are read, however slow the machine; they are cancelled after.
+    for i in range(8):
         tasks.append(
             asyncio.create_task(
-                generate(routers, f"burst{i}", prompt(100 + i), max_tokens=300, instance_id=router_ids[i % 2])
+                generate(routers, f"burst{i}", prompt(100 + i), max_tokens=2000, instance_id=router_ids[i % 2])
             )
         )
         await asyncio.sleep(0.1)  # a load event reaches the other router well within this
@@ -195,6 +197,16 @@ async def test_killed_worker_leaves_the_index_and_gets_no_requests(spawn, client
     assert picks == {survivor: 20}
     for g in range(8):
         assert victim not in await overlap(routers, prompt(200 + g))
+
+
+async def caught_up(routers: EndpointClient, workers: EndpointClient) -> bool:
+    """The router has applied every KV event that the workers have published so far."""
+    applied = {key: event_id for key, (event_id, _) in (await dump(routers)).items()}
+    for wid in workers.instances:
+        truth = await workers.call("DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=wid)
+        if any(applied.get((wid, w.dp_rank)) != w.next_event_id - 1 for w in truth.watermarks):
+            return False
+    return True
 
 
 async def _index_workers(routers: EndpointClient, n: int) -> bool:
