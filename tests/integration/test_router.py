@@ -100,15 +100,15 @@ async def test_repeated_prefix_lands_on_the_worker_that_cached_it(spawn, clients
     spawn("commutator.router")
     await routers.wait_for_instances(1, 60)
     await router_sees(routers, workers, 3)
-    owner: dict[int, int] = {}
+    # Each group's first request goes straight to a chosen worker (routed, idle workers tie and one is
+    # picked at random), so every worker owns two groups; the router learns that from the KV events alone.
+    ids = sorted(workers.instances)
+    owner = {group: ids[group % 3] for group in range(6)}
     for group in range(6):
-        assert await generate(routers, f"g{group}-0", prompt(group, suffix=1)) == 4
+        assert await generate(workers, f"g{group}-0", prompt(group, suffix=1), instance_id=owner[group]) == 4
         await until(lambda g=group: _has_full(routers, prompt(g)))
-        holders = await overlap(routers, prompt(group))
-        owner[group] = max(holders, key=holders.__getitem__)
-        assert holders[owner[group]] == 160 // BS
-    # Distinct prompts spread over the workers (they were idle: the cost ties on load otherwise).
-    assert len(set(owner.values())) >= 2
+        assert await overlap(routers, prompt(group)) == {owner[group]: 160 // BS}
+    assert await generate(routers, "via-router", prompt(0, suffix=5)) == 4  # the router's Generate proxy
     for group in range(6):
         for suffix in (2, 3, 4):
             r = await routers.call("Route", router_pb2.RouteRequest(token_ids=prompt(group, suffix=suffix)))
@@ -181,10 +181,10 @@ async def test_killed_worker_leaves_the_index_and_gets_no_requests(spawn, client
     spawn("commutator.router")
     await routers.wait_for_instances(1, 60)
     await router_sees(routers, workers, 2)
-    for i in range(8):
-        await generate(routers, f"w{i}", prompt(200 + i))
-    await until(lambda: _index_workers(routers, 2))
     ids = sorted(workers.instances)
+    for i in range(8):  # half on each worker (routed, idle workers tie and one is picked at random)
+        await generate(workers, f"w{i}", prompt(200 + i), instance_id=ids[i % 2])
+    await until(lambda: _index_workers(routers, 2))
     procs[0].signal(signal.SIGKILL)
     await workers.instance_set.wait_for(lambda m: len(m) == 1, 10)
     survivor = next(iter(workers.instances))
