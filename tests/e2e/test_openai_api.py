@@ -77,8 +77,8 @@ async def until_metric(base: str, series: str, at_least: float, timeout_s: float
         await asyncio.sleep(0.02)
 
 
-async def until_loads(base: str, pred: Callable[[list[float]], bool], timeout_s: float = 10.0) -> list[float]:
-    """The router's request count per worker from ``/metrics``, once ``pred`` holds for it."""
+async def until_loads(base: str, pred: Callable[[list[float]], bool], timeout_s: float = 10.0) -> None:
+    """Wait until ``pred`` holds for the router's request count per worker on ``/metrics``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with aiohttp.ClientSession() as http:
@@ -90,7 +90,7 @@ async def until_loads(base: str, pred: Callable[[list[float]], bool], timeout_s:
                     if line.startswith("commutator_router_worker_load{") and 'kind="requests"' in line
                 ]
             if pred(loads):
-                return loads
+                return
             if loop.time() > deadline:
                 raise AssertionError(f"router loads stayed at {loads}")
             await asyncio.sleep(0.05)
