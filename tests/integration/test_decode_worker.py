@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 async def client(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[EndpointClient]:
     d = Discovery(EtcdBackend([etcd_server.endpoint]))
     await d.start()
-    c = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=120)
+    c = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=30)
     await c.start()
     yield c
     await c.close()

@@ -185,10 +185,3 @@ def serve_role(config_cls: type[Any], prog: str, make: Callable[[Any], Role]) ->
         return 0
 
     return main
-
-
-def load_config(cls: type[Any], prog: str, argv: list[str] | None = None) -> Any:
-    """Parse flags and environment into ``cls`` and log the effective settings."""
-    config = cfg.load(cls, argv, prog=prog)
-    log.info("config", extra=fields(**{k: v for k, v in cfg.describe(config).items()}))
-    return config
