@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["TRACE", "LogSpecError", "fields", "parse_spec", "setup_logging"]
+__all__ = ["TRACE", "LogSpecError", "Throttle", "fields", "parse_spec", "setup_logging"]
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -42,6 +42,28 @@ class LogSpecError(ValueError):
 def fields(**values: Any) -> dict[str, Any]:
     """``extra=`` argument carrying structured fields for one log line."""
     return {"commutator_fields": values}
+
+
+class Throttle:
+    """At most one log line per ``interval_s`` for a repeating event (a flood of bad messages
+    must not flood the log). :meth:`allow` returns ``None`` to stay quiet, or how many
+    occurrences were held back since the last line."""
+
+    __slots__ = ("_held", "_interval", "_next")
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self._interval = interval_s
+        self._next = 0.0
+        self._held = 0
+
+    def allow(self) -> int | None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self._interval
+        held, self._held = self._held, 0
+        return held
 
 
 def parse_spec(spec: str) -> tuple[int, dict[str, int]]:

@@ -31,6 +31,13 @@ _NS = "commutator"
 
 BUILD_INFO = Info(_NS + "_build", "Commutator version and role of this process", registry=REGISTRY)
 
+TASK_RESTARTS = Counter(
+    _NS + "_task_restarts",
+    "Background tasks (ingestion, publishers, watches) that died and were started again",
+    ["task"],
+    registry=REGISTRY,
+)
+
 # ---- discovery --------------------------------------------------------------
 DISCOVERY_REGISTRATIONS = Gauge(
     _NS + "_discovery_registrations",
@@ -92,6 +99,12 @@ EVENTS_DROPPED = Counter(
     _NS + "_events_dropped",
     "Messages dropped by reason (slow_subscriber: a bounded subscriber queue was full)",
     ["reason"],
+    registry=REGISTRY,
+)
+BAD_MESSAGES = Counter(
+    _NS + "_bad_messages",
+    "Messages that could not be read and were skipped, by source (kv_events, worker_stats, replica_sync)",
+    ["source"],
     registry=REGISTRY,
 )
 EVENT_PLANE_RECONNECTS = Counter(
@@ -215,6 +228,17 @@ ROUTER_WORKER_LOAD = Gauge(
     _NS + "_router_worker_load",
     "The router's load view per worker: active_blocks, prefill_tokens, requests, kv_usage",
     ["worker", "kind"],
+    registry=REGISTRY,
+)
+ROUTER_INHIBITIONS = Counter(
+    _NS + "_router_worker_inhibitions",
+    "Workers kept out of routing after a connection failure (inhibited), and let back in (lifted)",
+    ["event"],
+    registry=REGISTRY,
+)
+ROUTER_RETRIES = Counter(
+    _NS + "_router_retries",
+    "Requests routed again because their worker could not be reached before the first response",
     registry=REGISTRY,
 )
 ROUTER_RECOVERIES = Counter(

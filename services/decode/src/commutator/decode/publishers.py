@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from commutator.common import metrics, subjects
 from commutator.common.events import EventPlane, PublishError
+from commutator.common.tasks import Supervisor
 from commutator.engines.base import Engine, EngineStats
 from commutator.engines.wire import event_batch, stats_to_proto
 
@@ -42,16 +42,20 @@ class KvEventPublisher:
         self._component = component
         self._worker_id = worker_id
         self._max_batch = max_batch
-        self._spec = subjects.kv_events_stream_spec(namespace, component)
+        cap = engine.capacity
+        # Created sized for this worker's cache if missing; routers size it to the whole index.
+        self._spec = subjects.kv_events_stream_spec(
+            namespace, component, subjects.kv_stream_max_bytes(cap.total_blocks * max(1, cap.dp_size))
+        )
         self._publisher = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor()
         self._published = metrics.WORKER_KV_EVENTS.labels(worker_label, "published")
         self.events_published = 0
 
     async def start(self) -> None:
-        await self._events.ensure_stream(self._spec)
+        await self._events.ensure_stream(self._spec, update=False)
         self._publisher = self._events.publisher(self._spec.name)  # type: ignore[assignment]
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-event-publisher")
+        self._tasks.start("kv-event-publisher", self._run)
 
     async def _run(self) -> None:
         while True:
@@ -70,11 +74,7 @@ class KvEventPublisher:
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Publish what the engine emitted so far, wait for the acks, stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._tasks.close()
         if self._publisher is None:
             return
         try:
@@ -110,7 +110,7 @@ class LoadPublisher:
         self._worker_id = worker_id
         self._interval = interval_s
         self._min_interval = min_interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor()
         self._used = metrics.WORKER_KV_BLOCKS.labels(worker_label, "used")
         self._total = metrics.WORKER_KV_BLOCKS.labels(worker_label, "total")
         self._running = metrics.WORKER_QUEUE.labels(worker_label, "running")
@@ -118,7 +118,7 @@ class LoadPublisher:
         self.published = 0
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="load-publisher")
+        self._tasks.start("load-publisher", self._run)
 
     async def _run(self) -> None:
         last: list[EngineStats] | None = None
@@ -146,8 +146,4 @@ class LoadPublisher:
                 log.debug("load statistics not published: %s", exc)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._tasks.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 from commutator.common.discovery import Discovery, ModelCard, WatchKind
 from commutator.common.events import EventPlane
 from commutator.common.model_cards import fetch_model_artifacts
+from commutator.common.tasks import Supervisor
 from commutator.frontend.preprocess import Preprocessor
 from commutator.frontend.protocol import ApiError
 
@@ -46,18 +47,15 @@ class ModelRegistry:
         self._namespace = namespace
         self._cache = cache_dir
         self.models: dict[str, ModelEntry] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Supervisor()
         self._synced = asyncio.Event()
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="model-cards")
+        self._tasks.start("model-cards", self._run)
         await self._synced.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._tasks.close()
         for entry in self.models.values():
             if entry.loader is not None and not entry.loader.done():
                 entry.loader.cancel()

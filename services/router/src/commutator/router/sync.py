@@ -9,12 +9,13 @@ blocks routing: events go through a bounded queue (drops are counted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
 from commutator.common import metrics
 from commutator.common.events import EventPlane, Subscription
+from commutator.common.logging import Throttle
+from commutator.common.tasks import Supervisor
 from commutator.v1 import router_pb2
 
 __all__ = ["ReplicaSync", "sync_subject"]
@@ -43,18 +44,17 @@ class ReplicaSync:
         self._on_event = on_event
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(_QUEUE)
         self._sub: Subscription | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Supervisor()
         self._sent = metrics.ROUTER_REPLICA_EVENTS.labels("sent")
         self._received = metrics.ROUTER_REPLICA_EVENTS.labels("received")
         self._dropped = metrics.ROUTER_REPLICA_EVENTS.labels("dropped")
+        self._bad = metrics.BAD_MESSAGES.labels("replica_sync")
+        self._bad_log = Throttle()
 
     async def start(self) -> None:
         self._sub = await self._events.subscribe_core(self._subject)
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._receive(), name="replica-sync-in"),
-            loop.create_task(self._send(), name="replica-sync-out"),
-        ]
+        self._tasks.start("replica-sync-in", self._receive)
+        self._tasks.start("replica-sync-out", self._send)
 
     def _put(self, ev: router_pb2.LoadEvent) -> None:
         try:
@@ -102,8 +102,13 @@ class ReplicaSync:
         async for msg in self._sub:
             try:
                 ev = router_pb2.LoadEvent.FromString(msg.data)
-            except Exception:
-                log.warning("unreadable replica load event on %s", self._subject)
+            except Exception as exc:
+                self._bad.inc()
+                held = self._bad_log.allow()
+                if held is not None:
+                    log.warning(
+                        "skipped an unreadable replica load event on %s (%d more held back): %s", msg.subject, held, exc
+                    )
                 continue
             if ev.router_id == me():
                 continue
@@ -114,10 +119,6 @@ class ReplicaSync:
                 log.exception("applying a replica load event failed")
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._tasks.close()
         if self._sub is not None:
             await self._sub.unsubscribe()
