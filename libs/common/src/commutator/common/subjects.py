@@ -14,6 +14,7 @@ __all__ = [
     "kv_events_stream_spec",
     "kv_events_subject",
     "kv_events_subjects",
+    "kv_stream_max_bytes",
     "load_subject",
     "load_subjects",
     "model_bucket",
@@ -48,16 +49,36 @@ def model_bucket(namespace: str) -> str:
     return f"models_{namespace}"
 
 
-def kv_events_stream_spec(namespace: str, component: str) -> StreamSpec:
+KV_STREAM_BYTES_PER_BLOCK = 40
+"""What one cached block costs in the KV-event stream over its life: a Stored entry (engine id and
+local hash, ~24 bytes) and a Removed entry (~10 bytes), plus its share of the message overhead."""
+KV_STREAM_TURNOVERS = 64
+"""How many complete turnovers of every worker's cache the stream may hold."""
+KV_STREAM_MIN_BYTES = 64 * 1024 * 1024
+
+
+def kv_stream_max_bytes(total_kv_blocks: int) -> int:
+    """The byte limit of a KV-event stream that feeds an index of ``total_kv_blocks`` (all workers' caches).
+
+    Routers purge the stream below their snapshots, so it normally holds only the events since the
+    last one; the limit bounds it where nobody purges (approximate mode, no router, a stuck consumer).
+    Past the limit JetStream drops the oldest messages: a router that still needed them sees a gap in
+    the affected workers' event ids and rebuilds them from their cache dumps, so the limit can cost a
+    recovery, never a wrong index. 64 turnovers of every cache is far more than a snapshot interval
+    holds at real engine speeds.
+    """
+    return max(KV_STREAM_MIN_BYTES, total_kv_blocks * KV_STREAM_BYTES_PER_BLOCK * KV_STREAM_TURNOVERS)
+
+
+def kv_events_stream_spec(namespace: str, component: str, max_bytes: int = KV_STREAM_MIN_BYTES) -> StreamSpec:
     """The stream spec workers and routers both ensure (one definition, so they never disagree).
 
-    Routers snapshot the index and purge what every replica has consumed and
-    the snapshot covers; the age limit only guards a deployment with no router.
-    No byte limit: JetStream reserves a stream's byte limit from the server's
-    storage up front, which would make every stream cost its maximum.
+    Workers create it if it is missing (sized for their own cache) and never change it; routers size
+    it to the whole index they feed (:func:`kv_stream_max_bytes`). The age limit is the last guard.
     """
     return StreamSpec(
         name=kv_events_stream(namespace, component),
         subjects=(kv_events_subjects(namespace, component),),
         max_age_s=7 * 24 * 3600.0,
+        max_bytes=max_bytes,
     )

@@ -4,9 +4,20 @@ Start: load the newest index snapshot from the object store (tagged with the
 stream sequence it covers), then read the stream from the next sequence
 through this replica's own durable consumer until caught up. While running:
 apply every message in order; snapshot the index every
-``snapshot_interval_s`` and purge stream messages that every router replica
-has consumed and the snapshot covers; rebuild a worker from a dump of its
-cache state when its event ids show lost events.
+``snapshot_interval_s`` and purge stream messages that every *live* router
+replica has consumed and the snapshot covers; rebuild a worker from a dump of
+its cache state when its event ids show lost events.
+
+Robustness: a message that cannot be read is counted
+(``commutator_bad_messages_total{source="kv_events"}``), logged with its stream
+sequence, acknowledged with the rest and skipped; the loops run under a
+:class:`~commutator.common.tasks.Supervisor`. The consumer of a router that
+died holds back no purge (only replicas present in discovery count) and is
+deleted by the server after ``CONSUMER_INACTIVE_S``; a drained router deletes
+its own at once.
+
+Snapshots are built in chunks with event application paused, so a large
+index never stalls the event loop for long (``make bench-router`` measures it).
 """
 
 from __future__ import annotations
@@ -14,14 +25,17 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 from commutator.common import metrics, subjects
-from commutator.common.events import ConsumerSpec, EventPlane, EventPlaneError, PullConsumer
+from commutator.common.events import ConsumerSpec, EventPlane, EventPlaneError, Message, PullConsumer
+from commutator.common.logging import Throttle
+from commutator.common.tasks import Supervisor
 from commutator.router.indexer import ApplyOutcome, KvIndexer, WorkerKey
 from commutator.v1 import kv_events_pb2, router_pb2
 
@@ -32,6 +46,11 @@ log = logging.getLogger(__name__)
 SNAPSHOT_FORMAT = 1
 _SNAPSHOT_NAME = re.compile(r"^index-(\d{20})-([0-9a-f]+)$")
 _RECOVERY_BUFFER = 50_000
+_CONSUMER_NAME = re.compile(r"^router-([0-9a-f]+)$")
+CONSUMER_INACTIVE_S = 300.0
+"""The server deletes a router's durable consumer after this long without a reader (the router died)."""
+SNAPSHOT_CHUNK = 32_768
+"""Index entries copied per step of a snapshot (the event loop runs between steps)."""
 
 Recover = Callable[[WorkerKey], Awaitable[tuple[list[tuple[int, int]], int] | None]]
 """Fetch a worker's cache state: ``(engine id, sequence hash)`` pairs and the next event id."""
@@ -50,6 +69,7 @@ class IngestStats:
     catch_up_s: float = 0.0
     messages: int = 0
     applied_seq: int = 0
+    bad_messages: int = 0
 
 
 class KvEventIngest:
@@ -66,7 +86,10 @@ class KvEventIngest:
         keep_snapshots: int = 2,
         fetch_batch: int = 512,
         is_departed: Callable[[int], bool] = lambda _: False,
+        live_routers: Callable[[], Collection[int]] | None = None,
     ) -> None:
+        """``live_routers`` gives the ids of the router replicas present in discovery: only their
+        consumers hold back a purge (``None``: every consumer does)."""
         self.indexer = indexer
         self.events = events
         self.namespace = namespace
@@ -77,11 +100,13 @@ class KvEventIngest:
         self._keep = keep_snapshots
         self._batch = fetch_batch
         self._is_departed = is_departed
+        self._live_routers = live_routers
         self._spec = subjects.kv_events_stream_spec(namespace, component)
         self._bucket = snapshot_bucket(namespace, component)
         self._consumer: PullConsumer | None = None
         self._durable = f"router-{router_id:x}"
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Supervisor()
+        self._lock = asyncio.Lock()  # held while the index changes, and across a snapshot
         self._recovering: dict[WorkerKey, list[kv_events_pb2.KvEvent]] = {}
         self._recovery_tasks: set[asyncio.Task[None]] = set()
         self.stats = IngestStats()
@@ -89,11 +114,13 @@ class KvEventIngest:
         self._counters = {o: metrics.ROUTER_KV_EVENTS.labels(o.value) for o in ApplyOutcome}
         self._buffered = metrics.ROUTER_KV_EVENTS.labels("buffered_for_recovery")
         self._departed_events = metrics.ROUTER_KV_EVENTS.labels("dropped_departed_worker")
+        self._bad = metrics.BAD_MESSAGES.labels("kv_events")
+        self._bad_log = Throttle()
 
     # -- start ------------------------------------------------------------------------------
     async def start(self) -> IngestStats:
         """Load the newest snapshot, replay the stream until caught up, then keep reading."""
-        await self.events.ensure_stream(self._spec)
+        await self.events.ensure_stream(self._spec, update=False)  # the router core sizes it
         t0 = time.perf_counter()
         start_seq = await self._load_snapshot() + 1
         self.stats.snapshot_load_s = time.perf_counter() - t0
@@ -105,7 +132,7 @@ class KvEventIngest:
                 start_seq=start_seq if start_seq > 1 else None,
                 ack_all=True,
                 ack_wait_s=60.0,
-                inactive_threshold_s=3600.0,
+                inactive_threshold_s=CONSUMER_INACTIVE_S,
             )
         )
         t1 = time.perf_counter()
@@ -115,10 +142,9 @@ class KvEventIngest:
             empty = 0 if await self._fetch_and_apply(timeout_s=0.5) else empty + 1
         self.stats.replayed_messages = self.stats.messages
         self.stats.catch_up_s = time.perf_counter() - t1
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._run(), name="kv-ingest"))
+        self._tasks.start("kv-ingest", self._run)
         if self._snapshot_interval > 0:
-            self._tasks.append(loop.create_task(self._snapshot_loop(), name="kv-snapshots"))
+            self._tasks.start("kv-snapshots", self._snapshot_loop)
         log.info(
             "KV index ready: snapshot seq %d (%d entries, %.0f ms), replayed %d messages (%.0f ms)",
             self.stats.snapshot_seq,
@@ -172,31 +198,54 @@ class KvEventIngest:
         msgs = await self._consumer.fetch(self._batch, timeout_s)
         if not msgs:
             return 0
+        async with self._lock:
+            for m in msgs:
+                try:
+                    self._apply_message(m)
+                except Exception as exc:  # one unreadable message must never stop ingestion
+                    self._bad_message(m, exc)
+            self.stats.messages += len(msgs)
+            self.stats.applied_seq = msgs[-1].seq
+        await msgs[-1].ack()  # the consumer acks everything up to here, bad messages included
+        return len(msgs)
+
+    def _apply_message(self, m: Message) -> None:
+        batch = kv_events_pb2.KvEventBatch.FromString(m.data)
         indexer = self.indexer
         counters = self._counters
         recovering = self._recovering
-        for m in msgs:
-            batch = kv_events_pb2.KvEventBatch.FromString(m.data)
-            for ev in batch.events:
-                if self._is_departed(ev.worker_id):
-                    self._departed_events.inc()
+        for ev in batch.events:
+            if self._is_departed(ev.worker_id):
+                self._departed_events.inc()
+                continue
+            if recovering:
+                key = (ev.worker_id, ev.dp_rank)
+                buf = recovering.get(key)
+                if buf is not None:
+                    if len(buf) < _RECOVERY_BUFFER:
+                        buf.append(ev)
+                        self._buffered.inc()
                     continue
-                if recovering:
-                    key = (ev.worker_id, ev.dp_rank)
-                    buf = recovering.get(key)
-                    if buf is not None:
-                        if len(buf) < _RECOVERY_BUFFER:
-                            buf.append(ev)
-                            self._buffered.inc()
-                        continue
-                outcome = indexer.apply_event(ev)
-                counters[outcome].inc()
-                if outcome is ApplyOutcome.GAP:
-                    self._start_recovery((ev.worker_id, ev.dp_rank))
-        self.stats.messages += len(msgs)
-        self.stats.applied_seq = msgs[-1].seq
-        await msgs[-1].ack()  # the consumer acks everything up to here
-        return len(msgs)
+            outcome = indexer.apply_event(ev)
+            counters[outcome].inc()
+            if outcome is ApplyOutcome.GAP:
+                self._start_recovery((ev.worker_id, ev.dp_rank))
+
+    def _bad_message(self, m: Message, exc: Exception) -> None:
+        self.stats.bad_messages += 1
+        self._bad.inc()
+        held = self._bad_log.allow()
+        if held is not None:
+            log.warning(
+                "skipped an unreadable KV-event message: stream %s seq %d, subject %s, %d bytes "
+                "(%d more held back): %s",
+                self._spec.name,
+                m.seq,
+                m.subject,
+                len(m.data),
+                held,
+                exc,
+            )
 
     # -- recovery ---------------------------------------------------------------------------
     def _start_recovery(self, key: WorkerKey) -> None:
@@ -214,6 +263,10 @@ class KvEventIngest:
             result = await self._recover(key)
         except Exception as exc:
             log.warning("could not fetch the cache state of worker %x: %s", key[0], exc)
+        async with self._lock:
+            self._finish_recovery(key, result)
+
+    def _finish_recovery(self, key: WorkerKey, result: tuple[list[tuple[int, int]], int] | None) -> None:
         buffered = self._recovering.pop(key, [])
         if result is None:
             metrics.ROUTER_RECOVERIES.labels("failed").inc()
@@ -236,7 +289,8 @@ class KvEventIngest:
 
     # -- snapshots --------------------------------------------------------------------------
     def build_snapshot(self) -> router_pb2.IndexSnapshot:
-        """The index as it is now (synchronous: consistent with ``stats.applied_seq``)."""
+        """The index as it is now, in one synchronous step (tests and tools; the service uses
+        :meth:`snapshot_bytes`, which does not stall the event loop)."""
         snap = router_pb2.IndexSnapshot(
             format=SNAPSHOT_FORMAT, stream_seq=self.stats.applied_seq, created_s=time.time()
         )
@@ -251,14 +305,64 @@ class KvEventIngest:
             )
         return snap
 
+    async def snapshot_bytes(self, chunk: int = SNAPSHOT_CHUNK) -> tuple[int, bytes]:
+        """A serialized snapshot and the stream sequence it covers, built in steps of
+        ``chunk`` entries with event application paused (so it is consistent with
+        that sequence) while routing goes on between the steps.
+
+        The bytes are one ``IndexSnapshot``: serialized protobuf messages concatenate into their
+        merge, so each worker's entry is serialized on its own and the pieces are joined.
+        """
+        async with self._lock:
+            seq = self.stats.applied_seq
+            head = router_pb2.IndexSnapshot(format=SNAPSHOT_FORMAT, stream_seq=seq, created_s=time.time())
+            parts = [head.SerializeToString()]
+            for key in sorted(self.indexer.slots):
+                piece = await self._worker_piece(key, chunk)
+                if piece is not None:
+                    parts.append(piece)
+                await asyncio.sleep(0)
+        return seq, b"".join(parts)
+
+    async def _worker_piece(self, key: WorkerKey, chunk_size: int) -> bytes | None:
+        idx = self.indexer
+        slot = idx.slots.get(key)
+        if slot is None:
+            return None  # left discovery meanwhile
+        wmap = idx.maps[slot] or {}
+        last = idx.last_event[slot]
+        engine = array.array("Q")
+        seqs = array.array("Q")
+        items = iter(wmap.items())
+        try:
+            while True:
+                chunk = list(itertools.islice(items, chunk_size))
+                if not chunk:
+                    break
+                engine.extend([e for e, _ in chunk])
+                seqs.extend([q for _, q in chunk])
+                if len(chunk) < chunk_size:
+                    break
+                await asyncio.sleep(0)
+        except RuntimeError:  # the map changed under us: the worker left discovery (or was reset)
+            return None
+        one = router_pb2.IndexSnapshot()
+        one.workers.add(
+            worker_id=key[0],
+            dp_rank=key[1],
+            last_event_id=max(last, 0),
+            engine_hashes=engine.tobytes(),
+            sequence_hashes=seqs.tobytes(),
+        )
+        return one.SerializeToString()
+
     async def snapshot_now(self) -> int | None:
         """Write a snapshot (if there is anything new), prune old ones, purge the stream. Returns its seq."""
         if self._recovering or self.stats.applied_seq <= self._last_snapshot_seq:
             return None
-        snap = self.build_snapshot()
-        seq = snap.stream_seq
+        seq, data = await self.snapshot_bytes()
         name = f"index-{seq:020d}-{self.router_id:x}"
-        await self.events.object_put(self._bucket, name, snap.SerializeToString())
+        await self.events.object_put(self._bucket, name, data)
         self._last_snapshot_seq = seq
         metrics.ROUTER_SNAPSHOTS.inc()
         names = sorted(
@@ -266,30 +370,50 @@ class KvEventIngest:
         )
         for old in names[self._keep :]:
             await self.events.object_delete(self._bucket, old)
-        # Purge what every router replica has consumed and this snapshot covers.
-        floors = await self.events.consumer_ack_floors(self._spec.name)
-        router_floors = [f for n, f in floors.items() if n.startswith("router-")]
-        purge_to = min([seq, *router_floors])
+        purge_to = await self._purge_bound(seq)
         if purge_to > 0:
             await self.events.purge(self._spec.name, before_seq=purge_to + 1)
         log.info("index snapshot %s: %d entries; stream purged below %d", name, self.indexer.num_entries, purge_to + 1)
         return seq
+
+    async def _purge_bound(self, snapshot_seq: int) -> int:
+        """The highest sequence that may go: covered by this snapshot and consumed by every live
+        router replica. A consumer whose router is not in discovery (it died) holds nothing back."""
+        floors = await self.events.consumer_ack_floors(self._spec.name)
+        live = self._live_routers() if self._live_routers is not None else None
+        bound = snapshot_seq
+        for name, floor in floors.items():
+            m = _CONSUMER_NAME.match(name)
+            if m is None:
+                continue
+            owner = int(m.group(1), 16)
+            if live is not None and owner != self.router_id and owner not in live:
+                continue
+            bound = min(bound, floor)
+        return bound
 
     async def _snapshot_loop(self) -> None:
         while True:
             await asyncio.sleep(self._snapshot_interval)
             try:
                 await self.snapshot_now()
-            except Exception:
-                log.exception("index snapshot failed")
+            except EventPlaneError as exc:
+                log.warning("index snapshot failed: %s", exc)
 
-    async def close(self) -> None:
-        for task in [*self._tasks, *self._recovery_tasks]:
+    async def close(self, *, delete_consumer: bool = False) -> None:
+        """Stop reading. ``delete_consumer`` (a drain): remove this replica's durable consumer, so
+        that it holds back no purge; a router that dies leaves it to the server's inactivity timeout."""
+        await self._tasks.close()
+        for task in list(self._recovery_tasks):
             task.cancel()
-        for task in [*self._tasks, *self._recovery_tasks]:
+        for task in list(self._recovery_tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
         if self._consumer is not None:
             await self._consumer.close()
             self._consumer = None
+            if delete_consumer:
+                try:
+                    await self.events.delete_consumer(self._spec.name, self._durable)
+                except EventPlaneError as exc:
+                    log.warning("could not delete KV-event consumer %s: %s", self._durable, exc)

@@ -74,6 +74,8 @@ class StreamState:
     first_seq: int
     last_seq: int
     bytes: int
+    max_bytes: int = -1
+    """The stream's byte limit (-1: none)."""
 
 
 class Message(Protocol):
@@ -164,8 +166,9 @@ class EventPlane(Protocol):
 
     async def close(self) -> None: ...
 
-    async def ensure_stream(self, spec: StreamSpec) -> None:
-        """Create the stream, or update it to ``spec`` if it exists."""
+    async def ensure_stream(self, spec: StreamSpec, *, update: bool = True) -> None:
+        """Create the stream, or (``update``) change an existing one to ``spec``; without
+        ``update`` an existing stream keeps its configuration."""
         ...
 
     async def delete_stream(self, name: str) -> None: ...

@@ -311,19 +311,26 @@ class MemoryEventPlane:
     async def close(self) -> None:
         return None
 
-    async def ensure_stream(self, spec: StreamSpec) -> None:
+    async def ensure_stream(self, spec: StreamSpec, *, update: bool = True) -> None:
         existing = self.broker.streams.get(spec.name)
         if existing is None:
             self.broker.streams[spec.name] = _Stream(spec)
-        else:
+        elif update:
             existing.spec = spec
+            existing._enforce_limits(time.monotonic())
 
     async def delete_stream(self, name: str) -> None:
         self.broker.streams.pop(name, None)
 
     async def stream_state(self, name: str) -> StreamState:
         s = self.broker.stream(name)
-        return StreamState(messages=len(s.msgs), first_seq=s.first_seq(), last_seq=s.last_seq, bytes=s.bytes)
+        return StreamState(
+            messages=len(s.msgs),
+            first_seq=s.first_seq(),
+            last_seq=s.last_seq,
+            bytes=s.bytes,
+            max_bytes=s.spec.max_bytes,
+        )
 
     async def purge(self, stream: str, before_seq: int) -> None:
         s = self.broker.stream(stream)

@@ -491,7 +491,7 @@ class NatsEventPlane:
             self._js = None
 
     # -- streams ------------------------------------------------------------------
-    async def ensure_stream(self, spec: StreamSpec) -> None:
+    async def ensure_stream(self, spec: StreamSpec, *, update: bool = True) -> None:
         cfg = api.StreamConfig(
             name=spec.name,
             subjects=list(spec.subjects),
@@ -508,7 +508,8 @@ class NatsEventPlane:
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:  # "stream name already in use with a different configuration"
                     raise
-                await self.js.update_stream(cfg)
+                if update:
+                    await self.js.update_stream(cfg)
         except nats.js.errors.APIError as exc:
             raise EventPlaneError(f"cannot create stream {spec.name}: {exc}") from exc
 
@@ -522,7 +523,13 @@ class NatsEventPlane:
         except nats.js.errors.NotFoundError as exc:
             raise EventPlaneError(f"stream {name!r} not found") from exc
         st = info.state
-        return StreamState(messages=st.messages, first_seq=st.first_seq, last_seq=st.last_seq, bytes=st.bytes)
+        return StreamState(
+            messages=st.messages,
+            first_seq=st.first_seq,
+            last_seq=st.last_seq,
+            bytes=st.bytes,
+            max_bytes=info.config.max_bytes if info.config.max_bytes is not None else -1,
+        )
 
     async def purge(self, stream: str, before_seq: int) -> None:
         if before_seq > 1:
