@@ -10,8 +10,11 @@ groups), the rest is unique. Figures:
 2. A whole routing decision: hash the tokens + match + kv cost over 64 workers.
 3. Event application in-process, and end to end from JetStream (nats-server).
 4. Memory per (block, worker) entry (tracemalloc).
-5. Restart: load the index snapshot from the object store, replay the stream
-   tail, ready to serve.
+5. Snapshots: the longest event-loop stall while the 1M-entry index is
+   snapshotted (in one step, as before, and in chunks, as the router does now).
+6. Restart: load the index snapshot from the object store, replay the stream
+   tail (later events of the same workers), ready to serve; the restored index
+   must equal the index of every event applied in order.
 """
 
 from __future__ import annotations
@@ -79,25 +82,40 @@ class Workload:
         once: later prompts store their own blocks under its last block.
         """
         out = []
-        shared = (PROMPT_TOKENS // 4) // self.bs
         for w in range(WORKERS):
-            salt = (w * 0x9E3779B97F4A7C15) & (2**64 - 1)
             batch = kv_events_pb2.KvEventBatch()
             prompts = [self.prompt(w % GROUPS) for _ in range(self.prompts_per_worker)]
             if w == 0:
                 self.cached[w] = prompts[:1]  # kept for queries; the rest would only load the GC
             for i, toks in enumerate(prompts):
-                local = local_block_hashes(toks, self.bs)
-                seq = sequence_hashes(local)
-                ev = batch.events.add(worker_id=1000 + w, event_id=i)
-                ev.stored.SetInParent()
-                first = 0 if i == 0 else shared
-                if first:
-                    ev.stored.parent_hash = seq[first - 1] ^ salt
-                for sh, lh in zip(seq[first:], local[first:], strict=True):
-                    ev.stored.blocks.add(block_hash=sh ^ salt, tokens_hash=lh)
+                batch.events.append(self._stored(w, i, toks, with_system=i == 0))
             out.append(batch)
         return out
+
+    def tail_events(self, prompts_per_worker: int) -> list[kv_events_pb2.KvEventBatch]:
+        """Later traffic of the same workers: their event ids go on, new prompts under the same system prompts."""
+        out = []
+        for w in range(WORKERS):
+            batch = kv_events_pb2.KvEventBatch()
+            for i in range(prompts_per_worker):
+                toks = self.prompt(w % GROUPS)
+                batch.events.append(self._stored(w, self.prompts_per_worker + i, toks, with_system=False))
+            out.append(batch)
+        return out
+
+    def _stored(self, w: int, event_id: int, toks: list[int], with_system: bool) -> kv_events_pb2.KvEvent:
+        salt = (w * 0x9E3779B97F4A7C15) & (2**64 - 1)
+        shared = (PROMPT_TOKENS // 4) // self.bs
+        local = local_block_hashes(toks, self.bs)
+        seq = sequence_hashes(local)
+        ev = kv_events_pb2.KvEvent(worker_id=1000 + w, event_id=event_id)
+        ev.stored.SetInParent()
+        first = 0 if with_system else shared
+        if first:
+            ev.stored.parent_hash = seq[first - 1] ^ salt
+        for sh, lh in zip(seq[first:], local[first:], strict=True):
+            ev.stored.blocks.add(block_hash=sh ^ salt, tokens_hash=lh)
+        return ev
 
 
 def bench_index(block_size: int) -> KvIndexer:
@@ -180,14 +198,42 @@ def bench_index(block_size: int) -> KvIndexer:
     return idx
 
 
-async def bench_jetstream_and_restart(idx: KvIndexer, block_size: int) -> None:
+async def loop_stall_ms(work) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Run ``work()`` (a coroutine function) beside a 1 ms ticker: (longest gap between ticks, wall time), ms."""
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    await work()
+    wall = time.perf_counter() - t0
+    stop.set()
+    await ticker
+    return max(gaps) * 1000, wall * 1000
+
+
+async def bench_jetstream_and_restart(block_size: int) -> None:
     wl = Workload(block_size, seed=5)
     batches = wl.events()
+    tail = wl.tail_events(2)
+    # What the restarted router must rebuild: every event, applied in order, in one process.
+    reference = KvIndexer()
+    for b in (*batches, *tail):
+        reference.apply_batch(b)
     with NatsProcess() as server:
         plane = NatsEventPlane(server.url)
         await plane.connect()
         ns, comp = "bench", "decode"
-        spec = subjects.kv_events_stream_spec(ns, comp)
+        spec = subjects.kv_events_stream_spec(ns, comp, subjects.kv_stream_max_bytes(WORKERS * 16384))
         await plane.ensure_stream(spec)
         pub = plane.publisher(spec.name, max_pending=8192)
         stored = 0
@@ -207,24 +253,38 @@ async def bench_jetstream_and_restart(idx: KvIndexer, block_size: int) -> None:
         t0 = time.perf_counter()
         await ingest.start()
         elapsed = time.perf_counter() - t0
-        assert fresh.num_entries == fresh.num_entries and ingest.stats.applied_seq == msgs
+        assert ingest.stats.applied_seq == msgs, (ingest.stats.applied_seq, msgs)
         print(f"\nend to end from JetStream (nats-server {server.binary}): {msgs:,} messages, {stored:,} blocks")
         rate = f"{stored / elapsed:,.0f} blocks/s ({msgs / elapsed:,.0f} messages/s)"
         print(f"  fetch + parse + apply: {rate}   [target >= 100k]")
 
+        # Event-loop stall while a snapshot of the whole index is taken (a router keeps routing meanwhile).
+        n = fresh.num_entries
+
+        async def one_step() -> None:
+            ingest.build_snapshot().SerializeToString()
+
+        async def chunked() -> None:
+            await ingest.snapshot_bytes()
+
+        one_stall, one_wall = await loop_stall_ms(one_step)
+        chunk_stall, chunk_wall = await loop_stall_ms(chunked)
+        print(f"  snapshot of {n:,} entries, longest event-loop stall (wall time of the snapshot):")
+        print(f"    built in one step (before):   {one_stall:6.1f} ms  ({one_wall:.0f} ms)")
+        print(f"    built in chunks (now):        {chunk_stall:6.1f} ms  ({chunk_wall:.0f} ms)")
         t0 = time.perf_counter()
-        seq = await ingest.snapshot_now()
-        print(f"  snapshot of {fresh.num_entries:,} entries written in {time.perf_counter() - t0:.2f} s (seq {seq})")
+        stall, _ = await loop_stall_ms(ingest.snapshot_now)
+        print(
+            f"  snapshot written to the object store in {time.perf_counter() - t0:.2f} s "
+            f"(seq {ingest.stats.applied_seq}; longest stall {stall:.1f} ms)"
+        )
         await ingest.close()
 
-        # Traffic after the snapshot, replayed at restart.
-        tail = Workload(block_size, seed=6)
-        tail.prompts_per_worker = 2
+        # Traffic after the snapshot (the same workers, event ids going on), replayed at restart.
         pub = plane.publisher(spec.name)
         tail_msgs = 0
-        for b in tail.events():
+        for b in tail:
             for ev in b.events:
-                ev.event_id += 10_000  # later events of the same workers would continue their ids
                 one = kv_events_pb2.KvEventBatch(events=[ev])
                 await pub.publish(subjects.kv_events_subject(ns, comp, ev.worker_id), one.SerializeToString())
                 tail_msgs += 1
@@ -240,14 +300,23 @@ async def bench_jetstream_and_restart(idx: KvIndexer, block_size: int) -> None:
             f"{st.replayed_messages} tail messages replayed in {st.catch_up_s:.2f} s; "
             f"ready after {ready:.2f} s   [target <= 2 s]"
         )
+        stats = restarted.stats
+        same = restarted.canonical() == reference.canonical()
+        print(
+            f"  restored index: {restarted.num_entries:,} entries; equal to the index of every event applied "
+            f"in order: {'yes' if same else 'NO'} (gaps {stats.gaps}, engine restarts {stats.restarts}, "
+            f"events skipped {stats.events_skipped_unknown_parent})"
+        )
+        if not same or stats.gaps or stats.restarts or stats.events_skipped_unknown_parent:
+            raise SystemExit("the restored index differs from the reference")
         await ingest2.close()
         await plane.close()
 
 
 def main() -> None:
     bench_index(16)
-    idx = bench_index(64)
-    asyncio.run(bench_jetstream_and_restart(idx, 16))
+    bench_index(64)
+    asyncio.run(bench_jetstream_and_restart(16))
 
 
 if __name__ == "__main__":

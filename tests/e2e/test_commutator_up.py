@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,39 @@ def test_up_serves_and_stops_cleanly_on_ctrl_c(mode: str, tmp_path: Path) -> Non
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
         assert "stopping" in (tmp_path / "up.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def test_distributed_up_restarts_a_crashed_worker_and_keeps_serving(tmp_path: Path) -> None:
+    port = free_port()
+    args = [sys.executable, "-m", "commutator.cli", "up", "--distributed", "--workers", "2"]
+    args += ["--http-port", str(port), "--speedup-ratio", "10"]
+    log_path = tmp_path / "up.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    def wait_for(pattern: str, timeout_s: float = 90) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while (m := re.search(pattern, log_path.read_text())) is None:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"{pattern!r} never logged:\n{log_path.read_text()}"
+            time.sleep(0.2)
+        return m
+
+    try:
+        wait_for("Commutator is up")
+        pid = int(wait_for(r"started worker 1 \(pid (\d+)\)").group(1))
+        os.kill(pid, signal.SIGKILL)
+        wait_for(rf"worker 1 \(pid {pid}\) exited with status -9; restarting it in 1 s")
+        new_pid = int(wait_for(r"started worker 1 \(pid (\d+)\)\n(?:.|\n)*started worker 1 \(pid (\d+)\)").group(2))
+        assert new_pid != pid and proc.poll() is None  # the stack kept running
+        reply = _chat(port)
+        assert reply["usage"]["completion_tokens"] == 5  # type: ignore[index]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -221,21 +221,26 @@ async def test_stop_strings_cut_the_text_and_are_not_returned(stack) -> None:  #
     assert streamed == expected and finish == "stop"
 
 
-async def test_usage_reports_cached_tokens_on_a_repeated_prompt(stack) -> None:  # type: ignore[no-untyped-def]
+async def test_repeats_go_to_the_worker_that_cached_them_and_usage_counts_it(stack) -> None:  # type: ignore[no-untyped-def]
     client: openai.AsyncOpenAI = stack["client"]
-    long_prompt = "import os\n" + "\n".join(f"def function_{i}(x):\n    return x * {i}" for i in range(60))
-    msgs = [{"role": "user", "content": long_prompt}]
-    first = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
-    assert first.usage.prompt_tokens > 300 and first.usage.prompt_tokens_details.cached_tokens == 0
-    # Once the router has the worker's KV events (milliseconds; allow a slow machine 10 s), the repeat
-    # goes to the worker that holds the prompt.
-    for _ in range(40):
-        await asyncio.sleep(0.25)
-        second = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
-        cached = second.usage.prompt_tokens_details.cached_tokens
-        if cached:
-            break
-    assert cached >= (first.usage.prompt_tokens - 1) // 64 * 64 - 64 and cached > 0
+    # Five prompts that differ from their first block on, sent once each: they spread over the two
+    # workers. A repeat is served from cache only on the worker that holds its prompt, so only routing
+    # by KV overlap gets all five (round-robin sends every repeat to the other worker; random, 1 in 32).
+    prompts = [
+        f"Variant {k}: " + "\n".join(f"def function_{k}_{i}(x):\n    return x * {i + k}" for i in range(60))
+        for k in range(5)
+    ]
+    first = []
+    for p in prompts:
+        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=2)
+        assert r.usage.prompt_tokens > 300 and r.usage.prompt_tokens_details.cached_tokens == 0
+        first.append(r.usage.prompt_tokens)
+    # The router has every prompt's blocks from the workers' KV events.
+    await until_metric(stack["base"], 'commutator_router_index{kind="entries"}', sum(n // 64 for n in first))
+    for p, n in zip(prompts, first, strict=True):
+        r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}], max_tokens=2)
+        # Every full block but the last token's is served from cache (the mocker recomputes one token).
+        assert r.usage.prompt_tokens_details.cached_tokens == (n - 1) // 64 * 64
 
 
 async def test_model_list_follows_workers(stack) -> None:  # type: ignore[no-untyped-def]
@@ -463,3 +468,33 @@ async def test_a_stream_whose_worker_dies_ends_with_an_error_event(spawn) -> Non
     events = [json.loads(x[6:]) for x in lines if x.startswith(b"data: {")]
     assert lines[-1] == b"data: [DONE]"
     assert "error" in events[-1] and events[-1]["error"]["type"] == "service_unavailable"
+
+
+async def test_a_dead_frontends_load_leaves_the_other_replicas_at_once(  # type: ignore[no-untyped-def]
+    spawn, etcd_server: EtcdProcess, unique: str
+) -> None:
+    spawn("commutator.decode", "--speedup-ratio", "1")
+    port_a, port_b = free_port(), free_port()
+    common = ("--http-host", "127.0.0.1", "--router-replica-sync")
+    frontend_a = spawn("commutator.frontend", "--http-port", str(port_a), "--lease-ttl-s", "2", *common)
+    spawn("commutator.frontend", "--http-port", str(port_b), *common)
+    base_a, base_b = f"http://127.0.0.1:{port_a}/v1", f"http://127.0.0.1:{port_b}/v1"
+    for base in (base_a, base_b):
+        await wait_models(base, {MODEL})
+        await wait_serving(base)
+    d = Discovery(EtcdBackend([etcd_server.endpoint]))
+    await d.start()
+    frontends = await d.list_instances(unique, "frontend")
+    assert sorted(f.info.address for f in frontends) == sorted(f"127.0.0.1:{p}" for p in (port_a, port_b))
+    assert {f.info.role for f in frontends} == {"frontend"}
+    await d.close()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base_a}/chat/completions", json={**body, **FULL}) as r:
+            assert r.status == 200
+            await r.content.readline()
+            # B counts A's stream against the worker (replica sync) ...
+            await until_loads(base_b, lambda v: v == [1.0])
+            frontend_a.signal(signal.SIGKILL)
+    # ... and frees it as soon as A's lease is gone, not after the load timeout.
+    await until_loads(base_b, lambda v: v == [0.0], timeout_s=15)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
 from commutator.common.discovery import Discovery, EtcdBackend
 from commutator.common.grpc import EndpointClient
-from commutator.common.local_servers import EtcdProcess
+from commutator.common.local_servers import EtcdProcess, free_port
 from commutator.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -145,34 +146,52 @@ async def test_restarted_router_recovers_an_identical_index(spawn, clients) -> N
     assert "KV index ready: snapshot seq " in log and "KV index ready: snapshot seq 0 " not in log
 
 
-async def test_replica_sync_spreads_a_burst_like_one_router(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+async def router_metric(port: int, series: str) -> float:
+    """One series of a router process's ``/metrics`` (0 while absent)."""
+
+    def read() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(series + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    return await asyncio.to_thread(read)
+
+
+async def test_replica_sync_shows_each_router_the_others_load(spawn, clients) -> None:  # type: ignore[no-untyped-def]
     routers, workers = clients
-    for _ in range(4):
-        spawn("commutator.decode", "--speedup-ratio", "1", "--block-size", str(BS))
-    for _ in range(2):
-        spawn("commutator.router", "--router-replica-sync")
+    start_workers(spawn, 4)
+    port_a, port_b = free_port(), free_port()
+    spawn("commutator.router", "--router-replica-sync", "--metrics-port", str(port_a))
+    await routers.wait_for_instances(1, 60)
+    [router_a] = routers.instances
+    spawn("commutator.router", "--router-replica-sync", "--metrics-port", str(port_b))
     await routers.wait_for_instances(2, 60)
+    [router_b] = [r for r in routers.instances if r != router_a]
     await router_sees(routers, workers, 4)
-    router_ids = sorted(routers.instances)
-    tasks = []
-    # Distinct prompts, alternating routers: only load decides. Each stream would run about 11 s, so all
-    # 8 are still running when the stats are read, however slow the machine; they are cancelled after.
-    for i in range(8):
-        tasks.append(
-            asyncio.create_task(
-                generate(routers, f"burst{i}", prompt(100 + i), max_tokens=2000, instance_id=router_ids[i % 2])
+    ids = sorted(workers.instances)
+    # Router A puts three requests on each of three workers and leaves the fourth idle.
+    for w in ids[:3]:
+        for k in range(3):
+            req = router_pb2.RouteRequest(
+                request_id=f"a-{w:x}-{k}", token_ids=prompt(600 + k), track_load=True, worker_id=w
             )
-        )
-        await asyncio.sleep(0.1)  # a load event reaches the other router well within this
-    await asyncio.sleep(0.3)
-    running = []
-    for wid in sorted(workers.instances):
-        s = await workers.call("Stats", worker_pb2.StatsRequest(), instance_id=wid)
-        running.append(s.ranks[0].running_requests)
-    assert sorted(running) == [2, 2, 2, 2], running
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+            r = await routers.call("Route", req, instance_id=router_a)
+            assert r.worker_id == w
+    received = 'commutator_router_replica_events_total{direction="received"}'
+    await until(lambda: _at_least(port_b, received, 9), 15)
+    # Router B sees that load: its next three (distinct prompts, no cache) all go to the idle worker.
+    # Alone, B would spread them over the workers it thinks idle (it only knows its own requests).
+    chosen = []
+    for j in range(3):
+        req = router_pb2.RouteRequest(request_id=f"b{j}", token_ids=prompt(700 + j), track_load=True)
+        chosen.append((await routers.call("Route", req, instance_id=router_b)).worker_id)
+    assert chosen == [ids[3]] * 3, (chosen, ids)
+
+
+async def _at_least(port: int, series: str, n: float) -> bool:
+    return await router_metric(port, series) >= n
 
 
 async def test_killed_worker_leaves_the_index_and_gets_no_requests(spawn, clients) -> None:  # type: ignore[no-untyped-def]
@@ -246,3 +265,124 @@ async def test_lost_events_are_recovered_from_the_workers_cache_state(spawn, cli
     for i in range(5):  # the lost history is routable again
         holders = await overlap(routers, prompt(300 + i))
         assert holders == {wid: 160 // BS}
+
+
+async def test_a_dead_worker_is_excluded_at_once_and_its_requests_routed_elsewhere(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+    routers, workers = clients
+    # The victim holds its registration for 60 s after it dies: only the router's own reaction can help.
+    victim_proc = spawn("commutator.decode", "--speedup-ratio", "0", "--block-size", str(BS), "--lease-ttl-s", "60")
+    await workers.wait_for_instances(1, 60)
+    [victim] = workers.instances
+    start_workers(spawn, 2)
+    spawn("commutator.router")
+    await routers.wait_for_instances(1, 60)
+    await router_sees(routers, workers, 3)
+    # The victim caches the prefix every later request shares, so the kv router prefers it.
+    assert await generate(workers, "warm", prompt(500, suffix=1), instance_id=victim) == 4
+    await until(lambda: _has_full(routers, prompt(500)))
+    r = await routers.call("Route", router_pb2.RouteRequest(token_ids=prompt(500, suffix=2)))
+    assert r.worker_id == victim
+    victim_proc.signal(signal.SIGKILL)
+    await asyncio.to_thread(victim_proc.proc.wait)
+    for i in range(12):  # every one of these would have gone to the dead worker
+        assert await generate(routers, f"after{i}", prompt(500, suffix=10 + i)) == 4
+    assert victim in workers.instances  # still registered: its lease has not expired
+    r = await routers.call("Route", router_pb2.RouteRequest(token_ids=prompt(500, suffix=2)))
+    assert r.outcome == router_pb2.ROUTE_OUTCOME_ROUTED and r.worker_id != victim
+
+
+async def test_an_inhibited_worker_is_routed_to_again_once_its_health_check_answers(
+    spawn, etcd_server: EtcdProcess, unique: str
+) -> None:  # type: ignore[no-untyped-def]
+    from commutator.router.config import RouterConfig
+    from commutator.router.core import Router
+
+    worker = spawn("commutator.decode", "--speedup-ratio", "0", "--block-size", str(BS))
+    d = Discovery(EtcdBackend([etcd_server.endpoint]))
+    await d.start()
+    router = Router(RouterConfig(router_mode="round-robin", health_probe_interval_s=0.2), d, None, unique)
+    await router.start()
+    try:
+        await router.workers.wait_for_instances(1, 60)
+        [wid] = router.workers.instances
+        router.inhibit(wid, "a test says so")
+        assert router.route("", [1, 2, 3]).outcome.value == "no_workers"  # nothing else to route to
+        # It is alive, so its health check answers and it is routed to again.
+        await until(lambda: asyncio.sleep(0, result=wid not in router.scheduler.inhibited), 10)
+        assert router.route("", [1, 2, 3]).worker.key == (wid, 0)  # type: ignore[union-attr]
+        # Inhibited again, then gone from discovery: forgotten, probe and all.
+        router.inhibit(wid, "again")
+        worker.signal(signal.SIGTERM)
+        await router.workers.instance_set.wait_for(lambda m: wid not in m, 30)
+        assert wid not in router.scheduler.inhibited and not router._probes
+    finally:
+        await router.close()
+        await d.close()
+
+
+async def test_a_dead_routers_consumer_holds_back_no_purge_and_a_drained_one_deletes_its_own(
+    spawn, clients, nats_server, unique
+) -> None:  # type: ignore[no-untyped-def]
+    from commutator.common import subjects
+    from commutator.common.events import NatsEventPlane
+
+    routers, workers = clients
+    start_workers(spawn, 1)
+    dead = spawn("commutator.router", "--snapshot-interval-s", "1")
+    await routers.wait_for_instances(1, 60)
+    [dead_id] = routers.instances
+    await router_sees(routers, workers, 1)
+    for i in range(5):
+        await generate(routers, f"before{i}", prompt(800 + i), max_tokens=20)
+    await until(lambda: caught_up(routers, workers))
+    plane = NatsEventPlane(nats_server.url)
+    await plane.connect()
+    stream = subjects.kv_events_stream(unique, "decode")
+    dead_floor = (await plane.consumer_ack_floors(stream))[f"router-{dead_id:x}"]
+    assert dead_floor > 0
+    dead.signal(signal.SIGKILL)
+    await routers.instance_set.wait_for(lambda m: dead_id not in m, 15)
+    live = spawn("commutator.router", "--snapshot-interval-s", "1")
+    await routers.wait_for_instances(1, 60)
+    [live_id] = routers.instances
+    await router_sees(routers, workers, 1)
+    for i in range(5):
+        await generate(routers, f"after{i}", prompt(900 + i), max_tokens=20)
+    # The live router's snapshots purge past what the dead one consumed (its consumer still exists).
+    assert f"router-{dead_id:x}" in await plane.consumer_ack_floors(stream)
+
+    async def purged_past_the_dead_floor() -> bool:
+        return (await plane.stream_state(stream)).first_seq > dead_floor + 1
+
+    await until(purged_past_the_dead_floor, 20)
+    # A router that drains deletes its consumer: nothing waits for it.
+    assert f"router-{live_id:x}" in await plane.consumer_ack_floors(stream)
+    live.signal(signal.SIGTERM)
+    assert await live.wait(30) == 0
+    assert f"router-{live_id:x}" not in await plane.consumer_ack_floors(stream)
+    await plane.close()
+
+
+async def test_the_kv_stream_is_bounded_by_the_index_it_feeds(spawn, clients, nats_server, unique) -> None:  # type: ignore[no-untyped-def]
+    from commutator.common import subjects
+    from commutator.common.events import NatsEventPlane
+
+    routers, workers = clients
+    start_workers(spawn, 1, "--num-blocks", "65536")
+    await workers.wait_for_instances(1, 60)
+    plane = NatsEventPlane(nats_server.url)
+    await plane.connect()
+    stream = subjects.kv_events_stream(unique, "decode")
+    # A worker creates the stream sized for its own cache ...
+    assert (await plane.stream_state(stream)).max_bytes == subjects.kv_stream_max_bytes(65536)
+    start_workers(spawn, 1, "--num-blocks", "65536")
+    spawn("commutator.router")
+    await routers.wait_for_instances(1, 60)
+    await router_sees(routers, workers, 2)
+
+    # ... and a router sizes it to the whole index (both workers' caches).
+    async def sized() -> bool:
+        return (await plane.stream_state(stream)).max_bytes == subjects.kv_stream_max_bytes(2 * 65536)
+
+    await until(sized, 15)
+    await plane.close()

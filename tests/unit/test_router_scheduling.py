@@ -167,3 +167,20 @@ def test_simple_policies() -> None:
     assert {rnd.route("m", [1]).worker.key for _ in range(60)} == {A, B, C}  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="unknown router mode"):
         make_policy("fastest")
+
+
+def test_an_inhibited_worker_gets_nothing_until_lifted_or_gone() -> None:
+    s = Scheduler(make_policy("round-robin"), None)
+    for key in (A, B):
+        s.add_worker(WorkerView(key, f"h{key[0]}:1", "m", 16, 100))
+    assert s.inhibit(A[0]) and not s.inhibit(A[0]) and not s.inhibit(99)  # once; unknown ids are ignored
+    assert {s.route("m", [1] * 20).worker.key for _ in range(6)} == {B}  # type: ignore[union-attr]
+    assert s.candidates("") == [B]
+    s.inhibit(B[0])
+    assert s.route("m", [1] * 20).outcome is Outcome.NO_WORKERS
+    assert s.lift(B[0]) and not s.lift(B[0])
+    assert {s.route("m", [1] * 20).worker.key for _ in range(6)} == {B}  # type: ignore[union-attr]
+    s.remove_worker(A[0])  # leaving discovery forgets the inhibition too
+    assert s.inhibited == set()
+    s.add_worker(WorkerView(A, "h1:1", "m", 16, 100))
+    assert {s.route("m", [1] * 20).worker.key for _ in range(6)} == {A, B}  # type: ignore[union-attr]

@@ -3,7 +3,9 @@
 Embedded (default): one process. Discovery and the event plane are in memory,
 and every role still speaks gRPC on loopback to the others, exactly as when
 distributed. ``--distributed``: a real etcd and nats-server (temporary data,
-free ports) and one process per role.
+free ports) and one process per role; a role that exits on its own (a crashed
+worker) is started again after a backoff (1 s doubling to 30 s), with a log
+line, while the others keep serving.
 """
 
 from __future__ import annotations
@@ -141,6 +143,61 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class _Role:
+    """One role process of ``commutator up --distributed``, restarted with backoff when it exits on its own."""
+
+    RESTART_DELAY_S = 1.0
+    MAX_DELAY_S = 30.0
+    STABLE_AFTER_S = 60.0
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.restart_at: float | None = None
+        self.delay = self.RESTART_DELAY_S
+        self.restarts = 0
+
+    def start(self) -> None:
+        # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the roles in order.
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.cmd], env=self.env, start_new_session=True)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        print(f"started {self.name} (pid {self.proc.pid})", flush=True)
+
+    def check(self, now: float) -> None:
+        """Restart the process if it exited and its backoff has passed."""
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.restarts += 1
+                self.start()
+            return
+        if self.proc is None or self.proc.poll() is None:
+            return
+        if now - self.started_at >= self.STABLE_AFTER_S:
+            self.delay = self.RESTART_DELAY_S  # it had run fine for a while: start over with a short wait
+        print(
+            f"{self.name} (pid {self.proc.pid}) exited with status {self.proc.returncode}; "
+            f"restarting it in {self.delay:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.restart_at = now + self.delay
+        self.delay = min(self.delay * 2, self.MAX_DELAY_S)
+
+    def stop(self, timeout_s: float) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _up_distributed(args: argparse.Namespace) -> int:
     from commutator.common.local_servers import EtcdProcess, NatsProcess
 
@@ -149,7 +206,7 @@ def _up_distributed(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     ensure_tiny_model()
     etcd, nats = EtcdProcess(), NatsProcess()
-    procs: list[subprocess.Popen[bytes]] = []
+    roles: list[_Role] = []
     try:
         etcd.start()
         nats.start()
@@ -173,17 +230,18 @@ def _up_distributed(args: argparse.Namespace) -> int:
             "--router-mode",
             args.router_mode,
         ]
-        commands = [["commutator.decode", *worker_args] for _ in range(args.workers)]
-        commands.append(["commutator.frontend", *frontend_args])
-        for cmd in commands:
-            # Own sessions: a terminal's Ctrl-C reaches only this process, which stops the roles in order.
-            procs.append(subprocess.Popen([sys.executable, "-m", *cmd], env=env, start_new_session=True))
-        model = _wait_ready(args.http_port, 120.0, procs)
+        roles = [_Role(f"worker {i + 1}", ["commutator.decode", *worker_args], env) for i in range(args.workers)]
+        roles.append(_Role("frontend", ["commutator.frontend", *frontend_args], env))
+        for role in roles:
+            role.start()
+        model = _wait_ready(args.http_port, 120.0, [r.proc for r in roles if r.proc is not None])
         _banner(args, model, "distributed, one process per role")
-        while all(p.poll() is None for p in procs):
+        # A role that exits (a crashed worker) is started again with backoff; the rest keep serving.
+        while True:
             time.sleep(0.5)
-        print("a role exited; stopping the rest", file=sys.stderr)
-        return 1
+            now = time.monotonic()
+            for role in roles:
+                role.check(now)
     except KeyboardInterrupt:
         print("\nstopping...", flush=True)
         return 0
@@ -193,12 +251,7 @@ def _up_distributed(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the drain short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for p in reversed(procs):  # the frontend first, then the workers
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(40)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        for role in reversed(roles):  # the frontend first, then the workers
+            role.stop(40)
         nats.close()
         etcd.close()

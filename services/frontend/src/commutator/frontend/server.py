@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 from commutator.common import metrics
 from commutator.common.clock import Clock
-from commutator.common.discovery import MemoryStore
+from commutator.common.discovery import InstanceInfo, MemoryStore, Registration
 from commutator.common.events import MemoryBroker
 from commutator.common.logging import fields
 from commutator.common.runtime import Runtime
@@ -72,6 +72,7 @@ class Frontend:
         self.api: OpenAIApi | None = None
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.registration: Registration | None = None
 
     async def start(self) -> None:
         rt = self.runtime
@@ -135,6 +136,18 @@ class Frontend:
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         scheme = "https" if ssl_ctx else "http"
+        # Other replicas free this frontend's requests (its embedded router's load) the moment it leaves.
+        host = self.config.http_host
+        if host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+        self.registration = await rt.discovery.register(
+            rt.namespace,
+            "frontend",
+            "http",
+            InstanceInfo(address=f"{host}:{self.port}", role="frontend", metadata={"scheme": scheme}),
+        )
         log.info(
             "frontend ready",
             extra=fields(
@@ -159,6 +172,12 @@ class Frontend:
         if self.draining:
             return
         self.draining = True
+        if self.registration is not None and self.runtime.discovery is not None:
+            try:
+                await self.runtime.discovery.deregister(self.registration)
+            except Exception as exc:
+                log.warning("deregistration failed (the lease expiry removes it): %s", exc)
+            self.registration = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

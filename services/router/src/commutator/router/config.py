@@ -25,13 +25,31 @@ class RouterConfig:
     approx_ttl_s: float = option(120.0, "Approximate mode: how long a routed prompt counts as cached")
     busy_kv_usage: float = option(0.0, "Skip workers whose KV usage is at or above this fraction (0: off)")
     busy_prefill_tokens: int = option(0, "Skip workers with this many prompt tokens waiting for prefill (0: off)")
-    load_timeout_s: float = option(600.0, "Force-free a request's load if its end is never reported")
+    load_timeout_s: float = option(
+        0.0,
+        "Force-free a request's load if its end is never reported (0: the generate timeout plus 60 s, "
+        "so a stream that is still allowed to run keeps its accounting)",
+    )
     router_replica_sync: bool = option(False, "Share load accounting with the other router replicas")
     snapshot_interval_s: float = option(60.0, "How often the index is snapshotted to the object store (0: never)")
     worker_component: str = option("decode", "Discovery component of the workers to route to")
     worker_endpoint: str = option("generate", "Discovery endpoint of the workers' Worker service")
     router_block_size: int = option(0, "Block size for hashing prompts (0: the workers' registered block size)")
     generate_timeout_s: float = option(3600.0, "Deadline of a proxied Generate stream")
+    worker_retries: int = option(
+        3,
+        "Before a request's first response: how many times a worker that cannot be reached is excluded "
+        "and the request routed to another",
+    )
+    health_probe_interval_s: float = option(
+        1.0,
+        "A worker that could not be reached gets no requests until it leaves discovery or answers a gRPC "
+        "health check; this is how often it is checked",
+    )
+
+    @property
+    def effective_load_timeout_s(self) -> float:
+        return self.load_timeout_s if self.load_timeout_s > 0 else self.generate_timeout_s + 60.0
 
 
 @dataclass(frozen=True, slots=True)

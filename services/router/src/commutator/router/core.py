@@ -6,6 +6,16 @@ It watches the workers in discovery (a worker that leaves is dropped from
 the index and the load view at once), reads their load statistics and KV
 events, optionally shares load with other router replicas, and proxies
 Generate streams with exact load accounting.
+
+Presence: every router (service or embedded in a frontend) registers
+``{router_component}/replica-{id}`` in discovery, so that the other replicas
+free its requests' load the moment it leaves, and so that its KV-event
+consumer only holds back the stream's purge while it lives.
+
+Failover: a worker that cannot be reached (a connection failure, not an
+application error) is inhibited at once: it gets no requests until it leaves
+discovery or answers a gRPC health check again, and a request that had no
+response yet is routed to another worker (``worker_retries`` times).
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ from typing import Any
 
 from commutator.common import metrics, subjects
 from commutator.common.clock import Clock, SystemClock
-from commutator.common.discovery import Discovery, InstanceEvent, InstanceSet, WatchKind
-from commutator.common.errors import InvalidRequest, NoInstances, Overloaded
-from commutator.common.events import EventPlane, Subscription
+from commutator.common.discovery import Discovery, InstanceEvent, InstanceInfo, InstanceSet, Registration, WatchKind
+from commutator.common.errors import InstanceNotFound, InvalidRequest, NoInstances, Overloaded, Unavailable
+from commutator.common.events import EventPlane, EventPlaneError, Subscription
 from commutator.common.grpc import EndpointClient
+from commutator.common.logging import Throttle
+from commutator.common.tasks import Supervisor
 from commutator.router.config import RouterConfig
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
 from commutator.router.ingest import KvEventIngest
@@ -37,6 +49,8 @@ __all__ = ["Router"]
 log = logging.getLogger(__name__)
 
 _DEPARTED_KEEP_S = 3600.0
+REPLICA_ENDPOINT = "replica"
+"""Discovery endpoint under the router component where every router core announces itself."""
 
 
 class Router:
@@ -79,10 +93,16 @@ class Router:
         self.workers.instance_set.add_listener(self._on_worker)
         self.ingest: KvEventIngest | None = None
         self.sync: ReplicaSync | None = None
-        self._routers: InstanceSet | None = None
+        self._routers = InstanceSet(discovery, namespace, router_component, REPLICA_ENDPOINT)
+        self._routers.add_listener(self._on_router)
+        self._presence: Registration | None = None
         self._stats_sub: Subscription | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = Supervisor(clock=self.clock)
+        self._probes: dict[int, asyncio.Task[None]] = {}
         self._departed: dict[int, float] = {}
+        self._stream_bytes = 0
+        self._bad_stats = metrics.BAD_MESSAGES.labels("worker_stats")
+        self._bad_stats_log = Throttle()
         self._stage = {s: metrics.ROUTER_STAGE_SECONDS.labels(s) for s in ("hash", "match", "select", "total")}
         self._decisions = {o: metrics.ROUTER_DECISIONS.labels(o.value) for o in Outcome}
         self._prompt_blocks = metrics.ROUTER_PROMPT_BLOCKS.labels("prompt")
@@ -99,13 +119,17 @@ class Router:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        # Announced first: from here on, other replicas count this one's KV-event consumer as live.
+        self._presence = await self.discovery.register(
+            self.namespace, self.router_component, REPLICA_ENDPOINT, InstanceInfo(address="", role="router")
+        )
+        await self._routers.start()
         await self.workers.start()
-        loop = asyncio.get_running_loop()
         if self.events is not None:
             self._stats_sub = await self.events.subscribe_core(
                 subjects.load_subjects(self.namespace, self.config.worker_component), max_pending=4096
             )
-            self._tasks.append(loop.create_task(self._read_stats(), name="router-load-stats"))
+            self._tasks.start("router-load-stats", self._read_stats)
             if isinstance(self.indexer, KvIndexer):
                 self.ingest = KvEventIngest(
                     self.indexer,
@@ -116,9 +140,11 @@ class Router:
                     recover=self._recover_worker,
                     snapshot_interval_s=self.config.snapshot_interval_s,
                     is_departed=self._departed.__contains__,
+                    live_routers=lambda: self._routers.instances.keys(),
                 )
                 await self.ingest.start()
                 self._drop_absent_workers()
+                await self._size_kv_stream()
             if self.config.router_replica_sync:
                 self.sync = ReplicaSync(
                     self.events,
@@ -128,10 +154,7 @@ class Router:
                     self._apply_replica_event,
                 )
                 await self.sync.start()
-                self._routers = InstanceSet(self.discovery, self.namespace, self.router_component)
-                self._routers.add_listener(self._on_router)
-                await self._routers.start()
-        self._tasks.append(loop.create_task(self._housekeeping(), name="router-housekeeping"))
+        self._tasks.start("router-housekeeping", self._housekeeping)
         log.info(
             "router started",
             extra={
@@ -145,21 +168,29 @@ class Router:
         )
 
     async def close(self) -> None:
-        for t in self._tasks:
+        """Stop (a drain: every stream through this router has ended). The KV-event consumer is
+        deleted and the presence key removed, so nothing waits for this replica any more."""
+        await self._tasks.close()
+        for t in self._probes.values():
             t.cancel()
-        for t in self._tasks:
+        for t in self._probes.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        self._tasks.clear()
+        self._probes.clear()
         if self._stats_sub is not None:
             await self._stats_sub.unsubscribe()
         if self.sync is not None:
             await self.sync.close()
-        if self._routers is not None:
-            await self._routers.close()
+        await self._routers.close()
         if self.ingest is not None:
-            await self.ingest.close()
+            await self.ingest.close(delete_consumer=True)
         await self.workers.close()
+        if self._presence is not None:
+            try:
+                await self.discovery.deregister(self._presence)
+            except Exception as exc:
+                log.warning("router presence not removed (its lease expiry removes it): %s", exc)
+            self._presence = None
 
     # -- the worker set ---------------------------------------------------------------------
     def _on_worker(self, ev: InstanceEvent) -> None:
@@ -179,6 +210,9 @@ class Router:
         else:
             self._departed[inst.instance_id] = self.clock.monotonic()
             self.scheduler.remove_worker(inst.instance_id)
+            probe = self._probes.pop(inst.instance_id, None)
+            if probe is not None:
+                probe.cancel()
             for kind in ("active_blocks", "prefill_tokens", "requests", "kv_usage"):
                 with contextlib.suppress(KeyError):
                     metrics.ROUTER_WORKER_LOAD.remove(f"{inst.instance_id:x}", kind)
@@ -198,9 +232,42 @@ class Router:
         async for msg in self._stats_sub:
             try:
                 s = common_pb2.WorkerStats.FromString(msg.data)
-            except Exception:
+            except Exception as exc:
+                self._bad_stats.inc()
+                held = self._bad_stats_log.allow()
+                if held is not None:
+                    log.warning(
+                        "skipped an unreadable worker-stats message on %s (%d more held back): %s",
+                        msg.subject,
+                        held,
+                        exc,
+                    )
                 continue
             self.scheduler.update_usage((s.worker_id, s.dp_rank), s.kv_blocks_used, s.kv_blocks_total)
+
+    # -- unreachable workers ----------------------------------------------------------------
+    def inhibit(self, worker_id: int, reason: str) -> None:
+        """Route nothing to ``worker_id`` until it leaves discovery or answers a health check."""
+        if not self.scheduler.inhibit(worker_id):
+            return
+        metrics.ROUTER_INHIBITIONS.labels("inhibited").inc()
+        log.warning("worker %x cannot be reached (%s): no requests until it answers a health check", worker_id, reason)
+        self._probes[worker_id] = asyncio.get_running_loop().create_task(
+            self._probe(worker_id), name=f"probe-{worker_id:x}"
+        )
+
+    async def _probe(self, worker_id: int) -> None:
+        try:
+            while worker_id in self.scheduler.inhibited:
+                await self.clock.sleep(self.config.health_probe_interval_s)
+                if await self.workers.health_check(worker_id, timeout_s=min(1.0, self.config.health_probe_interval_s)):
+                    if self.scheduler.lift(worker_id):
+                        metrics.ROUTER_INHIBITIONS.labels("lifted").inc()
+                        log.info("worker %x answers its health check again: routing to it", worker_id)
+                    return
+        finally:
+            if self._probes.get(worker_id) is asyncio.current_task():
+                del self._probes[worker_id]
 
     async def _recover_worker(self, key: WorkerKey) -> tuple[list[tuple[int, int]], int] | None:
         if key[0] not in self.workers.instances:
@@ -215,7 +282,7 @@ class Router:
         return pairs, nxt
 
     def _on_router(self, ev: InstanceEvent) -> None:
-        if ev.kind is WatchKind.DELETE:
+        if ev.kind is WatchKind.DELETE and ev.instance.instance_id != self.router_id:
             freed = self.scheduler.load.free_owner(ev.instance.instance_id)
             if freed:
                 log.info("router %x left: freed %d of its requests", ev.instance.instance_id, freed)
@@ -240,12 +307,33 @@ class Router:
         elif kind == "freed":
             load.free(rid)
 
+    async def _size_kv_stream(self) -> None:
+        """Keep the KV-event stream's byte limit in step with the index it feeds (the workers' capacity)."""
+        if self.ingest is None or self.events is None:
+            return
+        total = sum(w.kv_capacity_blocks for w in self.scheduler.workers.values())
+        want = subjects.kv_stream_max_bytes(total)
+        if self._stream_bytes and abs(want - self._stream_bytes) <= self._stream_bytes // 8:
+            return  # small changes (a worker more or less of many) are not worth a stream update
+        try:
+            await self.events.ensure_stream(
+                subjects.kv_events_stream_spec(self.namespace, self.config.worker_component, want)
+            )
+        except EventPlaneError as exc:
+            log.warning("could not size the KV-event stream: %s", exc)
+            return
+        if want != self._stream_bytes:
+            log.info("KV-event stream limit set to %d MiB (%d KV blocks across workers)", want >> 20, total)
+        self._stream_bytes = want
+
     async def _housekeeping(self) -> None:
+        timeout_s = self.config.effective_load_timeout_s
         while True:
             await self.clock.sleep(1.0)
+            await self._size_kv_stream()
             now = self.clock.monotonic()
             load = self.scheduler.load
-            expired = load.expire(now, self.config.load_timeout_s)
+            expired = load.expire(now, timeout_s)
             if expired:
                 log.warning("force-freed %d requests whose end was never reported", len(expired))
             if isinstance(self.indexer, ApproxIndexer):
@@ -342,29 +430,52 @@ class Router:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """Route ``request`` and stream the chosen worker's responses, with exact load accounting:
-        counted when routed, prompt dropped at the first token, freed at the end, on error and on cancel."""
+        counted when routed, prompt dropped at the first token, freed at the end, on error and on cancel.
+
+        A worker that cannot be reached is inhibited; while nothing has been streamed yet the
+        request is routed again (up to ``worker_retries`` times, never for a ``requested`` worker).
+        """
         if not request.request_id:
             raise InvalidRequest("request_id is required")
-        result = self.route_or_raise(
-            request.model,
-            request.token_ids,
-            lora_name=request.lora_name,
-            cache_salt=request.cache_salt,
-            requested=requested,
-        )
-        assert result.worker is not None
-        worker_id, rank = result.worker.key
-        request.dp_rank = rank
         rid = request.request_id
-        self.track(rid, result)
-        try:
-            first = True
-            async for resp in self.workers.stream(
-                "Generate", request, instance_id=worker_id, timeout_s=self.config.generate_timeout_s, metadata=metadata
-            ):
-                if first and resp.token_ids:
-                    first = False
-                    self.prefill_done(rid)
-                yield resp
-        finally:
-            self.free(rid)
+        attempt = 0
+        while True:
+            result = self.route_or_raise(
+                request.model,
+                request.token_ids,
+                lora_name=request.lora_name,
+                cache_salt=request.cache_salt,
+                requested=requested,
+            )
+            assert result.worker is not None
+            worker_id, rank = result.worker.key
+            request.dp_rank = rank
+            self.track(rid, result)
+            streamed = False
+            try:
+                prefilling = True
+                async for resp in self.workers.stream(
+                    "Generate",
+                    request,
+                    instance_id=worker_id,
+                    timeout_s=self.config.generate_timeout_s,
+                    metadata=metadata,
+                ):
+                    if prefilling and resp.token_ids:
+                        prefilling = False
+                        self.prefill_done(rid)
+                    streamed = True
+                    yield resp
+                return
+            except (Unavailable, InstanceNotFound) as exc:
+                if isinstance(exc, Unavailable):
+                    self.inhibit(worker_id, str(exc))
+                if streamed or requested is not None or attempt >= self.config.worker_retries:
+                    raise
+                attempt += 1
+                metrics.ROUTER_RETRIES.inc()
+                log.warning(
+                    "request %s: worker %x unreachable before its first response; routing again", rid, worker_id
+                )
+            finally:
+                self.free(rid)

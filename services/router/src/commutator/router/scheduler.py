@@ -81,7 +81,11 @@ class Scheduler:
         self.workers: dict[WorkerKey, WorkerView] = {}
         self.kv_usage: dict[WorkerKey, float] = {}
         self.load = ActiveLoad()
+        self.inhibited: set[int] = set()
+        """Worker ids that failed a connection: kept out of routing until discovery drops them
+        or they answer a health check again (:meth:`inhibit`, :meth:`lift`)."""
         self._by_model: dict[str, list[WorkerKey]] = {}
+        self._all: list[WorkerKey] = []
 
     # -- the worker set -------------------------------------------------------------------
     def add_worker(self, view: WorkerView) -> None:
@@ -96,13 +100,35 @@ class Scheduler:
         if self.indexer is not None:
             self.indexer.remove_worker(worker_id)
         self.load.drop_worker(worker_id)
+        self.inhibited.discard(worker_id)
         self._rebuild()
+
+    def inhibit(self, worker_id: int) -> bool:
+        """Keep a worker out of routing (it could not be reached). False if it already was, or is unknown."""
+        if worker_id in self.inhibited or not any(k[0] == worker_id for k in self.workers):
+            return False
+        self.inhibited.add(worker_id)
+        self._rebuild()
+        return True
+
+    def lift(self, worker_id: int) -> bool:
+        """Route to an inhibited worker again. False if it was not inhibited."""
+        if worker_id not in self.inhibited:
+            return False
+        self.inhibited.discard(worker_id)
+        self._rebuild()
+        return True
 
     def _rebuild(self) -> None:
         by_model: dict[str, list[WorkerKey]] = {}
+        routable: list[WorkerKey] = []
         for key, view in sorted(self.workers.items()):
+            if key[0] in self.inhibited:
+                continue
             by_model.setdefault(view.model, []).append(key)
+            routable.append(key)
         self._by_model = by_model
+        self._all = routable
 
     def update_usage(self, key: WorkerKey, used_blocks: int, total_blocks: int) -> None:
         if key in self.workers and total_blocks > 0:
@@ -112,9 +138,10 @@ class Scheduler:
         return sorted(self._by_model)
 
     def candidates(self, model: str) -> list[WorkerKey]:
+        """The routable worker ranks of ``model`` (every model's when empty), inhibited ones left out."""
         if model:
             return self._by_model.get(model, [])
-        return sorted(self.workers)
+        return self._all
 
     def _busy(self, key: WorkerKey) -> bool:
         if self.busy_kv_usage > 0 and self.kv_usage.get(key, 0.0) >= self.busy_kv_usage:

@@ -33,6 +33,7 @@ from commutator.common.errors import (
     RemoteError,
     Unavailable,
 )
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["EndpointClient", "PickMode", "map_rpc_error"]
 
@@ -186,6 +187,19 @@ class EndpointClient(Generic[StubT]):
             entry = (instance.info.address, channel, self._stub_factory(channel))
             self._channels[instance.instance_id] = entry
         return entry[2]
+
+    async def health_check(self, instance_id: int, timeout_s: float = 1.0) -> bool:
+        """Whether the instance answers the standard gRPC health check with SERVING (never raises)."""
+        inst = self.instance_set.instances.get(instance_id)
+        if inst is None:
+            return False
+        self.stub(inst)
+        channel = self._channels[instance_id][1]
+        try:
+            resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _resolve(self, mode: PickMode, instance_id: int | None) -> tuple[Instance, StubT, grpc.aio.Channel]:
         inst = self.pick("direct" if instance_id is not None else mode, instance_id)

@@ -1,0 +1,65 @@
+"""The router core on in-memory discovery and a virtual clock: load timeouts, snapshots."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from commutator.common.clock import VirtualClock
+from commutator.common.discovery import Discovery, InstanceInfo, MemoryBackend, MemoryStore
+from commutator.common.events import MemoryBroker, MemoryEventPlane
+from commutator.common.hashing import local_block_hashes, sequence_hashes
+from commutator.router.config import RouterConfig
+from commutator.router.core import Router
+from commutator.router.indexer import KvIndexer
+from commutator.router.ingest import KvEventIngest
+from commutator.v1 import kv_events_pb2, router_pb2
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_load_timeout_follows_the_generate_timeout() -> None:
+    assert RouterConfig().effective_load_timeout_s == 3600.0 + 60.0
+    assert RouterConfig(generate_timeout_s=7200.0).effective_load_timeout_s == 7260.0
+    assert RouterConfig(load_timeout_s=30.0).effective_load_timeout_s == 30.0
+
+
+async def test_a_stream_within_the_generate_timeout_keeps_its_load() -> None:
+    clock = VirtualClock()
+    store = MemoryStore(clock)
+    worker = Discovery(MemoryBackend(store))
+    await worker.start()
+    await worker.register("ns", "decode", "generate", InstanceInfo(address="127.0.0.1:1", model="m", block_size=16))
+    d = Discovery(MemoryBackend(store))
+    await d.start()
+    router = Router(RouterConfig(router_mode="round-robin"), d, None, "ns", clock=clock)
+    await router.start()
+    await router.workers.wait_for_instances(1, 5)
+    router.track("long", router.route("m", list(range(40))))
+    await clock.advance(1800.0)  # half an hour: a long generation, well within the 3600 s deadline
+    assert "long" in router.scheduler.load.requests
+    await clock.advance(1900.0)  # past the deadline and its margin: nobody will free it now
+    assert "long" not in router.scheduler.load.requests
+    await router.close()
+    await d.close()
+    await worker.close()
+
+
+async def test_chunked_snapshot_bytes_equal_the_one_step_snapshot() -> None:
+    rng = random.Random(3)
+    idx = KvIndexer()
+    for w in range(5):
+        for e in range(20):
+            toks = [rng.randrange(1000) for _ in range(16 * rng.randrange(1, 40))]
+            local = local_block_hashes(toks, 16)
+            ev = kv_events_pb2.KvEvent(worker_id=100 + w, dp_rank=w % 2, event_id=e)
+            for sh, lh in zip(sequence_hashes(local), local, strict=True):
+                ev.stored.blocks.add(block_hash=sh ^ w, tokens_hash=lh)
+            idx.apply_event(ev)
+    ingest = KvEventIngest(idx, MemoryEventPlane(MemoryBroker()), "ns", "decode", 1, snapshot_interval_s=0)
+    ingest.stats.applied_seq = 42
+    seq, data = await ingest.snapshot_bytes(chunk=7)  # many steps per worker
+    chunked = router_pb2.IndexSnapshot.FromString(data)
+    whole = ingest.build_snapshot()
+    chunked.created_s = whole.created_s = 0
+    assert seq == 42 and chunked == whole and len(whole.workers) == 5
