@@ -319,6 +319,19 @@ async def test_bad_requests_get_the_right_errors_and_the_server_keeps_serving(st
         body = {"model": MODEL, "messages": msgs, "max_tokens": 2, "some_future_field": {"x": 1}}
         async with http.post(f"{base}/chat/completions", json=body) as r:
             assert r.status == 200  # unknown fields are ignored
+        # Values the parser used to let through to protobuf, which answered 500.
+        for path, extra, param in [
+            ("completions", {"stop": [-1]}, "stop"),
+            ("completions", {"top_k": 2**40}, "top_k"),
+            ("chat/completions", {"stop_token_ids": [2**40]}, "stop_token_ids"),
+            ("chat/completions", {"min_tokens": 2**33}, "min_tokens"),
+            ("completions", {"stop": ["x"] * 10_000}, "stop"),
+        ]:
+            body = {"model": MODEL, "max_tokens": 2, **extra}
+            body.update({"messages": msgs} if path.startswith("chat") else {"prompt": "hi"})
+            async with http.post(f"{base}/{path}", json=body) as r:
+                assert r.status == 400, (extra, await r.text())
+                assert (await r.json())["error"]["param"] == param
     r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, extra_body=FULL)
     assert r.usage.completion_tokens == 3
     assert stack["frontend"].proc.poll() is None

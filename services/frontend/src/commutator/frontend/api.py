@@ -34,6 +34,7 @@ from commutator.frontend.detokenize import TextStream
 from commutator.frontend.models import ModelRegistry
 from commutator.frontend.preprocess import PreprocessError, Preprocessor
 from commutator.frontend.protocol import ApiError, SamplingRequest, parse_chat, parse_completion
+from commutator.frontend.wire import generate_requests
 from commutator.v1 import common_pb2
 
 __all__ = ["Backend", "OpenAIApi", "error_response"]
@@ -187,47 +188,6 @@ class OpenAIApi:
         return await self._generate(request, t0, rid, req.model, pre, prompts, req.sampling, chat=False)
 
     # -- generation -------------------------------------------------------------------------
-    def _requests(
-        self, rid: str, model: str, pre: Preprocessor, prompts: list[list[int]], s: SamplingRequest
-    ) -> list[common_pb2.GenerateRequest]:
-        out = []
-        ctx = pre.context_length
-        for p_index, tokens in enumerate(prompts):
-            if ctx and len(tokens) >= ctx:
-                raise ApiError.bad(
-                    f"the prompt has {len(tokens)} tokens; this model's context is {ctx} tokens", "messages"
-                )
-            max_tokens = s.max_tokens if s.max_tokens is not None else (ctx - len(tokens) if ctx else 0)
-            if ctx and max_tokens > ctx - len(tokens):
-                max_tokens = ctx - len(tokens)
-            for i in range(s.n):
-                g = common_pb2.GenerateRequest(request_id=f"{rid}-{p_index * s.n + i}", model=model, token_ids=tokens)
-                st = g.stop
-                st.max_tokens = max_tokens
-                st.min_tokens = s.min_tokens
-                st.ignore_eos = s.ignore_eos
-                if s.stop_token_ids:
-                    st.stop_token_ids.extend(s.stop_token_ids)
-                sp = g.sampling
-                if s.temperature is not None:
-                    sp.temperature = s.temperature
-                if s.top_p is not None:
-                    sp.top_p = s.top_p
-                if s.top_k is not None:
-                    sp.top_k = s.top_k
-                if s.seed is not None:
-                    sp.seed = (s.seed + i) % 2**64
-                if s.frequency_penalty is not None:
-                    sp.frequency_penalty = s.frequency_penalty
-                if s.presence_penalty is not None:
-                    sp.presence_penalty = s.presence_penalty
-                if s.repetition_penalty is not None:
-                    sp.repetition_penalty = s.repetition_penalty
-                if s.logprobs is not None:
-                    g.logprobs = s.logprobs
-                out.append(g)
-        return out
-
     async def _open(
         self,
         greq: common_pb2.GenerateRequest,
@@ -270,7 +230,9 @@ class OpenAIApi:
         *,
         chat: bool,
     ) -> web.StreamResponse:
-        greqs = self._requests(rid, model, pre, prompts, s)
+        greqs = generate_requests(
+            rid, model, prompts, s, pre.context_length, prompt_param="messages" if chat else "prompt"
+        )
         # The client's W3C trace context (if any) continues into the router and the workers.
         with tracing.server_span(f"POST {request.path}", request.headers.items(), request_id=rid) as span:
             return await self._generate_traced(

@@ -35,7 +35,10 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 
 
 class PreprocessError(ValueError):
-    """The conversation cannot be rendered or tokenized (the client's fault: HTTP 400)."""
+    """The conversation cannot be rendered or tokenized (the client's fault: HTTP 400).
+
+    Any failure of the chat template on a conversation is one (the template runs over client data).
+    """
 
 
 def _raise_exception(message: str) -> None:
@@ -82,6 +85,12 @@ class ChatTemplate:
             )
         except jinja2.exceptions.TemplateError as exc:
             raise PreprocessError(f"the chat template rejected the conversation: {exc}") from None
+        except Exception as exc:
+            # The template is the model's code run over whatever the client sent (tool calls, extra
+            # message keys of any type): its TypeError on a number where it expects a list is a bad request.
+            raise PreprocessError(
+                f"the chat template failed on this conversation: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def _token_content(value: Any) -> str | None:
