@@ -446,6 +446,7 @@ async def test_all_workers_busy_is_529(spawn) -> None:  # type: ignore[no-untype
     with pytest.raises(openai.APIStatusError) as err:
         await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
     assert err.value.status_code == 529 and err.value.body["code"] == "overloaded"  # type: ignore[index]
+    assert int(err.value.response.headers["Retry-After"]) >= 1
     assert (await slow).usage.completion_tokens == 1
     await client.close()
 
@@ -476,3 +477,62 @@ async def test_a_stream_whose_worker_dies_ends_with_an_error_event(spawn) -> Non
     events = [json.loads(x[6:]) for x in lines if x.startswith(b"data: {")]
     assert lines[-1] == b"data: [DONE]"
     assert "error" in events[-1] and events[-1]["error"]["type"] == "service_unavailable"
+
+
+async def test_requests_over_the_inflight_cap_get_429_until_one_finishes(spawn) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    spawn("commutator.decode", "--speedup-ratio", "1")  # real time: 200 tokens take over a second
+    spawn("commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1", "--max-inflight-requests", "1")
+    base = f"http://127.0.0.1:{port}/v1"
+    await wait_models(base, {MODEL})
+    await wait_serving(base)
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "go on"}]
+    inflight = "commutator_frontend_inflight_requests"
+
+    async def one() -> openai.types.Completion:
+        return await client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body=FULL)
+
+    async def until_idle() -> None:
+        for _ in range(200):
+            if await metric(base, inflight) == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the frontend still counts a request in flight")
+
+    async def rejected() -> None:
+        with pytest.raises(openai.RateLimitError) as err:
+            await one()
+        assert err.value.status_code == 429 and int(err.value.response.headers["Retry-After"]) >= 1
+        assert err.value.body["type"] == "rate_limit_exceeded"  # type: ignore[index]
+        assert err.value.body["code"] == "too_many_requests"  # type: ignore[index]
+
+    slow = await client.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        max_tokens=200,
+        stream=True,
+        extra_body=FULL,  # type: ignore[arg-type]
+    )
+    chunks = slow.__aiter__()
+    await chunks.__anext__()
+    await rejected()
+    rest = [c async for c in chunks]
+    assert rest[-1].choices[0].finish_reason == "length"
+    await until_idle()  # the slot is freed just after the last byte is written
+    assert (await one()).choices[0].finish_reason == "length"
+
+    # A client that goes away mid-stream frees its slot too.
+    slow = await client.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        max_tokens=2000,
+        stream=True,
+        extra_body=FULL,  # type: ignore[arg-type]
+    )
+    await slow.__aiter__().__anext__()
+    await rejected()
+    await slow.close()
+    await until_idle()
+    assert (await one()).choices[0].finish_reason == "length"
+    await client.close()

@@ -142,6 +142,8 @@ COMPLETION_ONLY: list[tuple[str, Any, str]] = [
             [[1, "a"]],
             [[True]],
             [{"a": 1}],
+            ["a"] * 10_000,
+            [[1]] * 10_000,
         ]
     ],
     *[("logprobs", v, "logprobs") for v in [-1, 21, 0.5, *HUGE_INTS, *HUGE_FLOATS, *NOT_FINITE, *WRONG_TYPES]],

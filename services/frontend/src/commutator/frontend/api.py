@@ -3,10 +3,11 @@
 A request is validated, templated and tokenized, routed, and its worker's
 token stream is detokenized (stop strings applied) into SSE chunks or one JSON
 body. Errors before the first token get their HTTP status (400, 404, 413,
-503 no worker, 529 all busy); a stream that fails after it started ends with
-an error event and ``[DONE]``, never a silent cut. A client that goes away
-cancels the worker stream (aiohttp cancels the handler), which frees the
-worker's blocks and the router's accounting.
+429 too many requests in flight here, 503 no worker, 529 all busy; 429 and 529
+with ``Retry-After``); a stream that fails after it started ends with an error
+event and ``[DONE]``, never a silent cut. A client that goes away cancels the
+worker stream (aiohttp cancels the handler), which frees the worker's blocks
+and the router's accounting.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from commutator.common.errors import (
 from commutator.frontend.detokenize import TextStream
 from commutator.frontend.models import ModelRegistry
 from commutator.frontend.preprocess import PreprocessError, Preprocessor
-from commutator.frontend.protocol import ApiError, SamplingRequest, parse_chat, parse_completion
+from commutator.frontend.protocol import ApiError, RequestLimits, SamplingRequest, parse_chat, parse_completion
 from commutator.frontend.wire import generate_requests
 from commutator.v1 import common_pb2
 
@@ -49,6 +50,7 @@ _FINISH = {
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 _RETRIES_BEFORE_FIRST_TOKEN = 2
+_RETRY_AFTER_S = 1  # on 429 and 529: a stream in flight ends, or a worker's prefill finishes, within about a second
 
 
 class Backend(Protocol):
@@ -60,7 +62,10 @@ class Backend(Protocol):
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.Response(status=err.status, body=orjson.dumps(err.body()), content_type="application/json")
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return web.Response(
+        status=err.status, body=orjson.dumps(err.body()), content_type="application/json", headers=headers
+    )
 
 
 def _api_error(exc: CommutatorError, model: str) -> ApiError:
@@ -69,7 +74,9 @@ def _api_error(exc: CommutatorError, model: str) -> ApiError:
             503, f"no worker is serving model '{model}' right now", type="service_unavailable", code="no_workers"
         )
     if isinstance(exc, Overloaded):
-        return ApiError(529, "all workers are busy; retry later", type="overloaded", code="overloaded")
+        return ApiError(
+            529, "all workers are busy; retry later", type="overloaded", code="overloaded", retry_after_s=_RETRY_AFTER_S
+        )
     if isinstance(exc, InvalidRequest):
         return ApiError(400, str(exc).split(": ", 1)[-1])
     if isinstance(exc, DeadlineExceeded):
@@ -120,9 +127,27 @@ class _Choice:
 
 
 class OpenAIApi:
-    def __init__(self, registry: ModelRegistry, backend: Backend) -> None:
+    """The endpoints of one frontend process.
+
+    ``limits`` caps the worker streams one request opens (400 past them).
+    ``max_inflight_requests`` caps the generation requests served at once: one more
+    gets 429 with ``Retry-After`` before its body is read. The count is exact: taken
+    and released on the event loop around the whole handler (streams included), so a
+    request that fails, or whose client goes away (the handler is cancelled), frees
+    its slot at once.
+    """
+
+    def __init__(
+        self, registry: ModelRegistry, backend: Backend, *, limits: RequestLimits, max_inflight_requests: int
+    ) -> None:
+        if max_inflight_requests < 1:
+            raise ValueError(f"max_inflight_requests must be at least 1, got {max_inflight_requests}")
         self.registry = registry
         self.backend = backend
+        self.limits = limits
+        self.max_inflight_requests = max_inflight_requests
+        self.inflight_requests = 0
+        """Generation requests being served now (what the cap is checked against)."""
         self._inflight = metrics.FRONTEND_INFLIGHT
         self._ttft = metrics.FRONTEND_TTFT_SECONDS
         self._chunk = metrics.FRONTEND_CHUNK_SECONDS
@@ -146,6 +171,19 @@ class OpenAIApi:
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         endpoint = "chat" if chat else "completions"
+        if self.inflight_requests >= self.max_inflight_requests:
+            metrics.FRONTEND_REQUESTS.labels(endpoint, "429").inc()
+            return error_response(
+                ApiError(
+                    429,
+                    f"this frontend is serving its limit of {self.max_inflight_requests} requests; retry later",
+                    type="rate_limit_exceeded",
+                    code="too_many_requests",
+                    retry_after_s=_RETRY_AFTER_S,
+                )
+            )
+        # Taken with no await since the check, released in the finally below (errors and cancellation too).
+        self.inflight_requests += 1
         t0 = time.perf_counter()
         self._inflight.inc()
         status = 200
@@ -159,12 +197,13 @@ class OpenAIApi:
                 status = err.status
                 return error_response(err)
         finally:
+            self.inflight_requests -= 1
             self._inflight.dec()
             metrics.FRONTEND_REQUESTS.labels(endpoint, str(status)).inc()
 
     # -- chat -------------------------------------------------------------------------------
     async def _chat(self, request: web.Request, body: Any, t0: float) -> web.StreamResponse:
-        req = parse_chat(body)
+        req = parse_chat(body, self.limits)
         pre = await self.registry.preprocessor(req.model)
         try:
             tokens = pre.chat_token_ids(req.messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools)
@@ -174,7 +213,7 @@ class OpenAIApi:
         return await self._generate(request, t0, rid, req.model, pre, [tokens], req.sampling, chat=True)
 
     async def _completion(self, request: web.Request, body: Any, t0: float) -> web.StreamResponse:
-        req = parse_completion(body)
+        req = parse_completion(body, self.limits)
         pre = await self.registry.preprocessor(req.model)
         prompts = [pre.encode(p) if isinstance(p, str) else p for p in req.prompts]
         vocab = pre.tokenizer.get_vocab_size(with_added_tokens=True)

@@ -13,7 +13,9 @@ detokenizer checks every stop string on every token: at most
 :data:`MAX_STOP_STRINGS` strings (8x OpenAI's 4) of 1 to
 :data:`MAX_STOP_STRING_CHARS` characters each, and at most
 :data:`MAX_STOP_TOKEN_IDS` stop token ids (``stop`` given as ids plus
-``stop_token_ids``).
+``stop_token_ids``). Fan-out (prompts, ``n``, prompts x ``n``: each choice is
+a worker stream opened at once) is capped by :class:`RequestLimits`, which the
+frontend builds from its flags.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "MAX_LOGPROBS",
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
@@ -30,12 +33,12 @@ __all__ = [
     "ApiError",
     "ChatRequest",
     "CompletionRequest",
+    "RequestLimits",
     "SamplingRequest",
     "parse_chat",
     "parse_completion",
 ]
 
-MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
@@ -59,6 +62,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -66,6 +70,8 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
+        """Sent as the ``Retry-After`` header (429, 529): when trying again may succeed."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -73,6 +79,27 @@ class ApiError(Exception):
     @classmethod
     def bad(cls, message: str, param: str | None = None) -> ApiError:
         return cls(400, message, param=param)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """How many worker streams one HTTP request may open (one per prompt and choice).
+
+    The defaults are the frontend's flag defaults (``--max-prompts-per-request`` and the rest,
+    where they are explained). A request over a limit is a 400 naming ``prompt`` or ``n``.
+    """
+
+    max_prompts_per_request: int = 256
+    max_n: int = 128
+    max_choices_per_request: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompts_per_request", "max_n", "max_choices_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+DEFAULT_LIMITS = RequestLimits()
 
 
 @dataclass(slots=True)
@@ -222,7 +249,7 @@ def _stop(body: dict[str, Any], s: SamplingRequest) -> None:
         )
 
 
-def _sampling(body: dict[str, Any], *, chat: bool) -> SamplingRequest:
+def _sampling(body: dict[str, Any], limits: RequestLimits, *, chat: bool) -> SamplingRequest:
     s = SamplingRequest()
     mt = _int(body, "max_completion_tokens", lo=1, hi=UINT32_MAX) if chat else None
     s.max_tokens = mt if mt is not None else _int(body, "max_tokens", lo=1, hi=UINT32_MAX)
@@ -238,7 +265,7 @@ def _sampling(body: dict[str, Any], *, chat: bool) -> SamplingRequest:
     # Divides the logits of tokens already seen: 1 is none, values past 10 only make the model unusable.
     s.repetition_penalty = _float(body, "repetition_penalty", lo=0.0, hi=10.0, lo_open=True)
     s.ignore_eos = _bool(body, "ignore_eos")
-    s.n = _int(body, "n", lo=1, hi=MAX_N) or 1
+    s.n = _int(body, "n", lo=1, hi=limits.max_n) or 1
     s.stream = _bool(body, "stream")
     _stop(body, s)
     opts = body.get("stream_options")
@@ -286,7 +313,17 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def parse_chat(body: Any) -> ChatRequest:
+def _check_choices(n_prompts: int, n: int, limits: RequestLimits) -> None:
+    if n_prompts * n > limits.max_choices_per_request:
+        raise ApiError.bad(
+            f"{n_prompts} prompt(s) with 'n' {n} make {n_prompts * n} choices; "
+            f"at most {limits.max_choices_per_request} are allowed per request",
+            "n",
+        )
+
+
+def parse_chat(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ChatRequest:
+    """A chat request; raises :class:`ApiError` (400, ``param`` naming the field) for any bad value."""
     if not isinstance(body, dict):
         raise ApiError.bad("the request body must be a JSON object")
     model = _model(body)
@@ -294,20 +331,27 @@ def parse_chat(body: Any) -> ChatRequest:
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ApiError.bad("'tools' must be a list of objects", "tools")
+    sampling = _sampling(body, limits, chat=True)
+    _check_choices(1, sampling.n, limits)
     return ChatRequest(
         model,
         messages,
-        _sampling(body, chat=True),
+        sampling,
         tools or None,
         add_generation_prompt=_bool(body, "add_generation_prompt", default=True),
     )
 
 
-def _prompts(prompt: Any) -> list[str | list[int]]:
+def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
     """``prompt``: a string, strings, token ids, or lists of token ids; none of them empty."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt, list) and prompt:
+        if not _is_int(prompt[0]) and len(prompt) > limits.max_prompts_per_request:
+            raise ApiError.bad(
+                f"'prompt' has {len(prompt)} prompts; at most {limits.max_prompts_per_request} are allowed per request",
+                "prompt",
+            )
         if all(isinstance(p, str) for p in prompt):
             if not all(prompt):
                 raise ApiError.bad("'prompt' must not be empty", "prompt")
@@ -322,9 +366,12 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     )
 
 
-def parse_completion(body: Any) -> CompletionRequest:
+def parse_completion(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> CompletionRequest:
+    """A completion request; raises :class:`ApiError` (400, ``param`` naming the field) for any bad value."""
     if not isinstance(body, dict):
         raise ApiError.bad("the request body must be a JSON object")
     model = _model(body)
-    prompts = _prompts(body.get("prompt"))
-    return CompletionRequest(model, prompts, _sampling(body, chat=False), echo=_bool(body, "echo"))
+    prompts = _prompts(body.get("prompt"), limits)
+    sampling = _sampling(body, limits, chat=False)
+    _check_choices(len(prompts), sampling.n, limits)
+    return CompletionRequest(model, prompts, sampling, echo=_bool(body, "echo"))
