@@ -31,6 +31,7 @@ from commutator.common.errors import (
     Overloaded,
     Unavailable,
 )
+from commutator.frontend.choice import Choice, chat_delta, logprobs_json, piece
 from commutator.frontend.detokenize import TextStream
 from commutator.frontend.models import ModelRegistry
 from commutator.frontend.preprocess import PreprocessError, Preprocessor
@@ -42,11 +43,6 @@ __all__ = ["Backend", "OpenAIApi", "error_response"]
 
 log = logging.getLogger(__name__)
 
-_FINISH = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 _RETRIES_BEFORE_FIRST_TOKEN = 2
@@ -84,46 +80,6 @@ def _api_error(exc: CommutatorError, model: str) -> ApiError:
     if isinstance(exc, Unavailable):
         return ApiError(503, "the worker serving this request went away", type="service_unavailable")
     return ApiError(500, f"internal error: {exc}", type="internal_error")
-
-
-class _Choice:
-    """One generation (one of ``n``): the worker stream and its detokenized text."""
-
-    __slots__ = ("agen", "cached", "completion_tokens", "finish", "index", "logprobs", "prompt_tokens", "text")
-
-    def __init__(self, index: int, agen: AsyncIterator[common_pb2.GenerateResponse], text: TextStream) -> None:
-        self.index = index
-        self.agen = agen
-        self.text = text
-        self.completion_tokens = 0
-        self.prompt_tokens = 0
-        self.cached = 0
-        self.finish: str | None = None
-        self.logprobs: list[Any] = []
-
-    def take(self, resp: common_pb2.GenerateResponse) -> str:
-        """Text of one worker message; sets :attr:`finish` when the choice ends."""
-        if resp.prompt_tokens:
-            self.prompt_tokens = resp.prompt_tokens
-            self.cached = resp.cached_prompt_tokens
-        ids = resp.token_ids
-        self.completion_tokens += len(ids)
-        out = self.text.push(ids)
-        if resp.logprobs:
-            self.logprobs.extend(resp.logprobs)
-        if self.text.stopped is not None:
-            self.finish = "stop"
-        elif resp.finish_reason:
-            if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                raise CommutatorError(resp.error_message or "the engine failed the request")
-            out += self.text.flush()
-            self.finish = _FINISH.get(resp.finish_reason, "stop")
-        return out
-
-    async def close(self) -> None:
-        aclose = getattr(self.agen, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 class OpenAIApi:
@@ -235,11 +191,11 @@ class OpenAIApi:
         stop: list[str],
         index: int,
         md: Sequence[tuple[str, str]],
-    ) -> tuple[_Choice, common_pb2.GenerateResponse | None]:
+    ) -> tuple[Choice, common_pb2.GenerateResponse | None]:
         """Start one choice and wait for its first message (so that errors still have an HTTP status)."""
         for attempt in range(_RETRIES_BEFORE_FIRST_TOKEN + 1):
             agen = self.backend.generate(greq, md)
-            choice = _Choice(index, agen, TextStream(pre.tokenizer, stop))
+            choice = Choice(index, agen, TextStream(pre.tokenizer, stop))
             try:
                 first = await agen.__anext__()
                 return choice, first
@@ -290,7 +246,7 @@ class OpenAIApi:
         chat: bool,
         md: list[tuple[str, str]],
     ) -> web.StreamResponse:
-        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]] = []
+        opened: list[tuple[Choice, common_pb2.GenerateResponse | None]] = []
         try:
             if len(greqs) == 1:
                 opened.append(await self._open(greqs[0], model, pre, s.stop, 0, md))
@@ -317,11 +273,11 @@ class OpenAIApi:
         model: str,
         created: int,
         pre: Preprocessor,
-        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]],
+        opened: list[tuple[Choice, common_pb2.GenerateResponse | None]],
         s: SamplingRequest,
         chat: bool,
     ) -> web.Response:
-        async def run(choice: _Choice, first: common_pb2.GenerateResponse | None) -> str:
+        async def run(choice: Choice, first: common_pb2.GenerateResponse | None) -> str:
             parts = []
             if first is not None:
                 parts.append(choice.take(first))
@@ -340,7 +296,7 @@ class OpenAIApi:
             raise _api_error(exc, model) from None
         choices = []
         for (choice, _), text in zip(opened, texts, strict=True):
-            lp = _logprobs(pre, choice.logprobs, chat) if s.logprobs is not None else None
+            lp = logprobs_json(pre, choice.logprobs, chat) if s.logprobs is not None else None
             if chat:
                 choices.append(
                     {
@@ -362,7 +318,7 @@ class OpenAIApi:
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    def _usage(self, choices: list[_Choice], n: int) -> dict[str, Any]:
+    def _usage(self, choices: list[Choice], n: int) -> dict[str, Any]:
         # Prompt tokens count once per prompt, not once per choice.
         prompt = sum(c.prompt_tokens for c in choices[::n])
         cached = sum(c.cached for c in choices[::n])
@@ -384,7 +340,7 @@ class OpenAIApi:
         model: str,
         created: int,
         pre: Preprocessor,
-        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]],
+        opened: list[tuple[Choice, common_pb2.GenerateResponse | None]],
         s: SamplingRequest,
         chat: bool,
     ) -> web.StreamResponse:
@@ -401,10 +357,10 @@ class OpenAIApi:
                 await write(
                     b"data: "
                     + head
-                    + _chat_delta(choice.index, {"role": "assistant", "content": ""}, None, None)
+                    + chat_delta(choice.index, {"role": "assistant", "content": ""}, None, None)
                     + b"]}\n\n"
                 )
-        queue: asyncio.Queue[tuple[_Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
+        queue: asyncio.Queue[tuple[Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
         readers: list[asyncio.Task[None]] = []
         try:
             if len(opened) == 1:
@@ -419,11 +375,11 @@ class OpenAIApi:
                         except StopAsyncIteration:
                             if choice.finish is None:
                                 choice.finish = "stop"
-                                await write(b"data: " + head + _piece(chat, choice, "", s, pre) + b"]}\n\n")
+                                await write(b"data: " + head + piece(chat, choice, "", s, pre) + b"]}\n\n")
                             break
                     text = choice.take(msg)
                     if text or choice.finish is not None or (s.logprobs is not None and choice.logprobs):
-                        await write(b"data: " + head + _piece(chat, choice, text, s, pre) + b"]}\n\n")
+                        await write(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                         chunks += 1
                     if choice.finish is not None:
                         break
@@ -432,7 +388,7 @@ class OpenAIApi:
             else:
                 queue = asyncio.Queue(maxsize=64 * len(opened))
 
-                async def pump(choice: _Choice, first: common_pb2.GenerateResponse | None) -> None:
+                async def pump(choice: Choice, first: common_pb2.GenerateResponse | None) -> None:
                     """Owns its choice's worker stream: reads it into the queue, closes it when done."""
                     assert queue is not None
                     try:
@@ -460,7 +416,7 @@ class OpenAIApi:
                     if item is None and choice.finish is None:
                         choice.finish = "stop"
                     if text or choice.finish is not None:
-                        await write(b"data: " + head + _piece(chat, choice, text, s, pre) + b"]}\n\n")
+                        await write(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                     if choice.finish is not None:
                         remaining -= 1
                         pumps[id(choice)].cancel()  # a stop string ends it early: stop its worker
@@ -479,51 +435,6 @@ class OpenAIApi:
         await write(_DONE)
         await resp.write_eof()
         return resp
-
-
-def _chat_delta(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any) -> bytes:
-    return orjson.dumps({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
-
-
-def _piece(chat: bool, choice: _Choice, text: str, s: SamplingRequest, pre: Preprocessor) -> bytes:
-    lp = None
-    if s.logprobs is not None and choice.logprobs:
-        lp = _logprobs(pre, choice.logprobs, chat)
-        choice.logprobs = []
-    if chat:
-        return _chat_delta(choice.index, {"content": text} if text else {}, choice.finish, lp)
-    return orjson.dumps({"index": choice.index, "text": text, "logprobs": lp, "finish_reason": choice.finish})
-
-
-def _logprobs(pre: Preprocessor, entries: list[Any], chat: bool) -> dict[str, Any]:
-    if chat:
-        content = []
-        for e in entries:
-            tok = pre.token_text(e.token_id)
-            content.append(
-                {
-                    "token": tok,
-                    "logprob": e.logprob,
-                    "bytes": list(tok.encode()),
-                    "top_logprobs": [
-                        {"token": (t := pre.token_text(a.token_id)), "logprob": a.logprob, "bytes": list(t.encode())}
-                        for a in e.top
-                    ],
-                }
-            )
-        return {"content": content}
-    tokens = [pre.token_text(e.token_id) for e in entries]
-    offsets = []
-    pos = 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{pre.token_text(a.token_id): a.logprob for a in e.top} for e in entries],
-        "text_offset": offsets,
-    }
 
 
 async def _read_json(request: web.Request) -> Any:
