@@ -17,7 +17,9 @@ import pytest
 from commutator.common.discovery import Discovery, EtcdBackend
 from commutator.common.grpc import EndpointClient
 from commutator.common.local_servers import EtcdProcess, free_port
+from commutator.engines.tiny_model import ensure_tiny_model
 from commutator.v1 import worker_pb2, worker_pb2_grpc
+from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.e2e
 
@@ -536,3 +538,47 @@ async def test_requests_over_the_inflight_cap_get_429_until_one_finishes(spawn) 
     await until_idle()
     assert (await one()).choices[0].finish_reason == "length"
     await client.close()
+
+
+async def test_echo_puts_the_prompt_first(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    prompt = "def main():"
+    plain = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=5, extra_body=FULL)
+    echoed = await client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, seed=5, echo=True, extra_body=FULL
+    )
+    assert plain.choices[0].text and echoed.choices[0].text == prompt + plain.choices[0].text
+    assert echoed.usage.completion_tokens == 8 and echoed.usage.prompt_tokens == plain.usage.prompt_tokens
+
+    chunks = [
+        c.choices[0].text
+        async for c in await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=8, seed=5, echo=True, stream=True, extra_body=FULL
+        )
+        if c.choices
+    ]
+    assert chunks[0] == prompt and "".join(chunks) == echoed.choices[0].text
+
+    # Token-id prompts echo their decoded text; with n > 1 every choice starts with its own prompt.
+    tokenizer = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
+    ids = tokenizer.encode("hello world", add_special_tokens=False).ids
+    many = await client.completions.create(
+        model=MODEL,
+        prompt=[ids, tokenizer.encode("import os", add_special_tokens=False).ids],
+        max_tokens=3,
+        n=2,
+        echo=True,
+    )
+    starts = {c.index: c.text for c in many.choices}
+    assert sorted(starts) == [0, 1, 2, 3]
+    assert starts[0].startswith("hello world") and starts[1].startswith("hello world")
+    assert starts[2].startswith("import os") and starts[3].startswith("import os")
+    streamed: dict[int, str] = {}
+    async for c in await client.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, stream=True):
+        for ch in c.choices:
+            streamed.setdefault(ch.index, ch.text)  # the first piece of each choice
+    assert streamed == {0: "hello world"}
+
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1)
+    assert err.value.body["param"] == "echo"  # type: ignore[index]

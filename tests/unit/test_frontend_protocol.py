@@ -131,3 +131,11 @@ def test_limits_come_from_the_frontend_flags() -> None:
     assert (err.value.status, err.value.param) == (400, "n")
     with pytest.raises(ValueError):
         RequestLimits(max_n=0)
+
+
+def test_echo_with_logprobs_is_refused() -> None:
+    """We return no prompt logprobs, so echo with logprobs cannot be answered correctly."""
+    assert parse_completion({"model": "m", "prompt": "x", "echo": True}).echo is True
+    with pytest.raises(ApiError) as err:
+        parse_completion({"model": "m", "prompt": "x", "echo": True, "logprobs": 1})
+    assert (err.value.status, err.value.param) == (400, "echo")

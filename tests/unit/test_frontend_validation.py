@@ -148,6 +148,7 @@ COMPLETION_ONLY: list[tuple[str, Any, str]] = [
     ],
     *[("logprobs", v, "logprobs") for v in [-1, 21, 0.5, *HUGE_INTS, *HUGE_FLOATS, *NOT_FINITE, *WRONG_TYPES]],
     *[("echo", v, "echo") for v in BOOLS],
+    ("echo", True, "echo"),  # with logprobs (below): prompt logprobs are not available
 ]
 
 CASES = [("chat", f, v, p) for f, v, p in [*SHARED, *CHAT_ONLY]] + [
@@ -163,6 +164,8 @@ def _body(endpoint: str, field: str, value: Any) -> dict[str, Any]:
         body[field] = value
     if endpoint == "chat" and field == "top_logprobs":
         body["logprobs"] = True
+    if field == "echo" and value is True:
+        body["logprobs"] = 1
     return body
 
 

@@ -179,8 +179,9 @@ class OpenAIApi:
             bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
                 raise ApiError.bad(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        echo = [p if isinstance(p, str) else pre.decode(p) for p in req.prompts] if req.echo else None
         rid = f"cmpl-{uuid.uuid4().hex}"
-        return await self._generate(request, t0, rid, req.model, pre, prompts, req.sampling, chat=False)
+        return await self._generate(request, t0, rid, req.model, pre, prompts, req.sampling, chat=False, echo=echo)
 
     # -- generation -------------------------------------------------------------------------
     async def _open(
@@ -224,14 +225,16 @@ class OpenAIApi:
         s: SamplingRequest,
         *,
         chat: bool,
+        echo: list[str] | None = None,
     ) -> web.StreamResponse:
+        """Serve ``len(prompts) * s.n`` choices; ``echo``: per prompt, text that goes before its choices' text."""
         greqs = generate_requests(
             rid, model, prompts, s, pre.context_length, prompt_param="messages" if chat else "prompt"
         )
         # The client's W3C trace context (if any) continues into the router and the workers.
         with tracing.server_span(f"POST {request.path}", request.headers.items(), request_id=rid) as span:
             return await self._generate_traced(
-                request, t0, rid, model, pre, greqs, s, chat, tracing.inject_metadata(span=span)
+                request, t0, rid, model, pre, greqs, s, chat, tracing.inject_metadata(span=span), echo
             )
 
     async def _generate_traced(
@@ -245,6 +248,7 @@ class OpenAIApi:
         s: SamplingRequest,
         chat: bool,
         md: list[tuple[str, str]],
+        echo: list[str] | None,
     ) -> web.StreamResponse:
         opened: list[tuple[Choice, common_pb2.GenerateResponse | None]] = []
         try:
@@ -258,6 +262,9 @@ class OpenAIApi:
                 opened = [r for r in results if not isinstance(r, BaseException)]  # type: ignore[misc]
                 if errors:
                     raise errors[0]
+            if echo is not None:
+                for choice, _ in opened:
+                    choice.echo = echo[choice.index // s.n]
             self._ttft.observe(time.perf_counter() - t0)
             created = int(time.time())
             if s.stream:
@@ -278,7 +285,7 @@ class OpenAIApi:
         chat: bool,
     ) -> web.Response:
         async def run(choice: Choice, first: common_pb2.GenerateResponse | None) -> str:
-            parts = []
+            parts = [choice.echo]
             if first is not None:
                 parts.append(choice.take(first))
             while choice.finish is None:
@@ -360,6 +367,9 @@ class OpenAIApi:
                     + chat_delta(choice.index, {"role": "assistant", "content": ""}, None, None)
                     + b"]}\n\n"
                 )
+        for choice, _ in opened:
+            if choice.echo:  # the prompt comes first (completions with echo)
+                await write(b"data: " + head + piece(chat, choice, choice.echo, s, pre) + b"]}\n\n")
         queue: asyncio.Queue[tuple[Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
         readers: list[asyncio.Task[None]] = []
         try:

@@ -28,7 +28,17 @@ _FINISH = {
 class Choice:
     """One generation (one of ``n``): the worker stream and its detokenized text."""
 
-    __slots__ = ("agen", "cached", "completion_tokens", "finish", "index", "logprobs", "prompt_tokens", "text")
+    __slots__ = (
+        "agen",
+        "cached",
+        "completion_tokens",
+        "echo",
+        "finish",
+        "index",
+        "logprobs",
+        "prompt_tokens",
+        "text",
+    )
 
     def __init__(self, index: int, agen: AsyncIterator[common_pb2.GenerateResponse], text: TextStream) -> None:
         self.index = index
@@ -39,6 +49,8 @@ class Choice:
         self.cached = 0
         self.finish: str | None = None
         self.logprobs: list[Any] = []
+        self.echo = ""
+        """The prompt's text, which goes before the generated text (completions with ``echo``)."""
 
     def take(self, resp: common_pb2.GenerateResponse) -> str:
         """Text of one worker message; sets :attr:`finish` when the choice ends."""

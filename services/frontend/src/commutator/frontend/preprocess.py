@@ -260,6 +260,10 @@ class Preprocessor:
     ) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools))
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids`` as the model saw them (special tokens kept), e.g. an echoed prompt."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+
     def token_text(self, token_id: int) -> str:
         """A single token as text (for logprobs)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -140,6 +140,7 @@ class CompletionRequest:
     prompts: list[str | list[int]]
     sampling: SamplingRequest
     echo: bool = False
+    """Each choice's text starts with its prompt's text (token-id prompts decoded)."""
 
 
 # -- value checks ---------------------------------------------------------------------------
@@ -374,4 +375,8 @@ def parse_completion(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> Compl
     prompts = _prompts(body.get("prompt"), limits)
     sampling = _sampling(body, limits, chat=False)
     _check_choices(len(prompts), sampling.n, limits)
-    return CompletionRequest(model, prompts, sampling, echo=_bool(body, "echo"))
+    echo = _bool(body, "echo")
+    if echo and sampling.logprobs is not None:
+        # OpenAI and vLLM then also return the prompt's logprobs, which workers do not compute.
+        raise ApiError.bad("'echo' cannot be combined with 'logprobs' (prompt logprobs are not available)", "echo")
+    return CompletionRequest(model, prompts, sampling, echo=echo)
