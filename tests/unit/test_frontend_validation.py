@@ -272,3 +272,18 @@ def test_every_accepted_body_builds_its_worker_requests(endpoint: str, pre: Prep
             except ApiError as err:
                 assert err.status == 400 and err.param is not None
     assert accepted > 20
+
+
+def test_what_depends_on_the_model_is_a_400_naming_the_field(tiny: Preprocessor) -> None:
+    """The context length is known only once the model is: checked when the worker requests are built."""
+    s = parse_completion({"model": "m", "prompt": [1] * 100, "min_tokens": 4000}).sampling
+    with pytest.raises(ApiError) as err:
+        generate_requests("r", "m", [[1] * 100], s, tiny.context_length, prompt_param="prompt")
+    assert (err.value.status, err.value.param) == (400, "min_tokens")
+    s = parse_chat(CHAT).sampling
+    for param in ("prompt", "messages"):
+        with pytest.raises(ApiError) as err:
+            generate_requests("r", "m", [[1] * tiny.context_length], s, tiny.context_length, prompt_param=param)
+        assert (err.value.status, err.value.param) == (400, param)
+    (g,) = generate_requests("r", "m", [[1] * 100], s, tiny.context_length, prompt_param="prompt")
+    assert g.stop.max_tokens == tiny.context_length - 100

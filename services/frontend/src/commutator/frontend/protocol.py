@@ -6,8 +6,9 @@ names the field. Unknown fields are ignored (clients send many we do not use).
 Each number is range-checked against the protobuf field it lands in
 (``commutator.v1`` ``SamplingOptions`` / ``StopConditions`` / ``GenerateRequest``:
 uint32 token counts and token ids, int32 ``top_k``, uint64 ``seed``, float32
-sampling values) and against its meaning (``temperature`` in [0, 2], penalties
-as OpenAI and vLLM bound them). Integers may come as integral floats (``5.0``);
+sampling values) and against its meaning (``temperature`` in [0, 2] and the
+frequency and presence penalties in [-2, 2] as OpenAI bounds them,
+``repetition_penalty`` in (0, 10]). Integers may come as integral floats (``5.0``);
 NaN and infinities are refused. Stop conditions are capped because the
 detokenizer checks every stop string on every token: at most
 :data:`MAX_STOP_STRINGS` strings (8x OpenAI's 4) of 1 to
