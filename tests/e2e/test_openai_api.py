@@ -17,7 +17,9 @@ import pytest
 from commutator.common.discovery import Discovery, EtcdBackend
 from commutator.common.grpc import EndpointClient
 from commutator.common.local_servers import EtcdProcess, free_port
+from commutator.engines.tiny_model import ensure_tiny_model
 from commutator.v1 import worker_pb2, worker_pb2_grpc
+from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.e2e
 
@@ -324,6 +326,19 @@ async def test_bad_requests_get_the_right_errors_and_the_server_keeps_serving(st
         body = {"model": MODEL, "messages": msgs, "max_tokens": 2, "some_future_field": {"x": 1}}
         async with http.post(f"{base}/chat/completions", json=body) as r:
             assert r.status == 200  # unknown fields are ignored
+        # Values the parser used to let through to protobuf, which answered 500.
+        for path, extra, param in [
+            ("completions", {"stop": [-1]}, "stop"),
+            ("completions", {"top_k": 2**40}, "top_k"),
+            ("chat/completions", {"stop_token_ids": [2**40]}, "stop_token_ids"),
+            ("chat/completions", {"min_tokens": 2**33}, "min_tokens"),
+            ("completions", {"stop": ["x"] * 10_000}, "stop"),
+        ]:
+            body = {"model": MODEL, "max_tokens": 2, **extra}
+            body.update({"messages": msgs} if path.startswith("chat") else {"prompt": "hi"})
+            async with http.post(f"{base}/{path}", json=body) as r:
+                assert r.status == 400, (extra, await r.text())
+                assert (await r.json())["error"]["param"] == param
     r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, extra_body=FULL)
     assert r.usage.completion_tokens == 3
     assert stack["frontend"].proc.poll() is None
@@ -438,6 +453,7 @@ async def test_all_workers_busy_is_529(spawn) -> None:  # type: ignore[no-untype
     with pytest.raises(openai.APIStatusError) as err:
         await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
     assert err.value.status_code == 529 and err.value.body["code"] == "overloaded"  # type: ignore[index]
+    assert int(err.value.response.headers["Retry-After"]) >= 1
     assert (await slow).usage.completion_tokens == 1
     await client.close()
 
@@ -498,3 +514,106 @@ async def test_a_dead_frontends_load_leaves_the_other_replicas_at_once(  # type:
             frontend_a.signal(signal.SIGKILL)
     # ... and frees it as soon as A's lease is gone, not after the load timeout.
     await until_loads(base_b, lambda v: v == [0.0], timeout_s=15)
+
+
+async def test_requests_over_the_inflight_cap_get_429_until_one_finishes(spawn) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    spawn("commutator.decode", "--speedup-ratio", "1")  # real time: 200 tokens take over a second
+    spawn("commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1", "--max-inflight-requests", "1")
+    base = f"http://127.0.0.1:{port}/v1"
+    await wait_models(base, {MODEL})
+    await wait_serving(base)
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "go on"}]
+    inflight = "commutator_frontend_inflight_requests"
+
+    async def one() -> openai.types.Completion:
+        return await client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body=FULL)
+
+    async def until_idle() -> None:
+        for _ in range(200):
+            if await metric(base, inflight) == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the frontend still counts a request in flight")
+
+    async def rejected() -> None:
+        with pytest.raises(openai.RateLimitError) as err:
+            await one()
+        assert err.value.status_code == 429 and int(err.value.response.headers["Retry-After"]) >= 1
+        assert err.value.body["type"] == "rate_limit_exceeded"  # type: ignore[index]
+        assert err.value.body["code"] == "too_many_requests"  # type: ignore[index]
+
+    slow = await client.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        max_tokens=200,
+        stream=True,
+        extra_body=FULL,  # type: ignore[arg-type]
+    )
+    chunks = slow.__aiter__()
+    await chunks.__anext__()
+    await rejected()
+    rest = [c async for c in chunks]
+    assert rest[-1].choices[0].finish_reason == "length"
+    await until_idle()  # the slot is freed just after the last byte is written
+    assert (await one()).choices[0].finish_reason == "length"
+
+    # A client that goes away mid-stream frees its slot too.
+    slow = await client.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        max_tokens=2000,
+        stream=True,
+        extra_body=FULL,  # type: ignore[arg-type]
+    )
+    await slow.__aiter__().__anext__()
+    await rejected()
+    await slow.close()
+    await until_idle()
+    assert (await one()).choices[0].finish_reason == "length"
+    await client.close()
+
+
+async def test_echo_puts_the_prompt_first(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    prompt = "def main():"
+    plain = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=5, extra_body=FULL)
+    echoed = await client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, seed=5, echo=True, extra_body=FULL
+    )
+    assert plain.choices[0].text and echoed.choices[0].text == prompt + plain.choices[0].text
+    assert echoed.usage.completion_tokens == 8 and echoed.usage.prompt_tokens == plain.usage.prompt_tokens
+
+    chunks = [
+        c.choices[0].text
+        async for c in await client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=8, seed=5, echo=True, stream=True, extra_body=FULL
+        )
+        if c.choices
+    ]
+    assert chunks[0] == prompt and "".join(chunks) == echoed.choices[0].text
+
+    # Token-id prompts echo their decoded text; with n > 1 every choice starts with its own prompt.
+    tokenizer = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
+    ids = tokenizer.encode("hello world", add_special_tokens=False).ids
+    many = await client.completions.create(
+        model=MODEL,
+        prompt=[ids, tokenizer.encode("import os", add_special_tokens=False).ids],
+        max_tokens=3,
+        n=2,
+        echo=True,
+    )
+    starts = {c.index: c.text for c in many.choices}
+    assert sorted(starts) == [0, 1, 2, 3]
+    assert starts[0].startswith("hello world") and starts[1].startswith("hello world")
+    assert starts[2].startswith("import os") and starts[3].startswith("import os")
+    streamed: dict[int, str] = {}
+    async for c in await client.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, stream=True):
+        for ch in c.choices:
+            streamed.setdefault(ch.index, ch.text)  # the first piece of each choice
+    assert streamed == {0: "hello world"}
+
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1)
+    assert err.value.body["param"] == "echo"  # type: ignore[index]

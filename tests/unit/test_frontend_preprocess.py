@@ -58,6 +58,25 @@ def test_template_sandbox_refuses_escapes() -> None:
         t.render([{"role": "user", "content": "x"}])
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": "", "tool_calls": 5},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": "f"}]},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": {"deep": [1]}}}]},
+    ],
+)
+def test_a_template_that_fails_on_client_data_is_a_preprocess_error(message: dict[str, object]) -> None:
+    """Templates index into whatever the client sent (tool calls, extra keys): any failure is the client's 400."""
+    t = ChatTemplate(
+        "{% for m in messages %}{% for c in m.tool_calls %}{{ c.function.name + '(' }}"
+        "{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}",
+        {},
+    )
+    with pytest.raises(PreprocessError):
+        t.render([message])
+
+
 def test_multibyte_characters_are_never_split(tiny: Preprocessor) -> None:
     text = "naïve café 🌍🚀 日本語 ok"
     ids = tiny.encode(text)

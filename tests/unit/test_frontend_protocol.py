@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from commutator.frontend.protocol import ApiError, parse_chat, parse_completion
+from commutator.frontend.protocol import ApiError, RequestLimits, parse_chat, parse_completion
 
 pytestmark = pytest.mark.unit
 
@@ -91,3 +91,51 @@ def test_completion_prompt_forms() -> None:
             parse_completion({"model": "m", "prompt": bad})
     with pytest.raises(ApiError, match="JSON object"):
         parse_completion([1, 2])
+
+
+def test_fan_out_is_capped_per_request() -> None:
+    """Each prompt times ``n`` is one worker stream opened at once: the defaults cap all three."""
+    with pytest.raises(ApiError) as err:
+        parse_completion({"model": "m", "prompt": ["x"] * 10_000})
+    assert (err.value.status, err.value.param) == (400, "prompt")
+    with pytest.raises(ApiError) as err:
+        parse_completion({"model": "m", "prompt": [[1]] * 10_000})
+    assert (err.value.status, err.value.param) == (400, "prompt")
+    with pytest.raises(ApiError) as err:
+        parse_completion({"model": "m", "prompt": ["x"] * 200, "n": 100})
+    assert (err.value.status, err.value.param) == (400, "n")
+    with pytest.raises(ApiError) as err:
+        parse_chat(chat(n=129))
+    assert (err.value.status, err.value.param) == (400, "n")
+    assert len(parse_completion({"model": "m", "prompt": ["x"] * 256}).prompts) == 256
+    assert parse_completion({"model": "m", "prompt": ["x"] * 2, "n": 128}).sampling.n == 128
+
+
+def test_limits_come_from_the_frontend_flags() -> None:
+    limits = RequestLimits(max_prompts_per_request=3, max_n=4, max_choices_per_request=6)
+    assert len(parse_completion({"model": "m", "prompt": ["a", "b", "c"], "n": 2}, limits).prompts) == 3
+    assert parse_completion({"model": "m", "prompt": [1] * 50, "n": 4}, limits).sampling.n == 4  # one prompt
+    for body, param in [
+        ({"model": "m", "prompt": ["a"] * 4}, "prompt"),
+        ({"model": "m", "prompt": [[1]] * 4}, "prompt"),
+        ({"model": "m", "prompt": "a", "n": 5}, "n"),
+        ({"model": "m", "prompt": ["a", "b"], "n": 4}, "n"),
+    ]:
+        with pytest.raises(ApiError) as err:
+            parse_completion(body, limits)
+        assert (err.value.status, err.value.param) == (400, param), body
+    assert parse_chat(chat(n=4), limits).sampling.n == 4
+    narrow = RequestLimits(max_prompts_per_request=3, max_n=8, max_choices_per_request=6)
+    with pytest.raises(ApiError) as err:
+        parse_chat(chat(n=7), narrow)
+    assert (err.value.status, err.value.param) == (400, "n")
+    with pytest.raises(ValueError):
+        RequestLimits(max_n=0)
+
+
+def test_echo_with_logprobs_is_refused() -> None:
+    """We return no prompt logprobs, so echo with logprobs cannot be answered correctly."""
+    assert parse_completion({"model": "m", "prompt": "x", "echo": True}).echo is True
+    with pytest.raises(ApiError) as err:
+        parse_completion({"model": "m", "prompt": "x", "echo": True, "logprobs": 1})
+    assert (err.value.status, err.value.param) == (400, "echo")

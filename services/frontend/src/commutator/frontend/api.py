@@ -3,10 +3,11 @@
 A request is validated, templated and tokenized, routed, and its worker's
 token stream is detokenized (stop strings applied) into SSE chunks or one JSON
 body. Errors before the first token get their HTTP status (400, 404, 413,
-503 no worker, 529 all busy); a stream that fails after it started ends with
-an error event and ``[DONE]``, never a silent cut. A client that goes away
-cancels the worker stream (aiohttp cancels the handler), which frees the
-worker's blocks and the router's accounting.
+429 too many requests in flight here, 503 no worker, 529 all busy; 429 and 529
+with ``Retry-After``); a stream that fails after it started ends with an error
+event and ``[DONE]``, never a silent cut. A client that goes away cancels the
+worker stream (aiohttp cancels the handler), which frees the worker's blocks
+and the router's accounting.
 """
 
 from __future__ import annotations
@@ -30,24 +31,22 @@ from commutator.common.errors import (
     Overloaded,
     Unavailable,
 )
+from commutator.frontend.choice import Choice, chat_delta, logprobs_json, piece
 from commutator.frontend.detokenize import TextStream
 from commutator.frontend.models import ModelRegistry
 from commutator.frontend.preprocess import PreprocessError, Preprocessor
-from commutator.frontend.protocol import ApiError, SamplingRequest, parse_chat, parse_completion
+from commutator.frontend.protocol import ApiError, RequestLimits, SamplingRequest, parse_chat, parse_completion
+from commutator.frontend.wire import generate_requests
 from commutator.v1 import common_pb2
 
 __all__ = ["Backend", "OpenAIApi", "error_response"]
 
 log = logging.getLogger(__name__)
 
-_FINISH = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 _RETRIES_BEFORE_FIRST_TOKEN = 2
+_RETRY_AFTER_S = 1  # on 429 and 529: a stream in flight ends, or a worker's prefill finishes, within about a second
 
 
 class Backend(Protocol):
@@ -59,7 +58,10 @@ class Backend(Protocol):
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.Response(status=err.status, body=orjson.dumps(err.body()), content_type="application/json")
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return web.Response(
+        status=err.status, body=orjson.dumps(err.body()), content_type="application/json", headers=headers
+    )
 
 
 def _api_error(exc: CommutatorError, model: str) -> ApiError:
@@ -68,7 +70,9 @@ def _api_error(exc: CommutatorError, model: str) -> ApiError:
             503, f"no worker is serving model '{model}' right now", type="service_unavailable", code="no_workers"
         )
     if isinstance(exc, Overloaded):
-        return ApiError(529, "all workers are busy; retry later", type="overloaded", code="overloaded")
+        return ApiError(
+            529, "all workers are busy; retry later", type="overloaded", code="overloaded", retry_after_s=_RETRY_AFTER_S
+        )
     if isinstance(exc, InvalidRequest):
         return ApiError(400, str(exc).split(": ", 1)[-1])
     if isinstance(exc, DeadlineExceeded):
@@ -78,50 +82,28 @@ def _api_error(exc: CommutatorError, model: str) -> ApiError:
     return ApiError(500, f"internal error: {exc}", type="internal_error")
 
 
-class _Choice:
-    """One generation (one of ``n``): the worker stream and its detokenized text."""
-
-    __slots__ = ("agen", "cached", "completion_tokens", "finish", "index", "logprobs", "prompt_tokens", "text")
-
-    def __init__(self, index: int, agen: AsyncIterator[common_pb2.GenerateResponse], text: TextStream) -> None:
-        self.index = index
-        self.agen = agen
-        self.text = text
-        self.completion_tokens = 0
-        self.prompt_tokens = 0
-        self.cached = 0
-        self.finish: str | None = None
-        self.logprobs: list[Any] = []
-
-    def take(self, resp: common_pb2.GenerateResponse) -> str:
-        """Text of one worker message; sets :attr:`finish` when the choice ends."""
-        if resp.prompt_tokens:
-            self.prompt_tokens = resp.prompt_tokens
-            self.cached = resp.cached_prompt_tokens
-        ids = resp.token_ids
-        self.completion_tokens += len(ids)
-        out = self.text.push(ids)
-        if resp.logprobs:
-            self.logprobs.extend(resp.logprobs)
-        if self.text.stopped is not None:
-            self.finish = "stop"
-        elif resp.finish_reason:
-            if resp.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                raise CommutatorError(resp.error_message or "the engine failed the request")
-            out += self.text.flush()
-            self.finish = _FINISH.get(resp.finish_reason, "stop")
-        return out
-
-    async def close(self) -> None:
-        aclose = getattr(self.agen, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 class OpenAIApi:
-    def __init__(self, registry: ModelRegistry, backend: Backend) -> None:
+    """The endpoints of one frontend process.
+
+    ``limits`` caps the worker streams one request opens (400 past them).
+    ``max_inflight_requests`` caps the generation requests served at once: one more
+    gets 429 with ``Retry-After`` before its body is read. The count is exact: taken
+    and released on the event loop around the whole handler (streams included), so a
+    request that fails, or whose client goes away (the handler is cancelled), frees
+    its slot at once.
+    """
+
+    def __init__(
+        self, registry: ModelRegistry, backend: Backend, *, limits: RequestLimits, max_inflight_requests: int
+    ) -> None:
+        if max_inflight_requests < 1:
+            raise ValueError(f"max_inflight_requests must be at least 1, got {max_inflight_requests}")
         self.registry = registry
         self.backend = backend
+        self.limits = limits
+        self.max_inflight_requests = max_inflight_requests
+        self.inflight_requests = 0
+        """Generation requests being served now (what the cap is checked against)."""
         self._inflight = metrics.FRONTEND_INFLIGHT
         self._ttft = metrics.FRONTEND_TTFT_SECONDS
         self._chunk = metrics.FRONTEND_CHUNK_SECONDS
@@ -145,6 +127,19 @@ class OpenAIApi:
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         endpoint = "chat" if chat else "completions"
+        if self.inflight_requests >= self.max_inflight_requests:
+            metrics.FRONTEND_REQUESTS.labels(endpoint, "429").inc()
+            return error_response(
+                ApiError(
+                    429,
+                    f"this frontend is serving its limit of {self.max_inflight_requests} requests; retry later",
+                    type="rate_limit_exceeded",
+                    code="too_many_requests",
+                    retry_after_s=_RETRY_AFTER_S,
+                )
+            )
+        # Taken with no await since the check, released in the finally below (errors and cancellation too).
+        self.inflight_requests += 1
         t0 = time.perf_counter()
         self._inflight.inc()
         status = 200
@@ -158,12 +153,13 @@ class OpenAIApi:
                 status = err.status
                 return error_response(err)
         finally:
+            self.inflight_requests -= 1
             self._inflight.dec()
             metrics.FRONTEND_REQUESTS.labels(endpoint, str(status)).inc()
 
     # -- chat -------------------------------------------------------------------------------
     async def _chat(self, request: web.Request, body: Any, t0: float) -> web.StreamResponse:
-        req = parse_chat(body)
+        req = parse_chat(body, self.limits)
         pre = await self.registry.preprocessor(req.model)
         try:
             tokens = pre.chat_token_ids(req.messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools)
@@ -173,7 +169,7 @@ class OpenAIApi:
         return await self._generate(request, t0, rid, req.model, pre, [tokens], req.sampling, chat=True)
 
     async def _completion(self, request: web.Request, body: Any, t0: float) -> web.StreamResponse:
-        req = parse_completion(body)
+        req = parse_completion(body, self.limits)
         pre = await self.registry.preprocessor(req.model)
         prompts = [pre.encode(p) if isinstance(p, str) else p for p in req.prompts]
         vocab = pre.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -183,51 +179,11 @@ class OpenAIApi:
             bad = next((t for t in p if not 0 <= t < vocab), None)
             if bad is not None:
                 raise ApiError.bad(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        echo = [p if isinstance(p, str) else pre.decode(p) for p in req.prompts] if req.echo else None
         rid = f"cmpl-{uuid.uuid4().hex}"
-        return await self._generate(request, t0, rid, req.model, pre, prompts, req.sampling, chat=False)
+        return await self._generate(request, t0, rid, req.model, pre, prompts, req.sampling, chat=False, echo=echo)
 
     # -- generation -------------------------------------------------------------------------
-    def _requests(
-        self, rid: str, model: str, pre: Preprocessor, prompts: list[list[int]], s: SamplingRequest
-    ) -> list[common_pb2.GenerateRequest]:
-        out = []
-        ctx = pre.context_length
-        for p_index, tokens in enumerate(prompts):
-            if ctx and len(tokens) >= ctx:
-                raise ApiError.bad(
-                    f"the prompt has {len(tokens)} tokens; this model's context is {ctx} tokens", "messages"
-                )
-            max_tokens = s.max_tokens if s.max_tokens is not None else (ctx - len(tokens) if ctx else 0)
-            if ctx and max_tokens > ctx - len(tokens):
-                max_tokens = ctx - len(tokens)
-            for i in range(s.n):
-                g = common_pb2.GenerateRequest(request_id=f"{rid}-{p_index * s.n + i}", model=model, token_ids=tokens)
-                st = g.stop
-                st.max_tokens = max_tokens
-                st.min_tokens = s.min_tokens
-                st.ignore_eos = s.ignore_eos
-                if s.stop_token_ids:
-                    st.stop_token_ids.extend(s.stop_token_ids)
-                sp = g.sampling
-                if s.temperature is not None:
-                    sp.temperature = s.temperature
-                if s.top_p is not None:
-                    sp.top_p = s.top_p
-                if s.top_k is not None:
-                    sp.top_k = s.top_k
-                if s.seed is not None:
-                    sp.seed = (s.seed + i) % 2**64
-                if s.frequency_penalty is not None:
-                    sp.frequency_penalty = s.frequency_penalty
-                if s.presence_penalty is not None:
-                    sp.presence_penalty = s.presence_penalty
-                if s.repetition_penalty is not None:
-                    sp.repetition_penalty = s.repetition_penalty
-                if s.logprobs is not None:
-                    g.logprobs = s.logprobs
-                out.append(g)
-        return out
-
     async def _open(
         self,
         greq: common_pb2.GenerateRequest,
@@ -236,11 +192,11 @@ class OpenAIApi:
         stop: list[str],
         index: int,
         md: Sequence[tuple[str, str]],
-    ) -> tuple[_Choice, common_pb2.GenerateResponse | None]:
+    ) -> tuple[Choice, common_pb2.GenerateResponse | None]:
         """Start one choice and wait for its first message (so that errors still have an HTTP status)."""
         for attempt in range(_RETRIES_BEFORE_FIRST_TOKEN + 1):
             agen = self.backend.generate(greq, md)
-            choice = _Choice(index, agen, TextStream(pre.tokenizer, stop))
+            choice = Choice(index, agen, TextStream(pre.tokenizer, stop))
             try:
                 first = await agen.__anext__()
                 return choice, first
@@ -269,12 +225,16 @@ class OpenAIApi:
         s: SamplingRequest,
         *,
         chat: bool,
+        echo: list[str] | None = None,
     ) -> web.StreamResponse:
-        greqs = self._requests(rid, model, pre, prompts, s)
+        """Serve ``len(prompts) * s.n`` choices; ``echo``: per prompt, text that goes before its choices' text."""
+        greqs = generate_requests(
+            rid, model, prompts, s, pre.context_length, prompt_param="messages" if chat else "prompt"
+        )
         # The client's W3C trace context (if any) continues into the router and the workers.
         with tracing.server_span(f"POST {request.path}", request.headers.items(), request_id=rid) as span:
             return await self._generate_traced(
-                request, t0, rid, model, pre, greqs, s, chat, tracing.inject_metadata(span=span)
+                request, t0, rid, model, pre, greqs, s, chat, tracing.inject_metadata(span=span), echo
             )
 
     async def _generate_traced(
@@ -288,8 +248,9 @@ class OpenAIApi:
         s: SamplingRequest,
         chat: bool,
         md: list[tuple[str, str]],
+        echo: list[str] | None,
     ) -> web.StreamResponse:
-        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]] = []
+        opened: list[tuple[Choice, common_pb2.GenerateResponse | None]] = []
         try:
             if len(greqs) == 1:
                 opened.append(await self._open(greqs[0], model, pre, s.stop, 0, md))
@@ -301,6 +262,9 @@ class OpenAIApi:
                 opened = [r for r in results if not isinstance(r, BaseException)]  # type: ignore[misc]
                 if errors:
                     raise errors[0]
+            if echo is not None:
+                for choice, _ in opened:
+                    choice.echo = echo[choice.index // s.n]
             self._ttft.observe(time.perf_counter() - t0)
             created = int(time.time())
             if s.stream:
@@ -316,12 +280,12 @@ class OpenAIApi:
         model: str,
         created: int,
         pre: Preprocessor,
-        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]],
+        opened: list[tuple[Choice, common_pb2.GenerateResponse | None]],
         s: SamplingRequest,
         chat: bool,
     ) -> web.Response:
-        async def run(choice: _Choice, first: common_pb2.GenerateResponse | None) -> str:
-            parts = []
+        async def run(choice: Choice, first: common_pb2.GenerateResponse | None) -> str:
+            parts = [choice.echo]
             if first is not None:
                 parts.append(choice.take(first))
             while choice.finish is None:
@@ -339,7 +303,7 @@ class OpenAIApi:
             raise _api_error(exc, model) from None
         choices = []
         for (choice, _), text in zip(opened, texts, strict=True):
-            lp = _logprobs(pre, choice.logprobs, chat) if s.logprobs is not None else None
+            lp = logprobs_json(pre, choice.logprobs, chat) if s.logprobs is not None else None
             if chat:
                 choices.append(
                     {
@@ -361,7 +325,7 @@ class OpenAIApi:
         }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    def _usage(self, choices: list[_Choice], n: int) -> dict[str, Any]:
+    def _usage(self, choices: list[Choice], n: int) -> dict[str, Any]:
         # Prompt tokens count once per prompt, not once per choice.
         prompt = sum(c.prompt_tokens for c in choices[::n])
         cached = sum(c.cached for c in choices[::n])
@@ -383,7 +347,7 @@ class OpenAIApi:
         model: str,
         created: int,
         pre: Preprocessor,
-        opened: list[tuple[_Choice, common_pb2.GenerateResponse | None]],
+        opened: list[tuple[Choice, common_pb2.GenerateResponse | None]],
         s: SamplingRequest,
         chat: bool,
     ) -> web.StreamResponse:
@@ -400,10 +364,13 @@ class OpenAIApi:
                 await write(
                     b"data: "
                     + head
-                    + _chat_delta(choice.index, {"role": "assistant", "content": ""}, None, None)
+                    + chat_delta(choice.index, {"role": "assistant", "content": ""}, None, None)
                     + b"]}\n\n"
                 )
-        queue: asyncio.Queue[tuple[_Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
+        for choice, _ in opened:
+            if choice.echo:  # the prompt comes first (completions with echo)
+                await write(b"data: " + head + piece(chat, choice, choice.echo, s, pre) + b"]}\n\n")
+        queue: asyncio.Queue[tuple[Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
         readers: list[asyncio.Task[None]] = []
         try:
             if len(opened) == 1:
@@ -418,11 +385,11 @@ class OpenAIApi:
                         except StopAsyncIteration:
                             if choice.finish is None:
                                 choice.finish = "stop"
-                                await write(b"data: " + head + _piece(chat, choice, "", s, pre) + b"]}\n\n")
+                                await write(b"data: " + head + piece(chat, choice, "", s, pre) + b"]}\n\n")
                             break
                     text = choice.take(msg)
                     if text or choice.finish is not None or (s.logprobs is not None and choice.logprobs):
-                        await write(b"data: " + head + _piece(chat, choice, text, s, pre) + b"]}\n\n")
+                        await write(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                         chunks += 1
                     if choice.finish is not None:
                         break
@@ -431,7 +398,7 @@ class OpenAIApi:
             else:
                 queue = asyncio.Queue(maxsize=64 * len(opened))
 
-                async def pump(choice: _Choice, first: common_pb2.GenerateResponse | None) -> None:
+                async def pump(choice: Choice, first: common_pb2.GenerateResponse | None) -> None:
                     """Owns its choice's worker stream: reads it into the queue, closes it when done."""
                     assert queue is not None
                     try:
@@ -459,7 +426,7 @@ class OpenAIApi:
                     if item is None and choice.finish is None:
                         choice.finish = "stop"
                     if text or choice.finish is not None:
-                        await write(b"data: " + head + _piece(chat, choice, text, s, pre) + b"]}\n\n")
+                        await write(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                     if choice.finish is not None:
                         remaining -= 1
                         pumps[id(choice)].cancel()  # a stop string ends it early: stop its worker
@@ -478,51 +445,6 @@ class OpenAIApi:
         await write(_DONE)
         await resp.write_eof()
         return resp
-
-
-def _chat_delta(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any) -> bytes:
-    return orjson.dumps({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
-
-
-def _piece(chat: bool, choice: _Choice, text: str, s: SamplingRequest, pre: Preprocessor) -> bytes:
-    lp = None
-    if s.logprobs is not None and choice.logprobs:
-        lp = _logprobs(pre, choice.logprobs, chat)
-        choice.logprobs = []
-    if chat:
-        return _chat_delta(choice.index, {"content": text} if text else {}, choice.finish, lp)
-    return orjson.dumps({"index": choice.index, "text": text, "logprobs": lp, "finish_reason": choice.finish})
-
-
-def _logprobs(pre: Preprocessor, entries: list[Any], chat: bool) -> dict[str, Any]:
-    if chat:
-        content = []
-        for e in entries:
-            tok = pre.token_text(e.token_id)
-            content.append(
-                {
-                    "token": tok,
-                    "logprob": e.logprob,
-                    "bytes": list(tok.encode()),
-                    "top_logprobs": [
-                        {"token": (t := pre.token_text(a.token_id)), "logprob": a.logprob, "bytes": list(t.encode())}
-                        for a in e.top
-                    ],
-                }
-            )
-        return {"content": content}
-    tokens = [pre.token_text(e.token_id) for e in entries]
-    offsets = []
-    pos = 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{pre.token_text(a.token_id): a.logprob for a in e.top} for e in entries],
-        "text_offset": offsets,
-    }
 
 
 async def _read_json(request: web.Request) -> Any:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from commutator.common.config import group, option
 from commutator.common.runtime import RuntimeConfig
+from commutator.frontend.protocol import DEFAULT_LIMITS
 from commutator.router.config import RouterConfig
 
 __all__ = ["FrontendConfig"]
@@ -26,6 +27,25 @@ class FrontendConfig:
     )
     drain_grace_s: float = option(30.0, "On SIGTERM, how long in-flight requests may take to finish")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest accepted request body; larger ones get 413")
+    max_prompts_per_request: int = option(
+        DEFAULT_LIMITS.max_prompts_per_request,
+        "Most prompts in one /v1/completions request (more: 400). Each is tokenized on the event loop and opens"
+        " at least one worker stream; the default matches --max-choices-per-request",
+    )
+    max_n: int = option(
+        DEFAULT_LIMITS.max_n, "Largest 'n' (choices per prompt; more: 400). The default is OpenAI's own limit"
+    )
+    max_choices_per_request: int = option(
+        DEFAULT_LIMITS.max_choices_per_request,
+        "Most choices (prompts x n) in one request (more: 400). Each is a worker stream opened at once; the"
+        " default, 256, is one mocker worker's whole batch (--max-num-seqs)",
+    )
+    max_inflight_requests: int = option(
+        4096,
+        "Most generation requests this frontend serves at once; more get 429 with Retry-After. The default keeps"
+        " 16 workers of 256 sequences busy; past that, requests only queue in this process while each holds its"
+        " body and streams",
+    )
     model_cache_dir: str = option(
         "", "Where tokenizer files of served models are cached (empty: ~/.cache/commutator/frontend)"
     )

@@ -35,7 +35,10 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 
 
 class PreprocessError(ValueError):
-    """The conversation cannot be rendered or tokenized (the client's fault: HTTP 400)."""
+    """The conversation cannot be rendered or tokenized (the client's fault: HTTP 400).
+
+    Any failure of the chat template on a conversation is one (the template runs over client data).
+    """
 
 
 def _raise_exception(message: str) -> None:
@@ -82,6 +85,12 @@ class ChatTemplate:
             )
         except jinja2.exceptions.TemplateError as exc:
             raise PreprocessError(f"the chat template rejected the conversation: {exc}") from None
+        except Exception as exc:
+            # The template is the model's code run over whatever the client sent (tool calls, extra
+            # message keys of any type): its TypeError on a number where it expects a list is a bad request.
+            raise PreprocessError(
+                f"the chat template failed on this conversation: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def _token_content(value: Any) -> str | None:
@@ -250,6 +259,10 @@ class Preprocessor:
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids`` as the model saw them (special tokens kept), e.g. an echoed prompt."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
         """A single token as text (for logprobs)."""

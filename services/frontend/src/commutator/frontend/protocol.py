@@ -2,24 +2,54 @@
 
 Every value a client sends is checked here, once; a bad one is a 400 that
 names the field. Unknown fields are ignored (clients send many we do not use).
+
+Each number is range-checked against the protobuf field it lands in
+(``commutator.v1`` ``SamplingOptions`` / ``StopConditions`` / ``GenerateRequest``:
+uint32 token counts and token ids, int32 ``top_k``, uint64 ``seed``, float32
+sampling values) and against its meaning (``temperature`` in [0, 2] and the
+frequency and presence penalties in [-2, 2] as OpenAI bounds them,
+``repetition_penalty`` in (0, 10]). Integers may come as integral floats (``5.0``);
+NaN and infinities are refused. Stop conditions are capped because the
+detokenizer checks every stop string on every token: at most
+:data:`MAX_STOP_STRINGS` strings (8x OpenAI's 4) of 1 to
+:data:`MAX_STOP_STRING_CHARS` characters each, and at most
+:data:`MAX_STOP_TOKEN_IDS` stop token ids (``stop`` given as ids plus
+``stop_token_ids``). Fan-out (prompts, ``n``, prompts x ``n``: each choice is
+a worker stream opened at once) is capped by :class:`RequestLimits`, which the
+frontend builds from its flags.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEFAULT_LIMITS",
+    "MAX_LOGPROBS",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_STRING_CHARS",
+    "MAX_STOP_TOKEN_IDS",
     "ApiError",
     "ChatRequest",
     "CompletionRequest",
+    "RequestLimits",
     "SamplingRequest",
     "parse_chat",
     "parse_completion",
 ]
 
-MAX_N = 128
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+
+# Ranges of the protobuf field types the values are written into.
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+SEED_MIN = -(2**63)  # negative seeds are taken modulo 2**64 (the wire field is uint64)
+SEED_MAX = 2**64 - 1
 
 
 class ApiError(Exception):
@@ -33,6 +63,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -40,6 +71,8 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
+        """Sent as the ``Retry-After`` header (429, 529): when trying again may succeed."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -47,6 +80,27 @@ class ApiError(Exception):
     @classmethod
     def bad(cls, message: str, param: str | None = None) -> ApiError:
         return cls(400, message, param=param)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """How many worker streams one HTTP request may open (one per prompt and choice).
+
+    The defaults are the frontend's flag defaults (``--max-prompts-per-request`` and the rest,
+    where they are explained). A request over a limit is a 400 naming ``prompt`` or ``n``.
+    """
+
+    max_prompts_per_request: int = 256
+    max_n: int = 128
+    max_choices_per_request: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompts_per_request", "max_n", "max_choices_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+DEFAULT_LIMITS = RequestLimits()
 
 
 @dataclass(slots=True)
@@ -87,48 +141,74 @@ class CompletionRequest:
     prompts: list[str | list[int]]
     sampling: SamplingRequest
     echo: bool = False
+    """Each choice's text starts with its prompt's text (token-id prompts decoded)."""
 
 
 # -- value checks ---------------------------------------------------------------------------
-def _int(body: dict[str, Any], name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+def _int(body: dict[str, Any], name: str, lo: int, hi: int, param: str | None = None) -> int | None:
+    """``body[name]`` as an int in [lo, hi] (integral floats accepted), ``None`` when absent."""
     v = body.get(name)
     if v is None:
         return None
+    param = param or name
     if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, float) and v.is_integer():
+        if isinstance(v, float) and v.is_integer():  # False for NaN and infinities
             v = int(v)
         else:
-            raise ApiError.bad(f"'{name}' must be an integer, got {type(v).__name__}", name)
-    if lo is not None and v < lo:
-        raise ApiError.bad(f"'{name}' must be >= {lo}, got {v}", name)
-    if hi is not None and v > hi:
-        raise ApiError.bad(f"'{name}' must be <= {hi}, got {v}", name)
+            raise ApiError.bad(f"'{param}' must be an integer, got {_kind(v)}", param)
+    if not lo <= v <= hi:
+        raise ApiError.bad(f"'{param}' must be in [{lo}, {hi}], got {_short(v)}", param)
     return v
 
 
 def _float(
-    body: dict[str, Any], name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+    body: dict[str, Any], name: str, lo: float, hi: float, lo_open: bool = False, param: str | None = None
 ) -> float | None:
+    """``body[name]`` as a finite float in [lo, hi] (or (lo, hi]), ``None`` when absent."""
     v = body.get(name)
     if v is None:
         return None
+    param = param or name
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ApiError.bad(f"'{name}' must be a number, got {type(v).__name__}", name)
-    v = float(v)
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ApiError.bad(f"'{name}' must be {'>' if lo_open else '>='} {lo:g}, got {v:g}", name)
-    if hi is not None and v > hi:
-        raise ApiError.bad(f"'{name}' must be <= {hi:g}, got {v:g}", name)
-    return v
+        raise ApiError.bad(f"'{param}' must be a number, got {_kind(v)}", param)
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond any float
+        f = math.inf if v > 0 else -math.inf
+    if not math.isfinite(f) or (f <= lo if lo_open else f < lo) or f > hi:
+        raise ApiError.bad(f"'{param}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {_short(v)}", param)
+    return f
 
 
-def _bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
+def _bool(body: dict[str, Any], name: str, default: bool = False, param: str | None = None) -> bool:
     v = body.get(name)
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise ApiError.bad(f"'{name}' must be true or false, got {type(v).__name__}", name)
+        param = param or name
+        raise ApiError.bad(f"'{param}' must be true or false, got {_kind(v)}", param)
     return v
+
+
+def _token_ids(value: list[Any], param: str) -> list[int]:
+    """A list of token ids, each an int in [0, 2**32) (the wire's uint32)."""
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= UINT32_MAX:
+            raise ApiError.bad(f"'{param}' token ids must be integers in [0, {UINT32_MAX}], got {_short(t)}", param)
+    return list(value)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _kind(v: Any) -> str:
+    return type(v).__name__
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -138,44 +218,63 @@ def _model(body: dict[str, Any]) -> str:
     return model
 
 
-def _sampling(body: dict[str, Any], *, chat: bool) -> SamplingRequest:
+def _stop(body: dict[str, Any], s: SamplingRequest) -> None:
+    """``stop`` (strings, or token ids as some clients send) and ``stop_token_ids``."""
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list):
+            raise ApiError.bad(f"'stop' must be a string or a list of strings, got {_kind(stop)}", "stop")
+        if all(isinstance(x, str) for x in stop):
+            if len(stop) > MAX_STOP_STRINGS:
+                raise ApiError.bad(f"'stop' has {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
+            for x in stop:
+                if not x or len(x) > MAX_STOP_STRING_CHARS:
+                    raise ApiError.bad(
+                        f"'stop' strings must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(x)}", "stop"
+                    )
+            s.stop = list(stop)
+        elif all(_is_int(x) for x in stop):
+            s.stop_token_ids = _token_ids(stop, "stop")  # token ids given as stop (some clients do)
+        else:
+            raise ApiError.bad("'stop' must be a string, a list of strings, or a list of token ids", "stop")
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list):
+            raise ApiError.bad(f"'stop_token_ids' must be a list of token ids, got {_kind(ids)}", "stop_token_ids")
+        s.stop_token_ids += _token_ids(ids, "stop_token_ids")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ApiError.bad(
+            f"{len(s.stop_token_ids)} stop token ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+            "stop_token_ids" if ids is not None else "stop",
+        )
+
+
+def _sampling(body: dict[str, Any], limits: RequestLimits, *, chat: bool) -> SamplingRequest:
     s = SamplingRequest()
-    mt = _int(body, "max_completion_tokens", lo=1) if chat else None
-    s.max_tokens = mt if mt is not None else _int(body, "max_tokens", lo=1)
-    s.min_tokens = _int(body, "min_tokens", lo=0) or 0
+    mt = _int(body, "max_completion_tokens", lo=1, hi=UINT32_MAX) if chat else None
+    s.max_tokens = mt if mt is not None else _int(body, "max_tokens", lo=1, hi=UINT32_MAX)
+    s.min_tokens = _int(body, "min_tokens", lo=0, hi=UINT32_MAX) or 0
     if s.max_tokens is not None and s.min_tokens > s.max_tokens:
         raise ApiError.bad("'min_tokens' must not exceed 'max_tokens'", "min_tokens")
     s.temperature = _float(body, "temperature", lo=0.0, hi=2.0)
     s.top_p = _float(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
-    s.top_k = _int(body, "top_k", lo=-1)
-    s.seed = _int(body, "seed", lo=-(2**63), hi=2**64 - 1)
+    s.top_k = _int(body, "top_k", lo=-1, hi=INT32_MAX)  # -1: no top-k
+    s.seed = _int(body, "seed", lo=SEED_MIN, hi=SEED_MAX)
     s.frequency_penalty = _float(body, "frequency_penalty", lo=-2.0, hi=2.0)
     s.presence_penalty = _float(body, "presence_penalty", lo=-2.0, hi=2.0)
-    s.repetition_penalty = _float(body, "repetition_penalty", lo=0.0, lo_open=True)
+    # Divides the logits of tokens already seen: 1 is none, values past 10 only make the model unusable.
+    s.repetition_penalty = _float(body, "repetition_penalty", lo=0.0, hi=10.0, lo_open=True)
     s.ignore_eos = _bool(body, "ignore_eos")
-    s.n = _int(body, "n", lo=1, hi=MAX_N) or 1
+    s.n = _int(body, "n", lo=1, hi=limits.max_n) or 1
     s.stream = _bool(body, "stream")
-    stop = body.get("stop")
-    if stop is None:
-        s.stop = []
-    elif isinstance(stop, str):
-        s.stop = [stop]
-    elif isinstance(stop, list) and all(isinstance(x, str) for x in stop):
-        s.stop = list(stop)
-    elif isinstance(stop, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in stop):
-        s.stop_token_ids = list(stop)  # token ids given as stop (some clients do)
-    else:
-        raise ApiError.bad("'stop' must be a string or a list of strings", "stop")
-    ids = body.get("stop_token_ids")
-    if ids is not None:
-        if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids):
-            raise ApiError.bad("'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
-        s.stop_token_ids += ids
+    _stop(body, s)
     opts = body.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict):
             raise ApiError.bad("'stream_options' must be an object", "stream_options")
-        s.include_usage = _bool(opts, "include_usage")
+        s.include_usage = _bool(opts, "include_usage", param="stream_options.include_usage")
     if chat:
         if _bool(body, "logprobs"):
             s.logprobs = _int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS) or 0
@@ -216,7 +315,17 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def parse_chat(body: Any) -> ChatRequest:
+def _check_choices(n_prompts: int, n: int, limits: RequestLimits) -> None:
+    if n_prompts * n > limits.max_choices_per_request:
+        raise ApiError.bad(
+            f"{n_prompts} prompt(s) with 'n' {n} make {n_prompts * n} choices; "
+            f"at most {limits.max_choices_per_request} are allowed per request",
+            "n",
+        )
+
+
+def parse_chat(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> ChatRequest:
+    """A chat request; raises :class:`ApiError` (400, ``param`` naming the field) for any bad value."""
     if not isinstance(body, dict):
         raise ApiError.bad("the request body must be a JSON object")
     model = _model(body)
@@ -224,41 +333,51 @@ def parse_chat(body: Any) -> ChatRequest:
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ApiError.bad("'tools' must be a list of objects", "tools")
+    sampling = _sampling(body, limits, chat=True)
+    _check_choices(1, sampling.n, limits)
     return ChatRequest(
         model,
         messages,
-        _sampling(body, chat=True),
+        sampling,
         tools or None,
         add_generation_prompt=_bool(body, "add_generation_prompt", default=True),
     )
 
 
-def parse_completion(body: Any) -> CompletionRequest:
+def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
+    """``prompt``: a string, strings, token ids, or lists of token ids; none of them empty."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt, list) and prompt:
+        if not _is_int(prompt[0]) and len(prompt) > limits.max_prompts_per_request:
+            raise ApiError.bad(
+                f"'prompt' has {len(prompt)} prompts; at most {limits.max_prompts_per_request} are allowed per request",
+                "prompt",
+            )
+        if all(isinstance(p, str) for p in prompt):
+            if not all(prompt):
+                raise ApiError.bad("'prompt' must not be empty", "prompt")
+            return list(prompt)
+        if all(_is_int(t) for t in prompt):
+            return [_token_ids(prompt, "prompt")]
+        if all(isinstance(p, list) and p for p in prompt):
+            return [_token_ids(p, "prompt") for p in prompt]
+    raise ApiError.bad(
+        "'prompt' must be a string, a list of strings, a list of token ids, or a list of token-id lists (non-empty)",
+        "prompt",
+    )
+
+
+def parse_completion(body: Any, limits: RequestLimits = DEFAULT_LIMITS) -> CompletionRequest:
+    """A completion request; raises :class:`ApiError` (400, ``param`` naming the field) for any bad value."""
     if not isinstance(body, dict):
         raise ApiError.bad("the request body must be a JSON object")
     model = _model(body)
-    prompt = body.get("prompt")
-    prompts: list[str | list[int]]
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [list(prompt)]
-    elif (
-        isinstance(prompt, list)
-        and prompt
-        and all(
-            isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt
-        )
-    ):
-        prompts = [list(p) for p in prompt]
-    else:
-        raise ApiError.bad(
-            "'prompt' must be a string, a list of strings, a list of token ids, "
-            "or a list of token-id lists (non-empty)",
-            "prompt",
-        )
-    if any(isinstance(p, str) and not p for p in prompts):
-        raise ApiError.bad("'prompt' must not be empty", "prompt")
-    return CompletionRequest(model, prompts, _sampling(body, chat=False), echo=_bool(body, "echo"))
+    prompts = _prompts(body.get("prompt"), limits)
+    sampling = _sampling(body, limits, chat=False)
+    _check_choices(len(prompts), sampling.n, limits)
+    echo = _bool(body, "echo")
+    if echo and sampling.logprobs is not None:
+        # OpenAI and vLLM then also return the prompt's logprobs, which workers do not compute.
+        raise ApiError.bad("'echo' cannot be combined with 'logprobs' (prompt logprobs are not available)", "echo")
+    return CompletionRequest(model, prompts, sampling, echo=echo)

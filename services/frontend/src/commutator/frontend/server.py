@@ -18,7 +18,7 @@ from commutator.frontend.api import Backend, OpenAIApi, error_response
 from commutator.frontend.backend import EmbeddedRouterBackend, RouterServiceBackend
 from commutator.frontend.config import FrontendConfig
 from commutator.frontend.models import ModelRegistry
-from commutator.frontend.protocol import ApiError
+from commutator.frontend.protocol import ApiError, RequestLimits
 from commutator.router.core import Router
 
 __all__ = ["Frontend"]
@@ -67,6 +67,16 @@ class Frontend:
             ready=lambda: not self.draining,
         )
         self._clock = clock
+        try:
+            self._limits = RequestLimits(
+                max_prompts_per_request=config.max_prompts_per_request,
+                max_n=config.max_n,
+                max_choices_per_request=config.max_choices_per_request,
+            )
+        except ValueError as exc:
+            raise SystemExit(f"frontend limits: {exc}") from None
+        if config.max_inflight_requests < 1:
+            raise SystemExit("--max-inflight-requests must be at least 1")
         self.router: Router | None = None
         self.registry: ModelRegistry | None = None
         self.api: OpenAIApi | None = None
@@ -99,7 +109,9 @@ class Frontend:
             await self.router.start()
             rt.on_close(self.router.close)
             backend = EmbeddedRouterBackend(self.router)
-        self.api = OpenAIApi(self.registry, backend)
+        self.api = OpenAIApi(
+            self.registry, backend, limits=self._limits, max_inflight_requests=self.config.max_inflight_requests
+        )
 
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[_json_errors()])
         app.router.add_post("/v1/chat/completions", self.api.chat_completions)
