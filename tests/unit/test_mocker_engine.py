@@ -116,3 +116,27 @@ async def test_bad_request_raises_before_anything_runs() -> None:
             pass
     assert engine.stats()[0].waiting_requests == 0
     await engine.shutdown()
+
+
+async def test_a_tiny_cache_refuses_what_it_cannot_hold_and_never_stalls() -> None:
+    # 8 blocks of 16 tokens, 2 kept free at admission: sequences of at most 97 tokens.
+    engine, _ = await started(MockerConfig(speedup_ratio=0.0, block_size=16, num_blocks=8, watermark=0.25))
+
+    async def run(rid: str, n: int, max_tokens: int = 0) -> tuple[int, FinishReason | None]:
+        req = EngineRequest(rid, list(range(n)), stop=StopParams(max_tokens=max_tokens, ignore_eos=True))
+        count, reason = 0, None
+        async for out in engine.generate(req):
+            count += len(out.token_ids)
+            reason = out.finish_reason
+        return count, reason
+
+    with pytest.raises(ValueError, match="KV cache"):
+        await asyncio.wait_for(run("too-long", 200), 5)
+    # A long generation and the requests queued behind it all finish (no max_tokens: up to the limit).
+    results = await asyncio.wait_for(
+        asyncio.gather(run("grow", 10), run("at-limit", 96), *(run(f"short{i}", 20, 5) for i in range(4))), 10
+    )
+    assert results == [(87, FinishReason.LENGTH), (1, FinishReason.LENGTH)] + [(5, FinishReason.LENGTH)] * 4
+    assert engine.stats()[0].kv_blocks_used == 0
+    assert engine.capacity.context_length == 97  # what the worker advertises in its model card
+    await engine.shutdown()

@@ -272,8 +272,95 @@ def test_prefill_only_and_import_hooks() -> None:
     assert [type(x.data) for x in d.pool.take_events()] == [KvStored]  # the imported full blocks are cached
     toks, reason = run_all(d)["i"]
     assert len(toks) == 2 and reason is FinishReason.LENGTH  # 42 came from the prefill worker
-    assert d.reserve_import(EngineRequest("big", list(range(100)))) is None  # no room: prefill locally
+    with pytest.raises(ValueError, match="KV cache"):
+        d.reserve_import(EngineRequest("big", list(range(100))))  # can never run here
+    d.reserve_import(EngineRequest("hold", list(range(20))))  # 5 of the 10 blocks
+    assert d.reserve_import(EngineRequest("more", list(range(24)))) is None  # no room now: prefill locally
+    d.release_import("hold")
     d.reserve_import(EngineRequest("gone", list(range(8))))
     assert d.pool.active == 2
     d.release_import("gone")
     assert d.pool.active == 0
+
+
+# -- the longest sequence the KV cache can run ---------------------------------------------------------
+# 8 blocks of 16 tokens, 2 kept free when admitting: a sequence is admitted with all of its blocks at
+# once whenever its prefix is cached, so it can never hold more than 6 blocks at admission; the last
+# sampled token needs no KV: 6 * 16 + 1 = 97 tokens of prompt plus output.
+TINY = {"block_size": 16, "num_blocks": 8, "watermark": 0.25}
+
+
+def tiny(**kw: object) -> Scheduler:
+    return Scheduler(MockerConfig(**{**TINY, **kw}), vocab_size=1000, context_length=4096, engine_salt=7)  # type: ignore[arg-type]
+
+
+def unlimited(rid: str, n: int, start: int = 0) -> EngineRequest:
+    return EngineRequest(rid, list(range(start, start + n)), stop=StopParams(max_tokens=0, ignore_eos=True))
+
+
+def test_the_context_length_is_what_fits_in_the_kv_cache() -> None:
+    assert tiny().context_length == 97
+    assert tiny(max_batched_tokens=16).context_length == 97  # chunked prefill does not raise it (see below)
+    assert tiny(watermark=0.0).context_length == 8 * 16 + 1
+    assert make().context_length == 65_536  # the default cache holds the whole model context
+    assert Scheduler(MockerConfig(**TINY), vocab_size=1000, context_length=50).context_length == 50  # type: ignore[arg-type]
+
+
+def test_a_prompt_over_the_kv_capacity_is_refused_naming_it() -> None:
+    s = tiny()
+    with pytest.raises(ValueError, match=r"the prompt has 97 tokens; this engine's KV cache .* 96 prompt tokens"):
+        s.add(unlimited("over", 97))
+    assert not s.has_work
+    s.add(unlimited("at", 96))
+    toks, reason = run_all(s, limit=1000)["at"]
+    assert (len(toks), reason) == (1, FinishReason.LENGTH)
+
+
+def test_a_generation_that_would_outgrow_the_cache_ends_with_length() -> None:
+    s = tiny()
+    s.add(unlimited("grow", 10))
+    toks, reason = run_all(s, limit=1000)["grow"]
+    assert (len(toks), reason) == (97 - 10, FinishReason.LENGTH)
+    assert s.total_preemptions == 0 and s.pool.active == 0
+
+
+def test_a_cached_prefix_makes_the_first_chunk_the_whole_prompt() -> None:
+    # Why chunked prefill does not raise the limit: the second time, 6 blocks come from the cache and the
+    # admission check counts them, so 7 blocks would have to fit under the watermark (the old stall).
+    s = tiny(max_batched_tokens=16)
+    with pytest.raises(ValueError, match="KV cache"):
+        s.add(unlimited("seven-blocks", 112))
+    for rid in ("first", "again"):
+        s.add(EngineRequest(rid, list(range(96)), stop=StopParams(max_tokens=1)))
+        assert run_all(s, limit=1000)[rid][1] is FinishReason.LENGTH
+    assert s.by_id == {} and s.pool.active == 0
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("num_blocks", [3, 8, 21])
+@pytest.mark.parametrize("watermark", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("max_batched_tokens", [1, 5, 8192])
+def test_every_sequence_within_the_limit_completes(
+    block_size: int, num_blocks: int, watermark: float, max_batched_tokens: int
+) -> None:
+    s = Scheduler(
+        MockerConfig(
+            block_size=block_size, num_blocks=num_blocks, watermark=watermark, max_batched_tokens=max_batched_tokens
+        ),
+        vocab_size=1000,
+        context_length=4096,
+    )
+    limit = (num_blocks - int(watermark * num_blocks)) * block_size + 1
+    for prompt in sorted({1, limit // 2, limit - 1}):
+        # Alone, twice (the second time with its prefix cached), then two at once (one preempts the other).
+        for rids in (["a"], ["b"], ["c", "d"]):
+            for rid in rids:
+                s.add(
+                    EngineRequest(rid, list(range(prompt)), stop=StopParams(max_tokens=limit - prompt, ignore_eos=True))
+                )
+            done = run_all(s, limit=20 * limit + 100)
+            assert {rid: (len(done[rid][0]), done[rid][1]) for rid in rids} == {
+                rid: (limit - prompt, FinishReason.LENGTH) for rid in rids
+            }, (prompt, rids)
+            assert s.pool.active == 0
+    assert s.context_length == limit

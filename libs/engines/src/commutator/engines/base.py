@@ -117,6 +117,13 @@ class EngineOutput:
 
 @dataclass(frozen=True, slots=True)
 class EngineCapacity:
+    """What an engine can take; a worker advertises it in discovery and its model card.
+
+    ``context_length`` is the longest sequence (prompt plus output) the engine can
+    actually run: the model's context, or less where the KV cache cannot hold it.
+    A frontend refuses longer prompts before routing them.
+    """
+
     block_size: int
     total_blocks: int
     max_num_seqs: int
@@ -203,7 +210,8 @@ class Engine(Protocol):
         """Reserve blocks to receive ``request``'s prompt KV from a prefill worker.
 
         Returns the block ids (in prompt order), or ``None`` when there is no
-        room now (the caller prefills locally instead).
+        room now (the caller prefills locally instead). Raises ``ValueError``,
+        as :meth:`generate` does, for a request that can never run here.
         """
         ...
 

@@ -4,6 +4,11 @@ A model is served while at least one live worker has a card for it (cards
 leave with their worker's lease). Its tokenizer files are fetched from the
 object store on first sight, into a local cache keyed by their content, so a
 frontend serves a model it has never seen on disk.
+
+Cards are untrusted (anything that can write etcd can publish one). A card that
+discovery rejects (see :meth:`Discovery.watch_model_cards`) is logged there and
+remembered here: the other models are served as before, and a request for a
+model that has only rejected cards gets a 503 that says why.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from commutator.common.discovery import Discovery, ModelCard, WatchKind
+from commutator.common.discovery import Discovery, ModelCard, ModelCardError, WatchKind
 from commutator.common.events import EventPlane
 from commutator.common.model_cards import fetch_model_artifacts
 from commutator.common.tasks import Supervisor
@@ -47,6 +52,8 @@ class ModelRegistry:
         self._namespace = namespace
         self._cache = cache_dir
         self.models: dict[str, ModelEntry] = {}
+        self.rejected: dict[str, dict[int, str]] = {}
+        """Models published only with cards that were rejected: instance id -> why."""
         self._tasks = Supervisor()
         self._synced = asyncio.Event()
 
@@ -64,34 +71,66 @@ class ModelRegistry:
         async with contextlib.aclosing(self._discovery.watch_model_cards(self._namespace)) as it:
             async for batch in it:
                 for ev in batch:
-                    entry = self.models.get(ev.model)
                     if ev.kind is WatchKind.PUT and ev.card is not None:
-                        if entry is None:
-                            entry = self.models[ev.model] = ModelEntry(ev.model, ev.card)
-                            log.info("model available: %s", ev.model)
-                        elif ev.card.artifacts != entry.card.artifacts:
-                            log.warning(
-                                "model %s: worker %x publishes other tokenizer files than the first; keeping the first",
-                                ev.model,
-                                ev.instance_id,
-                            )
-                        entry.instances.add(ev.instance_id)
-                    elif ev.kind is WatchKind.DELETE and entry is not None:
-                        entry.instances.discard(ev.instance_id)
-                        if not entry.instances:
-                            del self.models[ev.model]
-                            if entry.loader is not None and not entry.loader.done():
-                                entry.loader.cancel()
-                            log.info("model gone (no workers left): %s", ev.model)
+                        self._put(ev.model, ev.instance_id, ev.card)
+                    elif ev.kind is WatchKind.PUT:
+                        # Discovery logged why; a request for the model is told too.
+                        self._drop(ev.model, ev.instance_id)
+                        self.rejected.setdefault(ev.model, {})[ev.instance_id] = ev.error or "unreadable"
+                    else:
+                        self._drop(ev.model, ev.instance_id)
                 self._synced.set()
+
+    def _put(self, model: str, instance_id: int, card: ModelCard) -> None:
+        self._forget_rejection(model, instance_id)
+        entry = self.models.get(model)
+        if entry is None:
+            entry = self.models[model] = ModelEntry(model, card)
+            log.info("model available: %s", model)
+        elif card.artifacts != entry.card.artifacts:
+            log.warning(
+                "model %s: worker %x publishes other tokenizer files than the first; keeping the first",
+                model,
+                instance_id,
+            )
+        entry.instances.add(instance_id)
+
+    def _drop(self, model: str, instance_id: int) -> None:
+        """The card of ``instance_id`` for ``model`` is gone (or replaced by a rejected one)."""
+        self._forget_rejection(model, instance_id)
+        entry = self.models.get(model)
+        if entry is None:
+            return
+        entry.instances.discard(instance_id)
+        if not entry.instances:
+            del self.models[model]
+            if entry.loader is not None and not entry.loader.done():
+                entry.loader.cancel()
+            log.info("model gone (no workers left): %s", model)
+
+    def _forget_rejection(self, model: str, instance_id: int) -> None:
+        reasons = self.rejected.get(model)
+        if reasons is not None:
+            reasons.pop(instance_id, None)
+            if not reasons:
+                del self.rejected[model]
 
     def names(self) -> list[ModelEntry]:
         return sorted(self.models.values(), key=lambda e: e.name)
 
     async def preprocessor(self, name: str) -> Preprocessor:
-        """The model's preprocessor (loaded on first use); 404 for a model nobody serves."""
+        """The model's preprocessor (loaded on first use).
+
+        ``ApiError``: 404 for a model nobody serves; 503 (code ``model_card_rejected``)
+        for a model whose only cards were rejected, or whose card names a file that
+        cannot be written safely; 503 for a model whose files are missing from the store.
+        """
         entry = self.models.get(name)
         if entry is None:
+            reasons = self.rejected.get(name)
+            if reasons:
+                instance_id, why = next(iter(reasons.items()))
+                raise _rejected(name, f"the model card of worker {instance_id:x} was rejected: {why}")
             raise ApiError(
                 404,
                 f"The model '{name}' does not exist",
@@ -103,6 +142,9 @@ class ModelRegistry:
             entry.loader = asyncio.get_running_loop().create_task(self._load(entry.card), name=f"load:{name}")
         try:
             return await asyncio.shield(entry.loader)
+        except ModelCardError as exc:
+            log.error("model %s: not served: %s", name, exc)
+            raise _rejected(name, str(exc)) from None
         except FileNotFoundError as exc:
             raise ApiError(503, f"model {name}: {exc}", type="service_unavailable") from None
 
@@ -126,3 +168,9 @@ class ModelRegistry:
         )
         log.info("model %s: tokenizer and chat template loaded", card.name)
         return pre
+
+
+def _rejected(name: str, why: str) -> ApiError:
+    return ApiError(
+        503, f"model '{name}' cannot be served: {why}", type="service_unavailable", code="model_card_rejected"
+    )

@@ -21,8 +21,10 @@ from commutator.common.discovery.types import (
     InstanceInfo,
     KeyEvent,
     ModelCard,
+    ModelCardError,
     ModelCardEvent,
     WatchKind,
+    check_artifact_name,
 )
 
 __all__ = [
@@ -39,9 +41,11 @@ __all__ = [
     "MemoryBackend",
     "MemoryStore",
     "ModelCard",
+    "ModelCardError",
     "ModelCardEvent",
     "Registration",
     "WatchKind",
+    "check_artifact_name",
     "connect_discovery",
 ]
 

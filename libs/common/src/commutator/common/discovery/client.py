@@ -15,6 +15,7 @@ from commutator.common.discovery.types import (
     InstanceEvent,
     InstanceInfo,
     ModelCard,
+    ModelCardError,
     ModelCardEvent,
     WatchKind,
     instance_key,
@@ -179,7 +180,13 @@ class Discovery:
                 yield out
 
     async def watch_model_cards(self, namespace: str) -> AsyncGenerator[list[ModelCardEvent], None]:
-        """Batches of model-card changes; the first batch is every card published now."""
+        """Batches of model-card changes; the first batch is every card published now.
+
+        A card that cannot be read or fails :meth:`ModelCard.validate` (cards are
+        untrusted: anything that can write etcd can publish one) is logged and
+        comes as a put with ``card=None`` and ``error`` saying why, so that the
+        consumer can tell a client why the model cannot be served. Never fatal.
+        """
         prefix = model_card_prefix(namespace)
         async with contextlib.aclosing(self.backend.watch_prefix(prefix)) as it:
             async for batch in it:
@@ -188,11 +195,22 @@ class Discovery:
                     model_part, _, id_part = ev.key[len(prefix) :].rpartition("/")
                     try:
                         instance_id = int(id_part, 16)
-                        card = ModelCard.from_json(ev.value) if ev.kind is WatchKind.PUT else None
-                    except ValueError as exc:
-                        log.warning("ignoring unreadable model card at %s: %s", ev.key, exc)
+                    except ValueError:
+                        log.warning("ignoring a model card under an unexpected key %s", ev.key)
                         continue
-                    out.append(ModelCardEvent(ev.kind, unescape_model(model_part), instance_id, card))
+                    model = unescape_model(model_part)
+                    if ev.kind is not WatchKind.PUT:
+                        out.append(ModelCardEvent(ev.kind, model, instance_id, None))
+                        continue
+                    try:
+                        card = ModelCard.from_json(ev.value)
+                        if card.name != model:
+                            raise ModelCardError(f"the card names model {card.name!r}")
+                    except ValueError as exc:
+                        log.warning("rejected the model card of %s: %s", model, exc, extra=fields(key=ev.key))
+                        out.append(ModelCardEvent(WatchKind.PUT, model, instance_id, None, error=str(exc)))
+                        continue
+                    out.append(ModelCardEvent(WatchKind.PUT, model, instance_id, card))
                 yield out
 
 

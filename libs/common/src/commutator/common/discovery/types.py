@@ -9,13 +9,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = [
+    "ARTIFACT_NAME_MAX_BYTES",
     "Instance",
     "InstanceEvent",
     "InstanceInfo",
     "KeyEvent",
     "ModelCard",
+    "ModelCardError",
     "ModelCardEvent",
     "WatchKind",
+    "check_artifact_name",
     "instance_key",
     "instance_prefix",
     "model_card_key",
@@ -131,6 +134,44 @@ class Instance:
         return cls(ns, comp, ep, iid, InstanceInfo.from_json(value))
 
 
+class ModelCardError(ValueError):
+    """A model card that cannot be trusted: a field of the wrong type, or an unsafe artifact name."""
+
+
+ARTIFACT_NAME_MAX_BYTES = 255
+"""The longest artifact name, in UTF-8 bytes (NAME_MAX of common file systems)."""
+
+
+def check_artifact_name(name: object) -> str:
+    """``name`` if it is a plain file name, else :class:`ModelCardError` saying why.
+
+    A plain file name is a non-empty string of at most :data:`ARTIFACT_NAME_MAX_BYTES`
+    UTF-8 bytes with no path separator (``/`` or ``\\``, so never absolute), no
+    NUL or other control character, and is neither ``.`` nor ``..``: joined to a
+    folder it names a file directly inside that folder. Artifact names come
+    from discovery, which any process with etcd access can write, so every
+    reader of a card checks them before a name becomes a path.
+    """
+    if not isinstance(name, str):
+        raise ModelCardError(f"artifact name {name!r:.80} is not a string")
+    if name in ("", ".", ".."):
+        why = "it is empty" if not name else f"{name!r} is not a file"
+    elif "/" in name or "\\" in name:
+        why = "it contains a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "it contains a NUL or control character"
+    elif len(name.encode("utf-8", "surrogatepass")) > ARTIFACT_NAME_MAX_BYTES:
+        why = f"it is longer than {ARTIFACT_NAME_MAX_BYTES} bytes"
+    else:
+        return name
+    shown = repr(name) if len(name) <= 80 else f"{name[:64]!r}... ({len(name)} characters)"
+    raise ModelCardError(f"artifact name {shown} is not a plain file name: {why}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelCard:
     """What a frontend needs to serve a model it has never seen on disk.
@@ -138,6 +179,10 @@ class ModelCard:
     Large files (tokenizer.json can be megabytes, above etcd's value limit) are
     kept in the event plane's object store; ``artifacts`` maps a file name to
     its object name in bucket ``artifact_bucket``.
+
+    A card read from discovery is untrusted input: :meth:`from_json` checks it
+    with :meth:`validate`, so a card whose fields have the wrong types or whose
+    artifact names are not plain file names never reaches a consumer.
     """
 
     name: str
@@ -149,6 +194,36 @@ class ModelCard:
     artifacts: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> ModelCard:
+        """``self`` if every field has its type and every artifact name is a plain file name.
+
+        Raises :class:`ModelCardError` (a ``ValueError``) naming the first bad field.
+        ``block_size`` and ``context_length`` may be 0 (unknown).
+        """
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ModelCardError(f"model card field 'name' must be a non-empty string, not {self.name!r}")
+        for key in ("block_size", "context_length"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 0:
+                raise ModelCardError(f"model card field {key!r} must be a non-negative integer, not {value!r}")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise ModelCardError(f"model card field 'chat_template' must be a string, not {self.chat_template!r}")
+        if not isinstance(self.eos_token_ids, tuple) or not all(_is_int(t) for t in self.eos_token_ids):
+            raise ModelCardError(f"model card field 'eos_token_ids' must be integers, not {self.eos_token_ids!r}")
+        if not isinstance(self.artifact_bucket, str):
+            raise ModelCardError(f"model card field 'artifact_bucket' must be a string, not {self.artifact_bucket!r}")
+        if not isinstance(self.artifacts, dict):
+            raise ModelCardError(f"model card field 'artifacts' must map file names to objects, not {self.artifacts!r}")
+        for file_name, obj in self.artifacts.items():
+            check_artifact_name(file_name)
+            if not isinstance(obj, str) or not obj:
+                raise ModelCardError(
+                    f"model card field 'artifacts': the object of {file_name!r} must be a non-empty string, not {obj!r}"
+                )
+        if not isinstance(self.metadata, dict):
+            raise ModelCardError(f"model card field 'metadata' must be a JSON object, not {self.metadata!r}")
+        return self
+
     def to_json(self) -> bytes:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
@@ -156,10 +231,17 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, data: bytes) -> ModelCard:
+        """The card in ``data``, validated; ``ValueError`` (:class:`ModelCardError` for a bad card) otherwise.
+
+        Unknown fields are ignored (a newer worker may publish more).
+        """
         obj = json.loads(data)
         if not isinstance(obj, dict) or "name" not in obj:
-            raise ValueError("model card must be a JSON object with a name")
-        obj["eos_token_ids"] = tuple(obj.get("eos_token_ids", ()))
+            raise ModelCardError("model card must be a JSON object with a name")
+        eos = obj.get("eos_token_ids", [])
+        if not isinstance(eos, list):
+            raise ModelCardError(f"model card field 'eos_token_ids' must be a list of integers, not {eos!r}")
+        obj["eos_token_ids"] = tuple(eos)
         allowed = {
             "name",
             "block_size",
@@ -170,7 +252,10 @@ class ModelCard:
             "artifacts",
             "metadata",
         }
-        return cls(**{k: v for k, v in obj.items() if k in allowed})
+        missing = {"block_size", "context_length"} - obj.keys()
+        if missing:
+            raise ModelCardError(f"model card lacks the field {sorted(missing)[0]!r}")
+        return cls(**{k: v for k, v in obj.items() if k in allowed}).validate()
 
 
 class WatchKind(enum.Enum):
@@ -199,4 +284,6 @@ class ModelCardEvent:
     model: str
     instance_id: int
     card: ModelCard | None
-    """The card; ``None`` on deletion."""
+    """The card; ``None`` on deletion, and on a put of a card that was rejected (see ``error``)."""
+    error: str | None = None
+    """Why the card that was put could not be used (it never reaches ``card``)."""

@@ -22,7 +22,11 @@ class MockerConfig:
         0.01, "Fraction of blocks kept free when admitting new requests (avoids instant preemption)"
     )
     vocab_size: int = option(0, "Vocabulary of generated tokens (0: from the model's config.json, else 32000)")
-    context_length: int = option(0, "Longest prompt plus output (0: from the model's config.json, else 32768)")
+    context_length: int = option(
+        0,
+        "Longest prompt plus output (0: from the model's config.json, else 32768);"
+        " lowered to what the KV cache holds, (num_blocks - watermark blocks) * block_size + 1",
+    )
     mocker_seed: int = option(0, "Seed of generated tokens for requests without a seed, and of engine block ids")
     eos_token_ids: tuple[int, ...] = option((), "End-of-sequence token ids (empty: from the model)")
 

@@ -19,6 +19,23 @@ At the end of the pass every sequence whose tokens are all computed samples
 one token (the first token ends its prefill); full blocks are registered in
 the prefix cache (KV events). :attr:`StepResult.pass_ms` is the pass's
 simulated duration from the timing model.
+
+The longest sequence the KV cache can run (:attr:`Scheduler.kv_max_tokens`):
+an admission must leave ``watermark_blocks`` available after taking its first
+chunk's blocks, and a sequence whose prefix is cached (a repeated prompt, or a
+recompute after preemption) takes all of its blocks in its first chunk, so
+``ceil(L / block_size) <= num_blocks - watermark_blocks`` must hold for the
+``L`` tokens it holds at (re)admission, whatever ``max_batched_tokens`` is.
+Later chunks and decode steps allocate without the watermark, but a sequence
+never needs more blocks than at a readmission: ``L`` is at most prompt plus
+output minus one (the last sampled token is never computed). Hence
+``kv_max_tokens = (num_blocks - watermark_blocks) * block_size + 1``, and
+:attr:`Scheduler.context_length` is the smaller of it and the model's context.
+Requests that cannot fit are refused by :meth:`Scheduler.add` (``max_output``
+is capped by the context length), and every sequence within it completes: the
+oldest running sequence always gets its blocks (it preempts newer ones), and a
+sequence alone always fits, from an empty or a warm cache (blocks reserved for
+a remote prefill aside: they come back when the transfer ends).
 """
 
 from __future__ import annotations
@@ -118,6 +135,11 @@ class Scheduler:
         self.by_id: dict[str, Seq] = {}
         self.reserved: dict[str, Seq] = {}
         self._watermark_blocks = int(config.watermark * config.num_blocks)
+        self.model_context_length = context_length
+        self.kv_max_tokens = (config.num_blocks - self._watermark_blocks) * config.block_size + 1
+        """The longest sequence (prompt plus output) the KV cache can run (see the module docstring)."""
+        self.context_length = min(context_length, self.kv_max_tokens)
+        """The longest sequence this engine runs: the model's context, or less if the KV cache is smaller."""
         self.total_preemptions = 0
 
     # -- requests -----------------------------------------------------------------
@@ -128,7 +150,14 @@ class Scheduler:
         if req.request_id in self.by_id or req.request_id in self.reserved:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         if n >= self.context_length:
-            raise ValueError(f"the prompt has {n} tokens; this model's context is {self.context_length} tokens")
+            if self.context_length == self.model_context_length:
+                raise ValueError(f"the prompt has {n} tokens; this model's context is {self.context_length} tokens")
+            cfg = self.config
+            raise ValueError(
+                f"the prompt has {n} tokens; this engine's KV cache ({cfg.num_blocks} blocks of {cfg.block_size}"
+                f" tokens, {self._watermark_blocks} kept free for admissions) runs sequences of at most"
+                f" {self.kv_max_tokens} tokens, so at most {self.kv_max_tokens - 1} prompt tokens"
+            )
         tokens = list(req.token_ids)
         bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
         if bad is not None:
@@ -147,7 +176,11 @@ class Scheduler:
         return seq
 
     def add(self, req: EngineRequest) -> Seq:
-        """Queue a request. Raises ``ValueError`` for requests that can never run."""
+        """Queue a request. Raises ``ValueError`` for requests that can never run.
+
+        A prompt of :attr:`context_length` tokens or more can never run (the model's
+        context, or what the KV cache holds); output is capped at ``context_length - prompt``.
+        """
         seq = self._make_seq(req)
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
