@@ -119,6 +119,10 @@ bench-router: setup servers ## Router index, routing decision, event ingestion, 
 bench-e2e: setup servers ## The whole stack (frontend + 2 mocker workers): req/s, TTFT, ITL, frontend CPU/request
 	$(PY) benchmarks/bench_e2e.py
 
+.PHONY: bench-failover
+bench-failover: setup servers ## A worker SIGKILLed under load (3 workers, c=16): requests completed and failed
+	$(PY) benchmarks/bench_failover.py
+
 .PHONY: bench-events
 bench-events: setup servers ## JetStream publish rate and object-store reads
 	$(PY) benchmarks/bench_events.py

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 
 import pytest
@@ -63,3 +65,36 @@ async def test_chunked_snapshot_bytes_equal_the_one_step_snapshot() -> None:
     whole = ingest.build_snapshot()
     chunked.created_s = whole.created_s = 0
     assert seq == 42 and chunked == whole and len(whole.workers) == 5
+
+
+async def test_unreadable_worker_stats_and_replica_events_are_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from commutator.common import metrics, subjects
+    from commutator.router.sync import sync_subject
+
+    store = MemoryStore(VirtualClock())
+    broker = MemoryBroker()
+    d = Discovery(MemoryBackend(store))
+    await d.start()
+    plane = MemoryEventPlane(broker)
+    await plane.connect()
+    router = Router(RouterConfig(router_replica_sync=True), d, plane, "ns")
+    await router.start()
+    stats_before = metrics.BAD_MESSAGES.labels("worker_stats")._value.get()
+    sync_before = metrics.BAD_MESSAGES.labels("replica_sync")._value.get()
+    with caplog.at_level(logging.WARNING):
+        await plane.publish_core(subjects.load_subject("ns", "decode", 0xAB), b"\xff not stats")
+        await plane.publish_core(sync_subject("ns", "router"), b"\xff not a load event")
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            if metrics.BAD_MESSAGES.labels("replica_sync")._value.get() > sync_before:
+                break
+    assert metrics.BAD_MESSAGES.labels("worker_stats")._value.get() == stats_before + 1
+    assert metrics.BAD_MESSAGES.labels("replica_sync")._value.get() == sync_before + 1
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "unreadable worker-stats message on load.ns.decode.ab" in text
+    assert "unreadable replica load event" in text
+    await router.close()
+    await plane.close()
+    await d.close()
