@@ -468,8 +468,8 @@ class Router:
                     yield resp
                 return
             except (Unavailable, InstanceNotFound) as exc:
-                if isinstance(exc, Unavailable):
-                    self.inhibit(worker_id, str(exc))
+                # Not found: discovery is dropping it right now; inhibited until it is gone.
+                self.inhibit(worker_id, str(exc))
                 if streamed or requested is not None or attempt >= self.config.worker_retries:
                     raise
                 attempt += 1
