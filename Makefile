@@ -77,7 +77,7 @@ test-integration: setup servers ## Integration tests (real etcd + nats-server)
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines services/decode/src/commutator/decode services/router/src/commutator/router services/frontend/src/commutator/frontend libs/cli/src/commutator/cli
+	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines libs/worker/src/commutator/worker services/decode/src/commutator/decode services/router/src/commutator/router services/frontend/src/commutator/frontend libs/cli/src/commutator/cli
 
 # ---- running --------------------------------------------------------------
 

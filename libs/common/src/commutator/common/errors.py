@@ -17,7 +17,9 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "RemoteError",
+    "StartupError",
     "Unavailable",
+    "Unsupported",
 ]
 
 
@@ -69,6 +71,19 @@ class Cancelled(CommutatorError):
     """The call was cancelled (by the peer or locally)."""
 
     code = "CANCELLED"
+
+
+class Unsupported(CommutatorError):
+    """The peer does not implement this (e.g. a cache dump from an engine that cannot give one)."""
+
+    code = "UNIMPLEMENTED"
+
+
+class StartupError(Exception):
+    """A role cannot start (an unusable model, an engine that is not installed, refused arguments).
+
+    Not a wire error: the process prints the message, one line, and exits 1 before it registers.
+    """
 
 
 class RemoteError(CommutatorError):

@@ -22,6 +22,7 @@ from commutator.common import config as cfg
 from commutator.common import metrics, tracing
 from commutator.common.config import group, option
 from commutator.common.discovery import Discovery, DiscoveryConfig, DiscoveryError, MemoryStore, connect_discovery
+from commutator.common.errors import StartupError
 from commutator.common.events import EventPlane, EventPlaneConfig, EventPlaneError, MemoryBroker, connect_event_plane
 from commutator.common.logging import fields, setup_logging
 from commutator.common.status_server import StatusServer
@@ -177,7 +178,7 @@ def serve_role(config_cls: type[Any], prog: str, make: Callable[[Any], Role]) ->
         try:
             await role.start()
             await role.runtime.shutdown.wait()
-        except (DiscoveryError, EventPlaneError, OSError) as exc:
+        except (DiscoveryError, EventPlaneError, OSError, StartupError) as exc:
             log.error("cannot start: %s", exc)
             return 1
         finally:

@@ -33,6 +33,7 @@ __all__ = [
     "EngineStats",
     "FinishReason",
     "KvCleared",
+    "KvDump",
     "KvEventRecord",
     "KvImport",
     "KvRemoved",
@@ -170,6 +171,10 @@ class KvEventRecord:
     dp_rank: int = 0
 
 
+KvDump = tuple[list[tuple[int, int, int]], dict[int, int]]
+"""``([(dp_rank, engine block id, sequence hash), ...], {dp_rank: next event id})``."""
+
+
 class Engine(Protocol):
     """What a worker needs from an engine.
 
@@ -201,9 +206,16 @@ class Engine(Protocol):
         """Wait for, then take, every KV event emitted since the last call (in order)."""
         ...
 
-    def kv_dump(self) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
+    def kv_dump(self) -> KvDump | None:
         """The prefix cache now: ``(dp_rank, engine block id, sequence hash)`` for every cached
-        block, and per dp rank the id of the next event (the dump reflects all earlier ones)."""
+        block, and per dp rank the id of the next event (the dump reflects all earlier ones).
+
+        ``None`` when this engine cannot describe its cache (the worker answers ``DumpKvState``
+        with UNIMPLEMENTED and the router rebuilds it from live events alone). Adapters of
+        engines without a dump of their own keep a :class:`~commutator.engines.kv_mirror.KvMirror`
+        of the events they emitted, which describes the cache exactly as long as it saw every
+        event since the engine started.
+        """
         ...
 
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:

@@ -31,7 +31,14 @@ from typing import Any
 from commutator.common import metrics, subjects
 from commutator.common.clock import Clock, SystemClock
 from commutator.common.discovery import Discovery, InstanceEvent, InstanceInfo, InstanceSet, Registration, WatchKind
-from commutator.common.errors import InstanceNotFound, InvalidRequest, NoInstances, Overloaded, Unavailable
+from commutator.common.errors import (
+    InstanceNotFound,
+    InvalidRequest,
+    NoInstances,
+    Overloaded,
+    Unavailable,
+    Unsupported,
+)
 from commutator.common.events import EventPlane, EventPlaneError, Subscription
 from commutator.common.grpc import EndpointClient
 from commutator.common.logging import Throttle
@@ -100,6 +107,7 @@ class Router:
         self._tasks = Supervisor(clock=self.clock)
         self._probes: dict[int, asyncio.Task[None]] = {}
         self._departed: dict[int, float] = {}
+        self._no_dump: set[int] = set()  # workers whose engine cannot dump its cache: live events only
         self._stream_bytes = 0
         self._bad_stats = metrics.BAD_MESSAGES.labels("worker_stats")
         self._bad_stats_log = Throttle()
@@ -210,6 +218,7 @@ class Router:
         else:
             self._departed[inst.instance_id] = self.clock.monotonic()
             self.scheduler.remove_worker(inst.instance_id)
+            self._no_dump.discard(inst.instance_id)
             probe = self._probes.pop(inst.instance_id, None)
             if probe is not None:
                 probe.cancel()
@@ -270,11 +279,17 @@ class Router:
                 del self._probes[worker_id]
 
     async def _recover_worker(self, key: WorkerKey) -> tuple[list[tuple[int, int]], int] | None:
-        if key[0] not in self.workers.instances:
+        """A worker's cache state after lost events; ``None``: keep rebuilding it from live events."""
+        if key[0] not in self.workers.instances or key[0] in self._no_dump:
             return None
-        dump: worker_pb2.KvStateDump = await self.workers.call(
-            "DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=key[0], timeout_s=30.0
-        )
+        try:
+            dump: worker_pb2.KvStateDump = await self.workers.call(
+                "DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=key[0], timeout_s=30.0
+            )
+        except Unsupported:
+            self._no_dump.add(key[0])
+            log.info("worker %x cannot dump its KV cache: its index entries come from live events only", key[0])
+            return None
         pairs = [
             (b.block_hash, b.sequence_hash) for ev in dump.events if ev.dp_rank == key[1] for b in ev.stored.blocks
         ]

@@ -32,6 +32,7 @@ from commutator.common.errors import (
     Overloaded,
     RemoteError,
     Unavailable,
+    Unsupported,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -61,6 +62,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CommutatorError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unsupported,
 }
 
 

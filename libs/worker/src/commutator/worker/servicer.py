@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from commutator.common import metrics, tracing
-from commutator.common.errors import InvalidRequest, RemoteError
+from commutator.common.errors import InvalidRequest, RemoteError, Unsupported
 from commutator.common.grpc import abort_with
 from commutator.engines.base import Engine
 from commutator.engines.wire import output_to_proto, request_from_proto, stats_to_proto
@@ -100,7 +100,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def DumpKvState(
         self, request: worker_pb2.DumpKvStateRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.KvStateDump:
-        blocks, watermarks = self.engine.kv_dump()
+        state = self.engine.kv_dump()
+        if state is None:
+            await abort_with(context, Unsupported("this engine cannot dump its KV cache state"))
+        blocks, watermarks = state
         worker_id = self._worker_id()  # type: ignore[operator]
         dump = worker_pb2.KvStateDump()
         by_rank: dict[int, kv_events_pb2.KvEvent] = {}

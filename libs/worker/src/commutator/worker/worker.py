@@ -1,0 +1,196 @@
+"""A worker process around an engine: the engine + gRPC server + discovery + event publishers.
+
+Start order: the model folder and the engine are checked first (an unusable
+model, an engine that is not installed, or engine arguments the engine refuses
+end the process with one line and exit status 1 before it connects anywhere);
+then the runtime (discovery, event plane, status server), the engine is loaded,
+the gRPC server, the KV-event and load publishers, then the registration
+(nobody is routed here before the worker can serve) and last the model card
+(frontends list a model once a worker for it is registered, so its first request
+finds one). Drain reverses it: deregister, stop taking calls and let in-flight
+streams finish within the grace period, publish and flush the remaining KV
+events, stop the engine, close the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from commutator.common.clock import Clock
+from commutator.common.discovery import InstanceInfo, MemoryStore, Registration
+from commutator.common.events import MemoryBroker
+from commutator.common.grpc import GrpcConfig, GrpcServer
+from commutator.common.logging import fields
+from commutator.common.model_cards import publish_model
+from commutator.common.runtime import Runtime, RuntimeConfig
+from commutator.engines.base import Engine
+from commutator.engines.mocker import MockerConfig
+from commutator.engines.model_info import ModelInfo
+from commutator.engines.registry import EngineError, EngineSpec, make_engine, split_engine_args
+from commutator.v1 import worker_pb2_grpc
+from commutator.worker.config import WorkerConfig
+from commutator.worker.model import resolve_model
+from commutator.worker.publishers import KvEventPublisher, LoadPublisher
+from commutator.worker.servicer import WorkerServicer
+
+__all__ = ["Worker", "WorkerRoleConfig"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRoleConfig(Protocol):
+    """The settings groups every worker role's config has."""
+
+    @property
+    def runtime(self) -> RuntimeConfig: ...
+
+    @property
+    def grpc(self) -> GrpcConfig: ...
+
+    @property
+    def worker(self) -> WorkerConfig: ...
+
+    @property
+    def mocker(self) -> MockerConfig: ...
+
+
+class Worker:
+    def __init__(
+        self,
+        config: WorkerRoleConfig,
+        *,
+        role: str = "decode",
+        memory_store: MemoryStore | None = None,
+        memory_broker: MemoryBroker | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.role = role
+        self.draining = False
+        self.runtime = Runtime(
+            config.runtime,
+            role,
+            memory_store=memory_store,
+            memory_broker=memory_broker,
+            ready=lambda: not self.draining and self.registration is not None,
+        )
+        self._clock = clock
+        self.engine: Engine | None = None
+        self.server: GrpcServer | None = None
+        self.servicer: WorkerServicer | None = None
+        self.kv_publisher: KvEventPublisher | None = None
+        self.load_publisher: LoadPublisher | None = None
+        self.registration: Registration | None = None
+        self.model_name = ""
+
+    @property
+    def instance_id(self) -> int:
+        assert self.runtime.discovery is not None
+        return self.runtime.discovery.instance_id
+
+    async def start(self) -> None:
+        wc = self.config.worker
+        # Checked before anything connects or registers: one line and exit 1 when unusable.
+        model_path, self.model_name = resolve_model(wc.model_path, wc.model_name)
+        spec = EngineSpec(
+            model_path, self.model_name, split_engine_args(wc.engine_args), self.config.mocker, self._clock
+        )
+        engine = make_engine(wc.engine, spec)
+        info = ModelInfo.load(model_path)
+
+        rt = self.runtime
+        await rt.start()
+        assert rt.discovery is not None and rt.events is not None
+        label = f"{wc.component}-{rt.discovery.instance_id:x}"
+        try:
+            await engine.start()
+        except EngineError:
+            raise
+        except Exception as exc:
+            first = (str(exc) or type(exc).__name__).strip().splitlines()[0]
+            log.exception("the %s engine failed to start", wc.engine)
+            raise EngineError(f"the {wc.engine} engine failed to start: {first}") from exc
+        self.engine = engine
+        rt.on_close(engine.shutdown)
+
+        self.server = GrpcServer(self.config.grpc)
+        self.servicer = WorkerServicer(engine, label, lambda: self.instance_id, wc.stream_interval_ms / 1000.0)
+        self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, "commutator.v1.Worker")
+        await self.server.start()
+        rt.on_close(self.server.stop)
+
+        ns = rt.namespace
+        self.kv_publisher = KvEventPublisher(
+            engine, rt.events, ns, wc.component, lambda: self.instance_id, label, wc.kv_events_max_batch
+        )
+        await self.kv_publisher.start()
+        rt.on_close(self.kv_publisher.close)
+        self.load_publisher = LoadPublisher(
+            engine,
+            rt.events,
+            ns,
+            wc.component,
+            lambda: self.instance_id,
+            label,
+            wc.stats_interval_s,
+            wc.stats_min_interval_s,
+        )
+        await self.load_publisher.start()
+        rt.on_close(self.load_publisher.close)
+
+        cap = engine.capacity
+        self.registration = await rt.discovery.register(
+            ns,
+            wc.component,
+            wc.endpoint,
+            InstanceInfo(
+                address=self.server.address,
+                role=self.role,
+                model=self.model_name,
+                block_size=cap.block_size,
+                kv_capacity_blocks=cap.total_blocks,
+                dp_size=cap.dp_size,
+                metadata={"engine": wc.engine},
+            ),
+        )
+        await publish_model(
+            rt.discovery,
+            rt.events,
+            ns,
+            model_name=self.model_name,
+            model_path=model_path,
+            block_size=cap.block_size,
+            context_length=cap.context_length,
+            eos_token_ids=info.eos_token_ids,
+        )
+        log.info(
+            "worker ready",
+            extra=fields(
+                model=self.model_name,
+                address=self.server.address,
+                instance_id=f"{self.instance_id:x}",
+                engine=wc.engine,
+                block_size=cap.block_size,
+                kv_blocks=cap.total_blocks,
+                metrics_port=rt.status.port if rt.status else None,
+            ),
+        )
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Deregister, finish in-flight streams (within the grace period), flush events, close."""
+        if self.draining:
+            return
+        self.draining = True
+        rt = self.runtime
+        if self.registration is not None and rt.discovery is not None:
+            try:
+                await rt.discovery.deregister(self.registration)
+            except Exception as exc:
+                log.warning("deregistration failed (the lease expiry removes it): %s", exc)
+        in_flight = self.servicer.in_flight if self.servicer else 0
+        log.info("draining", extra=fields(in_flight=in_flight))
+        if self.server is not None:
+            await self.server.drain(grace_s)
+        await rt.close()
+        log.info("stopped")
