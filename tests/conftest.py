@@ -95,6 +95,12 @@ class RoleProcess:
         return self.log_path.read_text(errors="replace")
 
 
+@pytest.fixture(scope="session")
+def role_process() -> type[RoleProcess]:
+    """The :class:`RoleProcess` class, for fixtures wider than a test that start roles themselves."""
+    return RoleProcess
+
+
 @pytest.fixture
 def spawn(etcd_server: EtcdProcess, nats_server: NatsProcess, tmp_path: Path, unique: str) -> Iterator[object]:
     """``spawn(module, *args)`` starts a role wired to the session's etcd and NATS, in namespace ``unique``."""

@@ -100,6 +100,15 @@ class EngineEventConverter:
                 out.append(self._record(dp_rank, KvRemoved(ids)))
         return out
 
+    def lost(self) -> list[KvEventRecord]:
+        """Events were lost for good: a Cleared per known rank (the router forgets this worker's blocks,
+        which costs cache affinity, never a wrong placement), and every seed is forgotten."""
+        out = []
+        for rank, seeds in self._seeds.items():
+            seeds.clear()
+            out.append(self._record(rank, KvCleared()))
+        return out or [self._record(0, KvCleared())]
+
     def _record(self, rank: int, data: KvStored | KvRemoved | KvCleared) -> KvEventRecord:
         eid = self._next.get(rank, 0)
         self._next[rank] = eid + 1

