@@ -33,7 +33,9 @@ class HfConfig:
     max_batched_tokens: int = option(2048, "Token budget of one engine pass (longer prompts are chunked)")
     watermark: float = option(0.01, "Fraction of blocks kept free when admitting new requests")
     context_length: int = option(0, "Longest prompt plus output; 0: the model's (lowered to what the cache holds)")
-    threads: int = option(0, "torch CPU threads (torch.set_num_threads); 0: torch's default")
+    threads: int = option(
+        0, "torch CPU threads (torch.set_num_threads); 0: on CPU every core but one (kept for the event loop)"
+    )
     export_hold_s: float = option(
         30.0, "How long a finished prefill-only request keeps its prompt's blocks for kv_export"
     )

@@ -47,10 +47,7 @@ def _device(name: str) -> torch.device:
 
 def _dtype(name: str, model_config: Any, device: torch.device) -> torch.dtype:
     if name != "auto":
-        dtype = _DTYPES[name]
-        if device.type == "cpu" and dtype is torch.float16:
-            raise EngineError("hf: --dtype float16 is not supported on CPU (use float32 or bfloat16)")
-        return dtype
+        return _DTYPES[name]
     if device.type == "cpu":
         return torch.float32
     declared = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
