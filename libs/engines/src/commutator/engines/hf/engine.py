@@ -163,6 +163,16 @@ class HfEngine:
             ),
         )
         self._task = loop.create_task(self._run(), name="hf-engine")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The pass loop died (a bug): fail every request rather than leave its stream hanging."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("hf engine loop stopped: %s", exc, exc_info=exc)
+        for ch in self._channels.values():
+            ch.close(FinishReason.ERROR, f"the hf engine stopped: {type(exc).__name__}: {exc}")
 
     async def shutdown(self) -> None:
         if self._task is not None:
@@ -200,6 +210,7 @@ class HfEngine:
         if request.kv_import is not None:
             seq, reason = sched.add_imported(request, request.kv_import.first_token_id)
             ch.push(request.kv_import.first_token_id, None, reason)
+            self._kv_events.push(sched.pool.take_events())  # the imported blocks are cached now
         else:
             seq = sched.add(request)
         self._channels[rid] = ch
@@ -241,7 +252,9 @@ class HfEngine:
 
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         # The sequence made here is the one that decodes (generate with kv_import): it needs its seed now.
-        return self.scheduler.reserve_import(self._check(request))
+        blocks = self.scheduler.reserve_import(self._check(request))
+        self._kv_events.push(self.scheduler.pool.take_events())  # evictions to make room
+        return blocks
 
     def release_import(self, request_id: str) -> None:
         self.scheduler.release_import(request_id)
