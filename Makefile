@@ -16,6 +16,9 @@ PROTO_STAMP := $(PROTO_PKG)/.generated
 SYNC_STAMP  := $(VENV)/.synced
 PYPROJECTS  := pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 PYTEST_ARGS ?=
+TORCH_VERSION := 2.13.0
+TORCH_WHEELS ?= /opt/wheels
+TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
 
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
@@ -55,6 +58,22 @@ protos: ## Generate Python code and type stubs from protos/ into commutator.v1
 	@rm -f $(PROTO_STAMP)
 	@$(MAKE) --no-print-directory $(PROTO_STAMP)
 
+# torch for the hf engine and its tests: the CPU build, on top of uv.lock (which leaves torch out: the
+# index's torch is the multi-GB CUDA build, the CPU build is not on the index). From TORCH_WHEELS when
+# that folder holds the wheel (these machines: pip's find-links folder), else from the PyTorch CPU index.
+# Done again after every sync (uv sync removes what the lock does not name). --no-config: the workspace's
+# exclude-dependencies would make uv skip torch here too.
+$(TORCH_STAMP): $(SYNC_STAMP)
+	@if compgen -G '$(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl' >/dev/null; then \
+	  src=(--find-links '$(TORCH_WHEELS)'); else src=(--extra-index-url https://download.pytorch.org/whl/cpu); fi; \
+	$(UV) pip install --no-config --quiet --python $(PY) "$${src[@]}" 'torch==$(TORCH_VERSION)+cpu'
+	@$(PY) -c 'import torch, sys; sys.exit(not torch.__version__.startswith("$(TORCH_VERSION)"))' || \
+	  { echo "torch $(TORCH_VERSION) did not install into $(VENV)"; exit 1; }
+	@touch $@
+
+.PHONY: torch
+torch: $(TORCH_STAMP) ## Install torch 2.13.0 (CPU build) into .venv for the hf engine (not in uv.lock)
+
 .PHONY: servers
 servers: ## Make sure etcd and nats-server are installed (apt-get as root)
 	@scripts/ensure-servers.sh
@@ -62,11 +81,11 @@ servers: ## Make sure etcd and nats-server are installed (apt-get as root)
 # ---- tests ----------------------------------------------------------------
 
 .PHONY: test
-test: setup servers ## Install everything and run the whole suite
+test: setup torch servers ## Install everything and run the whole suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
-test-unit: setup ## Unit tests only (no servers)
+test-unit: setup torch ## Unit tests only (no servers)
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 .PHONY: test-integration
@@ -74,7 +93,7 @@ test-integration: setup servers ## Integration tests (real etcd + nats-server)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: setup ## ruff and mypy
+lint: setup torch ## ruff and mypy (torch installed, so the hf engine is checked against its types)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines libs/worker/src/commutator/worker services/decode/src/commutator/decode services/router/src/commutator/router services/frontend/src/commutator/frontend libs/cli/src/commutator/cli

@@ -364,3 +364,60 @@ def test_every_sequence_within_the_limit_completes(
             }, (prompt, rids)
             assert s.pool.active == 0
     assert s.context_length == limit
+
+
+# -- a pass in two calls: schedule, then complete with sampled tokens (what a real engine does) ---------
+def test_schedule_then_complete_is_the_same_pass_as_step() -> None:
+    # Two schedulers in lockstep: one steps, the other plans and completes with the same synthetic tokens.
+    a, b = (
+        make(block_size=4, num_blocks=12, max_batched_tokens=20),
+        make(block_size=4, num_blocks=12, max_batched_tokens=20),
+    )
+    for s in (a, b):
+        s.add(req("x", 30, max_tokens=12))
+        s.add(req("y", 9, max_tokens=12, start=100))
+    for _ in range(100):
+        if not a.has_work:
+            break
+        ra = a.step()
+        batch = b.schedule()
+        # Who samples is known at planning: the sequences whose computed tokens reach their end.
+        assert [seq.request_id for seq in batch.samples] == [seq.request_id for seq, *_ in ra.outputs]
+        rb = b.complete(batch, [(tok, lp) for _, tok, _, lp in ra.outputs])
+        assert [(s.request_id, t, r) for s, t, r, _ in rb.outputs] == [
+            (s.request_id, t, r) for s, t, r, _ in ra.outputs
+        ]
+        assert (rb.prefill_tokens, rb.decode_seqs, rb.preempted, rb.admitted) == (
+            ra.prefill_tokens,
+            ra.decode_seqs,
+            ra.preempted,
+            ra.admitted,
+        )
+        assert a.pool.take_events() == b.pool.take_events()
+    assert not a.has_work and not b.has_work and a.total_preemptions == b.total_preemptions > 0
+
+
+def test_complete_wants_one_token_per_sampling_sequence() -> None:
+    s = make()
+    s.add(req("a", 10))
+    batch = s.schedule()
+    with pytest.raises(ValueError, match="0 sampled tokens for 1"):
+        s.complete(batch, [])
+
+
+def test_held_prefill_blocks_stay_until_released() -> None:
+    s = Scheduler(
+        MockerConfig(block_size=4, num_blocks=10, watermark=0.0),
+        vocab_size=1000,
+        context_length=64,
+        hold_prefill_blocks=True,
+    )
+    s.add(req("p", 10, max_tokens=50, prefill_only=True))
+    out = run_all(s)
+    assert len(out["p"][0]) == 1 and out["p"][1] is FinishReason.STOP
+    held = s.held["p"].blocks
+    assert len(held) == 3 and s.pool.active == 3  # the partial third block too: its KV is part of the prompt
+    with pytest.raises(ValueError, match="already in use"):
+        s.add(req("p", 4))
+    assert s.release_held("p") is True and s.release_held("p") is False
+    assert s.pool.active == 0 and len(s.pool.cached) == 2

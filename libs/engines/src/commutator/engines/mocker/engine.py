@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -24,31 +23,13 @@ from commutator.engines.base import (
     EngineStats,
     FinishReason,
     KvEventRecord,
-    TokenLogprob,
 )
 from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.scheduler import Scheduler
 from commutator.engines.model_info import ModelInfo
+from commutator.engines.outputs import KvEventBuffer, OutputChannel
 
 __all__ = ["MockerEngine"]
-
-log = logging.getLogger(__name__)
-
-KV_EVENT_BUFFER_LIMIT = 100_000
-"""KV events held for a publisher that cannot keep up; past this the oldest are
-dropped, and the router sees the gap in event ids and resets this worker."""
-
-
-class _Channel:
-    """Tokens of one request not yet taken by its reader: coalesced, never more than the request's own output."""
-
-    __slots__ = ("finish", "logprobs", "ready", "tokens")
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.logprobs: list[TokenLogprob] | None = None
-        self.finish: FinishReason | None = None
-        self.ready = asyncio.Event()
 
 
 class MockerEngine:
@@ -82,12 +63,10 @@ class MockerEngine:
             max_batched_tokens=config.max_batched_tokens,
             context_length=self.scheduler.context_length,
         )
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, OutputChannel] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._kv_buffer: list[KvEventRecord] = []
-        self._kv_ready = asyncio.Event()
-        self.kv_events_dropped = 0
+        self._kv_events = KvEventBuffer()
         self.passes = 0
         self.tokens_generated = 0
 
@@ -119,8 +98,7 @@ class MockerEngine:
             self._task = None
         for rid, ch in list(self._channels.items()):
             self.scheduler.abort(rid)
-            ch.finish = FinishReason.ABORT
-            ch.ready.set()
+            ch.close(FinishReason.ABORT)
 
     # -- requests -----------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
@@ -128,12 +106,10 @@ class MockerEngine:
             raise RuntimeError("engine not started")
         sched = self.scheduler
         rid = request.request_id
-        ch = _Channel()
+        ch = OutputChannel()
         if request.kv_import is not None:
             seq, reason = sched.add_imported(request, request.kv_import.first_token_id)
-            ch.tokens.append(request.kv_import.first_token_id)
-            ch.finish = reason
-            ch.ready.set()
+            ch.push(request.kv_import.first_token_id, None, reason)
         else:
             seq = sched.add(request)
         self._channels[rid] = ch
@@ -142,11 +118,7 @@ class MockerEngine:
         done = False
         try:
             while True:
-                await ch.ready.wait()
-                ch.ready.clear()
-                tokens, ch.tokens = ch.tokens, []
-                logprobs, ch.logprobs = ch.logprobs, None
-                out = EngineOutput(tokens, ch.finish, logprobs=logprobs)
+                out = await ch.take()
                 if first:
                     out.prompt_tokens = seq.num_prompt
                     out.cached_prompt_tokens = max(seq.cached_tokens, 0)
@@ -163,9 +135,8 @@ class MockerEngine:
     async def abort(self, request_id: str) -> bool:
         ch = self._channels.get(request_id)
         aborted = self.scheduler.abort(request_id)
-        if ch is not None and ch.finish is None:
-            ch.finish = FinishReason.ABORT
-            ch.ready.set()
+        if ch is not None:
+            ch.close(FinishReason.ABORT)
         return aborted
 
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
@@ -194,11 +165,11 @@ class MockerEngine:
         return [(0, e, s) for e, s in pool.cached_blocks()], {0: pool.next_event_id}
 
     async def kv_events(self) -> list[KvEventRecord]:
-        while not self._kv_buffer:
-            self._kv_ready.clear()
-            await self._kv_ready.wait()
-        out, self._kv_buffer = self._kv_buffer, []
-        return out
+        return await self._kv_events.take()
+
+    @property
+    def kv_events_dropped(self) -> int:
+        return self._kv_events.dropped
 
     # -- the loop -----------------------------------------------------------------
     async def _run(self) -> None:
@@ -220,26 +191,7 @@ class MockerEngine:
                 await asyncio.sleep(0)
             for seq, token, reason, lp in result.outputs:
                 ch = channels.get(seq.request_id)
-                if ch is None or ch.finish is not None:
-                    continue
-                ch.tokens.append(token)
-                if lp is not None:
-                    if ch.logprobs is None:
-                        ch.logprobs = []
-                    ch.logprobs.append(lp)
-                if reason is not None:
-                    ch.finish = reason
-                ch.ready.set()
+                if ch is not None:
+                    ch.push(token, lp, reason)
             self.tokens_generated += len(result.outputs)
-            if events:
-                self._push_events(events)
-
-    def _push_events(self, events: list[KvEventRecord]) -> None:
-        buf = self._kv_buffer
-        buf.extend(events)
-        if len(buf) > KV_EVENT_BUFFER_LIMIT:
-            drop = len(buf) - KV_EVENT_BUFFER_LIMIT
-            del buf[:drop]
-            self.kv_events_dropped += drop
-            log.warning("KV event buffer full: dropped %d events (the router will resync this worker)", drop)
-        self._kv_ready.set()
+            self._kv_events.push(events)

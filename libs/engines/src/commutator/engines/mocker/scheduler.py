@@ -20,6 +20,16 @@ one token (the first token ends its prefill); full blocks are registered in
 the prefix cache (KV events). :attr:`StepResult.pass_ms` is the pass's
 simulated duration from the timing model.
 
+A pass is two calls, so that a real engine can run its model in between:
+:meth:`Scheduler.schedule` plans it (admissions, preemptions, block
+allocations; a :class:`Batch` of ``(sequence, tokens to compute)``), and
+:meth:`Scheduler.complete` ends it with one sampled token per sequence of
+:attr:`Batch.samples`. :meth:`Scheduler.step` is the mocker's pass: plan, then
+complete with its synthetic tokens. Between the two calls the scheduler's state
+must not change except through :meth:`add`, :meth:`reserve_import`,
+:meth:`release_import` and :meth:`add_imported`, which leave planned sequences
+alone (an abort waits for :meth:`complete`).
+
 The longest sequence the KV cache can run (:attr:`Scheduler.kv_max_tokens`):
 an admission must leave ``watermark_blocks`` available after taking its first
 chunk's blocks, and a sequence whose prefix is cached (a repeated prompt, or a
@@ -41,16 +51,17 @@ a remote prefill aside: they come back when the transfer ends).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from commutator.common.hashing import block_hash_seed, extend_sequence_hash, local_block_hashes, sequence_hashes
-from commutator.engines.base import EngineRequest, FinishReason, TokenLogprob
+from commutator.engines.base import EngineRequest, FinishReason, SamplingParams, TokenLogprob
 from commutator.engines.mocker.block_pool import BlockPool
 from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.timing import pass_ms
 from commutator.engines.mocker.tokens import request_seed, synthetic_logprobs, token_at
 
-__all__ = ["Scheduler", "Seq", "StepResult"]
+__all__ = ["Batch", "Scheduler", "Seq", "StepResult"]
 
 
 class Seq:
@@ -72,6 +83,7 @@ class Seq:
         "prefill_end",
         "prefill_only",
         "request_id",
+        "sampling",
         "seed",
         "seq_hashes",
         "stop_ids",
@@ -96,8 +108,29 @@ class Seq:
         self.eos: frozenset[int] = frozenset()
         self.stop_ids: frozenset[int] = frozenset()
         self.seed = 0
+        self.sampling = SamplingParams()
         self.prefill_only = False
         self.logprobs: int | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """One planned pass: what to compute, and who samples at its end.
+
+    ``scheduled`` holds ``(seq, num_new)`` in pass order (running sequences, then
+    admissions): ``seq`` computes its tokens ``num_computed .. num_computed + num_new``
+    into ``seq.blocks``. ``samples`` are the sequences whose computed tokens then
+    reach ``len(seq.tokens)``, in the same order; each samples one token.
+    """
+
+    scheduled: list[tuple[Seq, int]] = field(default_factory=list)
+    samples: list[Seq] = field(default_factory=list)
+    prefill_tokens: int = 0
+    decode_seqs: int = 0
+    kv_usage: float = 0.0
+    pass_ms: float = 0.0
+    preempted: int = 0
+    admitted: int = 0
 
 
 @dataclass(slots=True)
@@ -122,7 +155,10 @@ class Scheduler:
         context_length: int,
         eos_token_ids: tuple[int, ...] = (),
         engine_salt: int = 0,
+        hold_prefill_blocks: bool = False,
     ) -> None:
+        """``hold_prefill_blocks``: a finished ``prefill_only`` sequence keeps its blocks (in :attr:`held`)
+        until :meth:`release_held`, so that an engine can export its prompt's KV (disaggregated prefill)."""
         config.validate()
         self.config = config
         self.block_size = config.block_size
@@ -134,6 +170,9 @@ class Scheduler:
         self.running: list[Seq] = []
         self.by_id: dict[str, Seq] = {}
         self.reserved: dict[str, Seq] = {}
+        self.hold_prefill_blocks = hold_prefill_blocks
+        self.held: dict[str, Seq] = {}
+        """Finished prefill-only sequences whose blocks are kept for export (``hold_prefill_blocks``)."""
         self._watermark_blocks = int(config.watermark * config.num_blocks)
         self.model_context_length = context_length
         self.kv_max_tokens = (config.num_blocks - self._watermark_blocks) * config.block_size + 1
@@ -147,7 +186,7 @@ class Scheduler:
         n = len(req.token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if req.request_id in self.by_id or req.request_id in self.reserved:
+        if req.request_id in self.by_id or req.request_id in self.reserved or req.request_id in self.held:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         if n >= self.context_length:
             if self.context_length == self.model_context_length:
@@ -173,6 +212,7 @@ class Scheduler:
         seq.seed = request_seed(req.request_id, req.sampling.seed, self.config.mocker_seed)
         seq.prefill_only = req.prefill_only
         seq.logprobs = req.logprobs
+        seq.sampling = req.sampling
         return seq
 
     def add(self, req: EngineRequest) -> Seq:
@@ -230,6 +270,15 @@ class Scheduler:
         self.by_id[seq.request_id] = seq
         return seq, None
 
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks a finished prefill-only request kept for export; False if none are held."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.pool.release(seq.blocks[::-1])
+        seq.blocks = []
+        return True
+
     def abort(self, request_id: str) -> bool:
         """Remove a request and free its blocks. False if unknown (already finished)."""
         seq = self.by_id.pop(request_id, None)
@@ -237,7 +286,7 @@ class Scheduler:
             if request_id in self.reserved:
                 self.release_import(request_id)
                 return True
-            return False
+            return self.release_held(request_id)
         if seq in self.running:
             self.running.remove(seq)
         else:
@@ -256,12 +305,28 @@ class Scheduler:
 
     # -- one pass -----------------------------------------------------------------
     def step(self) -> StepResult:
+        """One mocker pass: :meth:`schedule`, then :meth:`complete` with synthetic tokens."""
+        batch = self.schedule()
+        vocab = self.vocab_size
+        sampled: list[tuple[int, TokenLogprob | None]] = []
+        for seq in batch.samples:
+            position = seq.num_output
+            token = token_at(seq.seed, position, vocab)
+            lp = None
+            if seq.logprobs is not None:
+                chosen, top = synthetic_logprobs(seq.seed, position, token, vocab, seq.logprobs)
+                lp = TokenLogprob(token, chosen, top)
+            sampled.append((token, lp))
+        return self.complete(batch, sampled)
+
+    def schedule(self) -> Batch:
+        """Plan one pass (see the module docstring); the caller computes it, then calls :meth:`complete`."""
         cfg = self.config
         bs = self.block_size
         pool = self.pool
         budget = cfg.max_batched_tokens
-        result = StepResult()
-        scheduled: list[tuple[Seq, int]] = []
+        batch = Batch()
+        scheduled = batch.scheduled
         prefill_tokens = 0
         decode_seqs = 0
 
@@ -277,7 +342,7 @@ class Scheduler:
                 while blocks is None:
                     victim = running[-1]
                     self._preempt(victim)
-                    result.preempted += 1
+                    batch.preempted += 1
                     if victim is seq:
                         break
                     blocks = pool.allocate(need)
@@ -292,7 +357,7 @@ class Scheduler:
                 decode_seqs += 1
             i += 1
 
-        if result.preempted == 0:
+        if batch.preempted == 0:
             waiting = self.waiting
             while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
                 seq = waiting[0]
@@ -315,32 +380,46 @@ class Scheduler:
                 scheduled.append((seq, num_new))
                 budget -= num_new
                 prefill_tokens += num_new
-                result.admitted += 1
+                batch.admitted += 1
 
-        result.prefill_tokens = prefill_tokens
-        result.decode_seqs = decode_seqs
-        result.kv_usage = pool.usage
-        result.pass_ms = pass_ms(prefill_tokens, decode_seqs > 0, result.kv_usage, cfg.speedup_ratio)
+        batch.samples = [seq for seq, num_new in scheduled if seq.num_computed + num_new >= len(seq.tokens)]
+        batch.prefill_tokens = prefill_tokens
+        batch.decode_seqs = decode_seqs
+        batch.kv_usage = pool.usage
+        batch.pass_ms = pass_ms(prefill_tokens, decode_seqs > 0, batch.kv_usage, cfg.speedup_ratio)
+        return batch
 
-        # End of the pass: computed tokens become KV, finished prompts and decodes sample.
+    def complete(self, batch: Batch, sampled: Sequence[tuple[int, TokenLogprob | None]]) -> StepResult:
+        """End the pass ``batch``: its computed tokens become KV, ``sampled[i]`` is the token of ``batch.samples[i]``.
+
+        Registers the blocks that became full (KV events) and finishes sequences
+        that stop. Sampled tokens must be inside the vocabulary.
+        """
+        if len(sampled) != len(batch.samples):
+            raise ValueError(f"{len(sampled)} sampled tokens for {len(batch.samples)} sampling sequences")
+        result = StepResult(
+            prefill_tokens=batch.prefill_tokens,
+            decode_seqs=batch.decode_seqs,
+            kv_usage=batch.kv_usage,
+            pass_ms=batch.pass_ms,
+            preempted=batch.preempted,
+            admitted=batch.admitted,
+        )
+        bs = self.block_size
         outputs = result.outputs
         finished: list[Seq] = []
-        vocab = self.vocab_size
-        for seq, num_new in scheduled:
+        k = 0
+        for seq, num_new in batch.scheduled:
             seq.num_computed += num_new
             if seq.num_computed // bs > seq.num_registered:
                 self._register_full_blocks(seq)
             if seq.num_computed < len(seq.tokens):
                 continue  # a prefill chunk that does not finish the prompt
-            position = seq.num_output
-            token = token_at(seq.seed, position, vocab)
+            token, lp = sampled[k]
+            k += 1
             seq.tokens.append(token)
-            seq.num_output = position + 1
+            seq.num_output += 1
             reason = self._finish_reason(seq, token)
-            lp = None
-            if seq.logprobs is not None:
-                chosen, top = synthetic_logprobs(seq.seed, position, token, vocab, seq.logprobs)
-                lp = TokenLogprob(token, chosen, top)
             outputs.append((seq, token, reason, lp))
             if reason is not None:
                 finished.append(seq)
@@ -394,6 +473,9 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.by_id.pop(seq.request_id, None)
+        if seq.prefill_only and self.hold_prefill_blocks:
+            self.held[seq.request_id] = seq
+            return
         self.pool.release(seq.blocks[::-1])
         seq.blocks = []
 

@@ -1,0 +1,97 @@
+"""What an engine shell keeps between its passes and its readers (asyncio, no engine logic).
+
+Shared by the engines that run the pure scheduler (mocker, hf):
+
+- :class:`OutputChannel`: the tokens of one request that its reader has not
+  taken yet, coalesced into one :class:`EngineOutput` per read, so a slow
+  reader never holds more than its request's own output;
+- :class:`KvEventBuffer`: KV events waiting for the publisher, bounded: past
+  the limit the oldest are dropped and counted (the router sees the gap in
+  event ids and resynchronises the worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from commutator.engines.base import EngineOutput, FinishReason, KvEventRecord, TokenLogprob
+
+__all__ = ["KV_EVENT_BUFFER_LIMIT", "KvEventBuffer", "OutputChannel"]
+
+log = logging.getLogger(__name__)
+
+KV_EVENT_BUFFER_LIMIT = 100_000
+"""KV events held for a publisher that cannot keep up; past this the oldest are
+dropped, and the router sees the gap in event ids and resets this worker."""
+
+
+class OutputChannel:
+    """Tokens of one request not yet taken by its reader: coalesced, never more than the request's own output."""
+
+    __slots__ = ("error", "finish", "logprobs", "ready", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.finish: FinishReason | None = None
+        self.error: str | None = None
+        self.ready = asyncio.Event()
+
+    def push(self, token: int, logprob: TokenLogprob | None, reason: FinishReason | None) -> None:
+        """One more token (ignored once the request has finished, e.g. aborted while its pass ran)."""
+        if self.finish is not None:
+            return
+        self.tokens.append(token)
+        if logprob is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(logprob)
+        if reason is not None:
+            self.finish = reason
+        self.ready.set()
+
+    def close(self, reason: FinishReason, error: str | None = None) -> None:
+        """Finish the request with ``reason`` unless it has finished already."""
+        if self.finish is None:
+            self.finish = reason
+            self.error = error
+            self.ready.set()
+
+    async def take(self) -> EngineOutput:
+        """Wait for news, then everything since the last call (the last one carries the finish reason)."""
+        await self.ready.wait()
+        self.ready.clear()
+        tokens, self.tokens = self.tokens, []
+        logprobs, self.logprobs = self.logprobs, None
+        return EngineOutput(tokens, self.finish, logprobs=logprobs, error=self.error)
+
+
+class KvEventBuffer:
+    """KV events emitted and not yet taken by the publisher (bounded, drops counted)."""
+
+    def __init__(self, limit: int = KV_EVENT_BUFFER_LIMIT) -> None:
+        self._events: list[KvEventRecord] = []
+        self._ready = asyncio.Event()
+        self._limit = limit
+        self.dropped = 0
+
+    def push(self, events: list[KvEventRecord]) -> None:
+        if not events:
+            return
+        buf = self._events
+        buf.extend(events)
+        if len(buf) > self._limit:
+            drop = len(buf) - self._limit
+            del buf[:drop]
+            self.dropped += drop
+            log.warning("KV event buffer full: dropped %d events (the router will resync this worker)", drop)
+        self._ready.set()
+
+    async def take(self) -> list[KvEventRecord]:
+        """Wait for, then take, every event pushed since the last call (in order)."""
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        out, self._events = self._events, []
+        return out
