@@ -136,11 +136,25 @@ class FakeSglangEngine:
         return self._stream(call)
 
     async def _async_generate_no_salt(
-        self, sampling_params: Any = None, input_ids: Any = None, stream: bool = False, rid: Any = None, **kw: Any
+        self,
+        prompt: Any = None,
+        sampling_params: dict[str, Any] | None = None,
+        input_ids: list[int] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int | None = None,
+        lora_path: Any = None,
+        stream: bool = False,
+        bootstrap_host: str | None = None,
+        bootstrap_port: int | None = None,
+        bootstrap_room: int | None = None,
+        data_parallel_rank: int | None = None,
+        rid: str | None = None,
     ) -> Any:
-        return await FakeSglangEngine.async_generate(
-            self, sampling_params=sampling_params, input_ids=input_ids, stream=stream, rid=rid, **kw
-        )
+        """An older ``async_generate``: no ``cache_salt``, ``data_parallel_rank`` instead of ``routed_dp_rank``."""
+        call = {k: v for k, v in locals().items() if k != "self" and v is not None}
+        self.calls.append(call)
+        return self._stream(call)
 
     async def _stream(self, call: dict[str, Any]) -> Any:
         plan = self.plans.pop(0) if self.plans else Plan()
@@ -417,6 +431,15 @@ async def test_sglang_adapter_against_fake_engine_refuses_what_it_cannot_map(
     with pytest.raises(ValueError, match=message):
         [o async for o in engine.generate(request_)]
     assert api.engines[0].calls == []
+    await engine.shutdown()
+
+
+async def test_sglang_adapter_against_fake_older_engine_routes_a_rank_with_data_parallel_rank(
+    tmp_path: Path,
+) -> None:
+    engine, api = await started(tmp_path, api=FakeSglangApi(cache_salt=False))
+    [o async for o in engine.generate(req(dp_rank=0))]
+    assert api.engines[0].calls[0]["data_parallel_rank"] == 0
     await engine.shutdown()
 
 

@@ -234,9 +234,19 @@ class FakeLLM:
         return result
 
     def _generate_async_no_salt(
-        self, inputs: Any, sampling_params: Any = None, streaming: bool = False, **kw: Any
+        self,
+        inputs: Any,
+        sampling_params: FakeSamplingParams | None = None,
+        lora_request: Any = None,
+        prompt_adapter_request: Any = None,
+        streaming: bool = False,
+        kv_cache_retention_config: Any = None,
+        disaggregated_params: Any = None,
     ) -> FakeRequestOutput:
-        return FakeLLM.generate_async(self, inputs, sampling_params, streaming=streaming, **kw)
+        """An older ``generate_async``: no ``cache_salt``."""
+        return FakeLLM.generate_async(
+            self, inputs, sampling_params, lora_request, streaming=streaming, disaggregated_params=disaggregated_params
+        )
 
     def get_kv_cache_events_async(self, timeout: float | None = 2) -> FakeIterationResult:
         return FakeIterationResult(self.kv_events)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -46,6 +45,7 @@ from commutator.engines.base import (
     KvDump,
     KvEventRecord,
 )
+from commutator.engines.callsig import Keywords
 from commutator.engines.kv_buffer import KvEventBuffer
 from commutator.engines.model_info import ModelInfo
 from commutator.engines.seed_hints import RootSeedHints
@@ -107,7 +107,7 @@ class SglangEngine:
         self._engine: Any = None
         self._capacity: EngineCapacity | None = None
         self._accepted_sampling: frozenset[str] = frozenset()
-        self._generate_params: frozenset[str] = frozenset()
+        self._generate_params = Keywords()
         self._incremental = bool(
             getattr(server_args, "incremental_streaming_output", False) or getattr(server_args, "stream_output", False)
         )
@@ -144,7 +144,7 @@ class SglangEngine:
                 "pass --engine-args '--page-size 16' (or larger) for a smaller index"
             )
         self._accepted_sampling = self._api.sampling_param_names()
-        self._generate_params = frozenset(inspect.signature(engine.async_generate).parameters)
+        self._generate_params = Keywords(engine.async_generate)
         self._hints = RootSeedHints(page, clock=self._clock)
         self._events = SglangKvEvents(page, self._hints)
         where = kv_events_endpoint(sa)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -44,6 +43,7 @@ from commutator.engines.base import (
     KvDump,
     KvEventRecord,
 )
+from commutator.engines.callsig import Keywords
 from commutator.engines.kv_buffer import KvEventBuffer
 from commutator.engines.model_info import ModelInfo
 from commutator.engines.seed_hints import RootSeedHints
@@ -105,7 +105,7 @@ class TrtllmEngine:
         self._llm: Any = None
         self._capacity: EngineCapacity | None = None
         self._accepted: frozenset[str] = frozenset()
-        self._generate_params: frozenset[str] = frozenset()
+        self._generate_params = Keywords()
         self._buffer = KvEventBuffer()
         self._hints: RootSeedHints | None = None
         self._events: TrtllmKvEvents | None = None
@@ -140,7 +140,7 @@ class TrtllmEngine:
             or DEFAULT_TOKENS_PER_BLOCK
         )
         self._accepted = self._api.sampling_param_names()
-        self._generate_params = frozenset(inspect.signature(llm.generate_async).parameters)
+        self._generate_params = Keywords(llm.generate_async)
         self._hints = RootSeedHints(block, clock=self._clock)
         self._events = TrtllmKvEvents(block, self._hints, self._lora_name)
         total = await self._read_device_blocks(block)
