@@ -165,25 +165,46 @@ class FakeRequestOutput:
 
 
 class FakeIterationResult:
-    """IterationResult: yields what is queued now, then stops (its timeout)."""
+    """IterationResult: yields what is queued; after ``timeout`` with nothing it stops and stays
+    stopped until ``mark_undone()`` (which the executor calls when a request is submitted)."""
 
-    def __init__(self, queue: list[Any]) -> None:
-        self._queue = queue
+    def __init__(self) -> None:
+        self.queue: list[Any] = []
+        self._done = False
+
+    def set_timeout(self, timeout: float | None) -> None:
+        pass
+
+    def mark_undone(self) -> None:
+        self._done = False
 
     def __aiter__(self) -> FakeIterationResult:
         return self
 
     async def __anext__(self) -> Any:
-        await asyncio.sleep(0)
-        if not self._queue:
+        if self._done:
             raise StopAsyncIteration
-        return self._queue.pop(0)
+        await asyncio.sleep(0)
+        if not self.queue:
+            self._done = True
+            raise StopAsyncIteration
+        return self.queue.pop(0)
+
+
+class EmptyIterable:
+    def __aiter__(self) -> EmptyIterable:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
 
 
 class FakeLLM:
     """tensorrt_llm.LLM: generate_async, the event and stats queues, args, shutdown."""
 
-    def __init__(self, model: str, kwargs: dict[str, Any], *, cache_salt: bool = True) -> None:
+    def __init__(
+        self, model: str, kwargs: dict[str, Any], *, cache_salt: bool = True, created_events: bool = True
+    ) -> None:
         self.model, self.kwargs = model, kwargs
         kv = kwargs.get("kv_cache_config") or {}
         self.args = SimpleNamespace(
@@ -192,8 +213,9 @@ class FakeLLM:
             max_batch_size=kwargs.get("max_batch_size", 2048),
             max_num_tokens=kwargs.get("max_num_tokens", 8192),
         )
-        # The KV cache manager announces itself first (one per attention window).
-        self.kv_events: list[dict[str, Any]] = [
+        # The KV cache manager announces itself first (one per attention window); the LLM API
+        # hands events out only once a request created its IterationResult.
+        self._pending_events: list[dict[str, Any]] = [
             {"event_id": 0, "data": {"type": "created", "num_blocks_per_cache_level": [40, 0]}, "window_size": 128},
             {
                 "event_id": 0,
@@ -201,7 +223,9 @@ class FakeLLM:
                 "window_size": WINDOW,
             },
         ]
-        self.stats: list[dict[str, Any]] = []
+        self._created_events = created_events
+        self._events_result: FakeIterationResult | None = None
+        self._stats_result: FakeIterationResult | None = None
         self.calls: list[dict[str, Any]] = []
         self.plans: list[Plan] = []
         self.aborted: list[int] = []
@@ -225,7 +249,8 @@ class FakeLLM:
     ) -> FakeRequestOutput:
         call = {k: v for k, v in locals().items() if k != "self" and v is not None}
         self.calls.append(call)
-        assert sampling_params is not None and streaming is True
+        assert sampling_params is not None
+        self._maybe_initialize_iteration_results()
         rid, self._next_id = self._next_id, self._next_id + 1
         result = FakeRequestOutput(
             self, rid, list(inputs), sampling_params, self.plans.pop(0) if self.plans else Plan()
@@ -248,11 +273,32 @@ class FakeLLM:
             self, inputs, sampling_params, lora_request, streaming=streaming, disaggregated_params=disaggregated_params
         )
 
-    def get_kv_cache_events_async(self, timeout: float | None = 2) -> FakeIterationResult:
-        return FakeIterationResult(self.kv_events)
+    def _maybe_initialize_iteration_results(self) -> None:
+        if self._events_result is None:
+            self._events_result, self._stats_result = FakeIterationResult(), FakeIterationResult()
+            if self._created_events:
+                self._events_result.queue += self._pending_events
+            # The warm-up's iteration stats.
+            self._stats_result.queue.append({"kvCacheStats": {"maxNumBlocks": 321, "usedNumBlocks": 1}})
+        else:
+            assert self._stats_result is not None
+            self._events_result.mark_undone()
+            self._stats_result.mark_undone()
 
-    def get_stats_async(self, timeout: float | None = 2) -> FakeIterationResult:
-        return FakeIterationResult(self.stats)
+    def push_events(self, *events: dict[str, Any]) -> None:
+        assert self._events_result is not None
+        self._events_result.queue += events
+
+    def push_stats(self, *stats: dict[str, Any]) -> None:
+        assert self._stats_result is not None
+        self._stats_result.queue += stats
+
+    def get_kv_cache_events_async(self, timeout: float | None = 2) -> FakeIterationResult:
+        assert self._events_result is not None, "KV Event IterationResult is not properly instantiated."
+        return self._events_result
+
+    def get_stats_async(self, timeout: float | None = 2) -> Any:
+        return self._stats_result if self._stats_result is not None else EmptyIterable()
 
     def shutdown(self) -> None:
         self.shut_down = True
@@ -271,10 +317,11 @@ LLM_FIELDS = {
 
 
 class FakeTrtllmApi:
-    def __init__(self, *, cache_salt: bool = True) -> None:
+    def __init__(self, *, cache_salt: bool = True, created_events: bool = True) -> None:
         self.validated: list[dict[str, Any]] = []
         self.llms: list[FakeLLM] = []
         self._cache_salt = cache_salt
+        self._created_events = created_events
 
     def validate_args(self, model: str, kwargs: dict[str, Any]) -> None:
         unknown = sorted(set(kwargs) - LLM_FIELDS)
@@ -283,7 +330,7 @@ class FakeTrtllmApi:
         self.validated.append(kwargs)
 
     def create_llm(self, model: str, kwargs: dict[str, Any]) -> FakeLLM:
-        llm = FakeLLM(model, kwargs, cache_salt=self._cache_salt)
+        llm = FakeLLM(model, kwargs, cache_salt=self._cache_salt, created_events=self._created_events)
         self.llms.append(llm)
         return llm
 
@@ -308,16 +355,21 @@ def spec(tmp_path: Path, *args: str) -> EngineSpec:
     return EngineSpec(tmp_path, "tiny", tuple(args))
 
 
-async def started(tmp_path: Path, *args: str, api: FakeTrtllmApi | None = None) -> tuple[TrtllmEngine, FakeLLM]:
+async def started(
+    tmp_path: Path, *args: str, api: FakeTrtllmApi | None = None, stats_interval_s: float = 1000.0
+) -> tuple[TrtllmEngine, FakeLLM]:
     api = api or FakeTrtllmApi()
     engine = build_engine(
         spec(tmp_path, "--kv_cache_config.tokens_per_block", str(TPB), *args),
         api,
         poll_interval_s=0.001,
-        stats_interval_s=1000.0,
+        stats_interval_s=stats_interval_s,
     )
     await engine.start()
-    return engine, api.llms[-1]
+    llm = api.llms[-1]
+    warm_up = llm.calls.pop(0)  # one token in, one out, before anything else
+    assert (len(warm_up["inputs"]), warm_up["sampling_params"].max_tokens) == (1, 1)
+    return engine, llm
 
 
 def req(rid: str = "r1", tokens: list[int] | None = None, **kw: Any) -> EngineRequest:
@@ -378,7 +430,7 @@ async def test_trtllm_adapter_against_fake_llm_aborts_when_the_stream_is_closed(
     gen = engine.generate(req("gone", stop=StopParams(max_tokens=6)))
     await anext(gen)  # type: ignore[arg-type]
     await gen.aclose()  # type: ignore[attr-defined]
-    assert llm.aborted == [1]
+    assert llm.aborted == [2]  # request 1 was the warm-up
     assert await engine.abort("gone") is False
     await engine.shutdown()
 
@@ -389,7 +441,7 @@ async def test_trtllm_adapter_against_fake_llm_abort_by_id_finishes_with_abort(t
     await anext(gen)  # type: ignore[arg-type]
     assert await engine.abort("a") is True
     rest = [o async for o in gen]  # type: ignore[attr-defined]
-    assert rest[-1].finish_reason is FinishReason.ABORT and llm.aborted == [1]
+    assert rest[-1].finish_reason is FinishReason.ABORT and llm.aborted == [2]
     await engine.shutdown()
 
 
@@ -450,14 +502,16 @@ async def test_trtllm_adapter_against_fake_kv_events_recomputes_local_hashes(tmp
     engine, llm = await started(tmp_path)
     assert engine.capacity.total_blocks == DEVICE_BLOCKS  # the largest window's 'created' event
     t = list(range(200, 208))
-    llm.kv_events += [
-        ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(2**64 - 3, t[:4]), block(8, t[4:8])]}),
-        # A partial last block (partial reuse) is not indexed, nor its later removal.
-        ev(2, {"type": "stored", "parent_hash": 8, "blocks": [block(9, [1, 2, 3, 4]), block(10, [5, 6])]}),
-        ev(3, {"type": "stored", "parent_hash": None, "blocks": [block(11, [7, 7, 7, 7])]}, window=128),
-        ev(4, {"type": "updated", "block_hash": 8, "cache_level": {}, "priority": {}}),
-        ev(5, {"type": "removed", "block_hashes": [10, 9]}),
-    ]
+    llm.push_events(
+        *[
+            ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(2**64 - 3, t[:4]), block(8, t[4:8])]}),
+            # A partial last block (partial reuse) is not indexed, nor its later removal.
+            ev(2, {"type": "stored", "parent_hash": 8, "blocks": [block(9, [1, 2, 3, 4]), block(10, [5, 6])]}),
+            ev(3, {"type": "stored", "parent_hash": None, "blocks": [block(11, [7, 7, 7, 7])]}, window=128),
+            ev(4, {"type": "updated", "block_hash": 8, "cache_level": {}, "priority": {}}),
+            ev(5, {"type": "removed", "block_hashes": [10, 9]}),
+        ]
+    )
     recs = await collect(engine, 3)
     lh = local(t)
     assert [(r.event_id, r.data) for r in recs] == [
@@ -473,16 +527,22 @@ async def test_trtllm_adapter_against_fake_kv_events_recomputes_local_hashes(tmp
 async def test_trtllm_adapter_against_fake_kv_events_uses_lora_and_salt_seeds(tmp_path: Path) -> None:
     engine, llm = await started(tmp_path, "--lora-modules", f"fr={tmp_path}")
     [o async for o in engine.generate(req("l", [1, 2, 3, 4, 5], lora_name="fr", cache_salt="t1"))]
-    llm.kv_events += [
-        ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(1, [1, 2, 3, 4])]}),
-        # Multimodal content (token_extra_id) would hash differently from text: not indexed.
-        ev(
-            2,
-            {"type": "stored", "parent_hash": None, "blocks": [{**block(2, [0, 0, 0, 0]), "tokens": tok([0] * 4, 5)}]},
-        ),
-        # A version that serializes lora_id: it names the adapter (id 1 = "fr", from --lora-modules).
-        ev(3, {"type": "stored", "parent_hash": None, "blocks": [block(3, [9, 9, 9, 9], lora_id=1)]}),
-    ]
+    llm.push_events(
+        *[
+            ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(1, [1, 2, 3, 4])]}),
+            # Multimodal content (token_extra_id) would hash differently from text: not indexed.
+            ev(
+                2,
+                {
+                    "type": "stored",
+                    "parent_hash": None,
+                    "blocks": [{**block(2, [0, 0, 0, 0]), "tokens": tok([0] * 4, 5)}],
+                },
+            ),
+            # A version that serializes lora_id: it names the adapter (id 1 = "fr", from --lora-modules).
+            ev(3, {"type": "stored", "parent_hash": None, "blocks": [block(3, [9, 9, 9, 9], lora_id=1)]}),
+        ]
+    )
     recs = await collect(engine, 2)
     assert recs[0].data == KvStored(None, ((1, local([1, 2, 3, 4], "fr", "t1")[0]),))
     assert recs[1].data == KvStored(None, ((3, local([9, 9, 9, 9], "fr")[0]),))
@@ -493,11 +553,13 @@ async def test_trtllm_adapter_against_fake_kv_events_uses_lora_and_salt_seeds(tm
 async def test_trtllm_adapter_against_fake_kv_events_dump_after_stores_and_removes(tmp_path: Path) -> None:
     engine, llm = await started(tmp_path)
     t = list(range(60, 72))
-    llm.kv_events += [
-        ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(1, t[:4]), block(2, t[4:8])]}),
-        ev(2, {"type": "stored", "parent_hash": 2, "blocks": [block(3, t[8:])]}),
-        ev(3, {"type": "removed", "block_hashes": [3]}),
-    ]
+    llm.push_events(
+        *[
+            ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(1, t[:4]), block(2, t[4:8])]}),
+            ev(2, {"type": "stored", "parent_hash": 2, "blocks": [block(3, t[8:])]}),
+            ev(3, {"type": "removed", "block_hashes": [3]}),
+        ]
+    )
     await collect(engine, 3)
     seq = sequence_hashes(local(t))
     blocks, marks = engine.kv_dump()  # type: ignore[misc]
@@ -507,10 +569,12 @@ async def test_trtllm_adapter_against_fake_kv_events_dump_after_stores_and_remov
 
 async def test_trtllm_adapter_against_fake_kv_events_id_gap_clears_the_rank(tmp_path: Path) -> None:
     engine, llm = await started(tmp_path)
-    llm.kv_events += [
-        ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(1, [1, 2, 3, 4])]}),
-        ev(4, {"type": "stored", "parent_hash": None, "blocks": [block(2, [5, 6, 7, 8])]}),  # 2 and 3 were dropped
-    ]
+    llm.push_events(
+        *[
+            ev(1, {"type": "stored", "parent_hash": None, "blocks": [block(1, [1, 2, 3, 4])]}),
+            ev(4, {"type": "stored", "parent_hash": None, "blocks": [block(2, [5, 6, 7, 8])]}),  # 2 and 3 were dropped
+        ]
+    )
     recs = await collect(engine, 3)
     assert [type(r.data) for r in recs] == [KvStored, KvCleared, KvStored]
     assert [b[1] for b in engine.kv_dump()[0]] == [2]  # type: ignore[index]
@@ -519,7 +583,8 @@ async def test_trtllm_adapter_against_fake_kv_events_id_gap_clears_the_rank(tmp_
 
 # ------------------------------------------------------------------ capacity, stats, hooks
 async def test_trtllm_adapter_against_fake_llm_capacity_and_stats(tmp_path: Path) -> None:
-    engine, llm = await started(tmp_path, "--max_batch_size", "64", "--max_num_tokens", "4096")
+    args = ("--max_batch_size", "64", "--max_num_tokens", "4096")
+    engine, llm = await started(tmp_path, *args, stats_interval_s=0.001)
     cap = engine.capacity
     assert (cap.block_size, cap.total_blocks, cap.context_length, cap.max_num_seqs, cap.max_batched_tokens) == (
         TPB,
@@ -528,7 +593,7 @@ async def test_trtllm_adapter_against_fake_llm_capacity_and_stats(tmp_path: Path
         64,
         4096,
     )
-    llm.stats.append(
+    llm.push_stats(
         {
             "iter": 7,
             "numActiveRequests": 3,
@@ -537,10 +602,20 @@ async def test_trtllm_adapter_against_fake_llm_capacity_and_stats(tmp_path: Path
             "inflightBatchingStats": {"numCtxTokens": 96, "numPausedRequests": 1},
         }
     )
-    await engine.refresh_stats()
+    for _ in range(400):  # the stats pump reads it
+        if engine.stats()[0].running_requests:
+            break
+        await asyncio.sleep(0.005)
     s = engine.stats()[0]
     assert (s.running_requests, s.waiting_requests, s.kv_blocks_used, s.kv_blocks_total) == (3, 2, 42, DEVICE_BLOCKS)
     assert s.pending_prefill_tokens == 96
+    await engine.shutdown()
+
+
+async def test_trtllm_adapter_against_fake_llm_capacity_falls_back_to_the_stats(tmp_path: Path) -> None:
+    # No 'created' event reached the adapter: the iteration stats of the warm-up say how big the cache is.
+    engine, _ = await started(tmp_path, api=FakeTrtllmApi(created_events=False))
+    assert engine.capacity.total_blocks == 321
     await engine.shutdown()
 
 
@@ -551,12 +626,12 @@ async def test_trtllm_adapter_against_fake_llm_disaggregation_handoff_hooks(tmp_
     assert llm.calls[0]["disaggregated_params"] == FakeDisaggregatedParams(request_type="context_only")
     assert llm.calls[0]["sampling_params"].max_tokens == 1
     handoff = engine.take_handoff("p")
-    assert handoff == TrtllmHandoff(first_gen_tokens=(31,), ctx_request_id=1, opaque_state=b"\x01state")
+    assert handoff == TrtllmHandoff(first_gen_tokens=(31,), ctx_request_id=2, opaque_state=b"\x01state")
     assert engine.take_handoff("p") is None
     engine.attach_handoff("d", handoff)
     [o async for o in engine.generate(req("d", stop=StopParams(max_tokens=2)))]
     assert llm.calls[1]["disaggregated_params"] == FakeDisaggregatedParams(
-        request_type="generation_only", first_gen_tokens=[31], ctx_request_id=1, opaque_state=b"\x01state"
+        request_type="generation_only", first_gen_tokens=[31], ctx_request_id=2, opaque_state=b"\x01state"
     )
     await engine.shutdown()
 

@@ -8,13 +8,19 @@ Checked against NVIDIA/TensorRT-LLM (1.x line; ``tensorrt_llm/llmapi/llm.py`` 4c
 - generate: ``llm.generate_async(token_ids, sampling_params, streaming=True,
   lora_request=..., disaggregated_params=..., cache_salt=...)`` returns a
   ``RequestOutput`` iterated with ``async for`` (:mod:`.mapping`); abort: ``abort()`` on it;
-- KV events: ``llm.get_kv_cache_events_async(timeout)`` yields the event dicts queued
-  so far and stops after ``timeout`` without one; they need
+- KV events: ``llm.get_kv_cache_events_async(timeout)`` returns the executor's one
+  ``IterationResult``, which yields the event dicts queued so far and, after ``timeout``
+  without one, stops and stays stopped until ``mark_undone()`` (the executor calls it
+  when a request is submitted: ``_maybe_initialize_iteration_results``, which also
+  creates it; before the first request the classic executor asserts it exists). So
+  the adapter sends one warm-up request (one token in, one out) at start, and calls
+  ``mark_undone()`` before each poll. Events need
   ``KvCacheConfig(enable_block_reuse=True, event_buffer_max_size>0)``, which the factory
   sets unless the user did. The first events are ``created`` (one per attention window),
-  whose ``num_blocks_per_cache_level[0]`` is the device cache size this adapter reports;
+  whose ``num_blocks_per_cache_level[0]`` is the device cache size this adapter reports
+  (else the stats' ``kvCacheStats.maxNumBlocks``, else ``kv_cache_config.max_tokens``);
 - load: ``llm.get_stats_async(timeout)`` yields per-iteration dicts (with
-  ``enable_iter_perf_stats``): ``numActiveRequests``, ``numQueuedRequests``,
+  ``enable_iter_perf_stats``; the same ``IterationResult`` behaviour): ``numActiveRequests``, ``numQueuedRequests``,
   ``kvCacheStats.{usedNumBlocks,maxNumBlocks,tokensPerBlock}``,
   ``inflightBatchingStats.{numCtxTokens,numPausedRequests}``, ``attentionDpRank`` (newer);
 - ``llm.args``: ``kv_cache_config.tokens_per_block``, ``max_seq_len``, ``max_batch_size``,
@@ -67,6 +73,18 @@ def _attr(obj: Any, path: str) -> Any:
     return obj
 
 
+async def _drain(fetch: Any, wait_s: float) -> list[Any]:
+    """Everything an ``IterationResult`` holds now (reopened first: it stays stopped after a timeout)."""
+    try:
+        result = fetch(timeout=wait_s)
+    except AssertionError:  # the classic executor before its first request: nothing to read yet
+        return []
+    reopen = getattr(result, "mark_undone", None)
+    if reopen is not None:
+        reopen()
+    return [item async for item in result]
+
+
 class _Request:
     __slots__ = ("aborted", "result")
 
@@ -114,6 +132,7 @@ class TrtllmEngine:
         self._handoffs_in: dict[str, TrtllmHandoff] = {}
         self._handoffs_out: dict[str, TrtllmHandoff] = {}
         self._stats: dict[int, EngineStats] = {}
+        self._stats_max_blocks = 0
         kv = llm_kwargs.get("kv_cache_config") or {}
         self.kv_events_enabled = (
             bool(_attr(kv, "event_buffer_max_size")) and _attr(kv, "enable_block_reuse") is not False
@@ -143,6 +162,7 @@ class TrtllmEngine:
         self._generate_params = Keywords(llm.generate_async)
         self._hints = RootSeedHints(block, clock=self._clock)
         self._events = TrtllmKvEvents(block, self._hints, self._lora_name)
+        await self._warm_up()
         total = await self._read_device_blocks(block)
         ctx = int(_attr(args, "max_seq_len") or self._model_info.context_length)
         attention_dp = bool(_attr(args, "enable_attention_dp"))
@@ -160,21 +180,33 @@ class TrtllmEngine:
             log.warning("TensorRT-LLM KV events are off (event_buffer_max_size 0 or no block reuse)")
         self._tasks.start("trtllm-stats", self._pump_stats)
 
+    async def _warm_up(self) -> None:
+        """One token in, one out: loads kernels and creates the LLM API's event and stats queues."""
+        assert self._llm is not None
+        bos = self._model_info.bos_token_id
+        params = self._api.sampling_params(max_tokens=1, detokenize=False)
+        result = self._llm.generate_async(inputs=[bos if bos is not None else 0], sampling_params=params)
+        async for _ in result:
+            pass
+
     async def _read_device_blocks(self, block: int) -> int:
-        """The device cache size from the ``created`` events, else ``kv_cache_config.max_tokens``."""
+        """The device cache size: the ``created`` events, else the stats, else ``kv_cache_config.max_tokens``."""
         assert self._events is not None
-        if self.kv_events_enabled:
-            deadline = self._clock.monotonic() + self._start_timeout
-            while self._events.device_blocks is None and self._clock.monotonic() < deadline:
-                if not await self.drain_events():
-                    await self._clock.sleep(self._poll)
-        if self._events.device_blocks:
-            return self._events.device_blocks
+        deadline = self._clock.monotonic() + self._start_timeout
+        while self._clock.monotonic() < deadline:
+            if self.kv_events_enabled:
+                await self.drain_events()
+            if self._events.device_blocks:
+                return self._events.device_blocks
+            await self.refresh_stats()
+            if self._stats_max_blocks:
+                return self._stats_max_blocks
+            await self._clock.sleep(self._poll)
         max_tokens = _attr(self.llm_kwargs, "kv_cache_config.max_tokens")
         if max_tokens:
             return int(max_tokens) // block
         raise RuntimeError(
-            "TensorRT-LLM did not report its KV cache size (no 'created' KV event); "
+            "TensorRT-LLM did not report its KV cache size (no 'created' KV event, no iteration stats); "
             "set kv_cache_config.max_tokens in --engine-args"
         )
 
@@ -302,9 +334,12 @@ class TrtllmEngine:
 
     def note_stats(self, stat: Mapping[str, Any]) -> None:
         """Take one iteration's stats dict (the stats pump calls this)."""
-        cap = self.capacity
         kv = stat.get("kvCacheStats") or {}
         ifb = stat.get("inflightBatchingStats") or {}
+        self._stats_max_blocks = int(kv.get("maxNumBlocks") or self._stats_max_blocks)
+        cap = self._capacity
+        if cap is None:
+            return
         tpb = kv.get("tokensPerBlock")
         if tpb and int(tpb) != cap.block_size:
             log.error("TensorRT-LLM reports %s tokens per block; this adapter hashes %d", tpb, cap.block_size)
@@ -324,7 +359,7 @@ class TrtllmEngine:
         """Convert every KV event the engine has queued; the number read."""
         assert self._llm is not None and self._events is not None
         n = 0
-        async for event in self._llm.get_kv_cache_events_async(timeout=self._poll):
+        for event in await _drain(self._llm.get_kv_cache_events_async, self._poll):
             n += 1
             if event:
                 self._buffer.push(self._events.convert(event))
@@ -333,12 +368,11 @@ class TrtllmEngine:
     async def refresh_stats(self) -> int:
         """Read every iteration stat the engine has queued; the number read."""
         assert self._llm is not None
-        n = 0
-        async for stat in self._llm.get_stats_async(timeout=self._poll):
-            n += 1
+        stats = await _drain(self._llm.get_stats_async, self._poll)
+        for stat in stats:
             if stat:
                 self.note_stats(stat)
-        return n
+        return len(stats)
 
     async def _pump_events(self) -> None:
         while True:
