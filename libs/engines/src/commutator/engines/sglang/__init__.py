@@ -60,7 +60,7 @@ def _parse(api: SglangApi, argv: list[str], engine_args: tuple[str, ...]) -> Any
         lines = [ln for ln in errors.getvalue().strip().splitlines() if ln.strip()]
         why = lines[-1] if lines else "bad arguments"
         raise EngineError(f"SGLang refused --engine-args {' '.join(engine_args)!r}: {why}") from None
-    except (ValueError, TypeError, AssertionError) as exc:
+    except Exception as exc:  # ServerArgs checks raise ValueError, AssertionError, RuntimeError...
         first = (str(exc) or type(exc).__name__).strip().splitlines()[0]
         raise EngineError(f"SGLang refused --engine-args {' '.join(engine_args)!r}: {first}") from None
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -64,8 +65,6 @@ def kv_events_endpoint(server_args: Any) -> tuple[str, str] | None:
     raw = getattr(server_args, "kv_events_config", None)
     if not raw:
         return None
-    import json
-
     cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
     if cfg.get("publisher", "null") != "zmq":
         return None
