@@ -18,7 +18,9 @@ class WorkerConfig:
     engine_args: str = option(
         "",
         "Arguments for the engine's own parser, as one shell-quoted string (vllm: AsyncEngineArgs flags such as "
-        "'--max-model-len 2048 --dtype bfloat16'; mocker: its flags, which override --num-blocks and the rest)",
+        "'--max-model-len 2048 --dtype bfloat16'; sglang: 'sglang serve' flags such as '--page-size 16'; trtllm: "
+        "LLM keyword arguments as '--name value', e.g. '--kv_cache_config.free_gpu_memory_fraction 0.8'; "
+        "mocker: its flags, which override --num-blocks and the rest)",
     )
     model_path: str = option("", "Model folder (HF layout); empty: the tiny test model, built on first use")
     model_name: str = option(
