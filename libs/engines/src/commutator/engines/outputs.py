@@ -5,9 +5,8 @@ Shared by the engines that run the pure scheduler (mocker, hf):
 - :class:`OutputChannel`: the tokens of one request that its reader has not
   taken yet, coalesced into one :class:`EngineOutput` per read, so a slow
   reader never holds more than its request's own output;
-- :class:`KvEventBuffer`: KV events waiting for the publisher, bounded: past
-  the limit the oldest are dropped and counted (the router sees the gap in
-  event ids and resynchronises the worker).
+- :class:`~commutator.engines.kv_buffer.KvEventBuffer`: KV events waiting for
+  the publisher, bounded (re-exported here).
 """
 
 from __future__ import annotations
@@ -15,15 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from commutator.engines.base import EngineOutput, FinishReason, KvEventRecord, TokenLogprob
+from commutator.engines.base import EngineOutput, FinishReason, TokenLogprob
+from commutator.engines.kv_buffer import KV_EVENT_BUFFER_LIMIT, KvEventBuffer
 
 __all__ = ["KV_EVENT_BUFFER_LIMIT", "KvEventBuffer", "OutputChannel"]
 
 log = logging.getLogger(__name__)
-
-KV_EVENT_BUFFER_LIMIT = 100_000
-"""KV events held for a publisher that cannot keep up; past this the oldest are
-dropped, and the router sees the gap in event ids and resets this worker."""
 
 
 class OutputChannel:
@@ -65,33 +61,3 @@ class OutputChannel:
         tokens, self.tokens = self.tokens, []
         logprobs, self.logprobs = self.logprobs, None
         return EngineOutput(tokens, self.finish, logprobs=logprobs, error=self.error)
-
-
-class KvEventBuffer:
-    """KV events emitted and not yet taken by the publisher (bounded, drops counted)."""
-
-    def __init__(self, limit: int = KV_EVENT_BUFFER_LIMIT) -> None:
-        self._events: list[KvEventRecord] = []
-        self._ready = asyncio.Event()
-        self._limit = limit
-        self.dropped = 0
-
-    def push(self, events: list[KvEventRecord]) -> None:
-        if not events:
-            return
-        buf = self._events
-        buf.extend(events)
-        if len(buf) > self._limit:
-            drop = len(buf) - self._limit
-            del buf[:drop]
-            self.dropped += drop
-            log.warning("KV event buffer full: dropped %d events (the router will resync this worker)", drop)
-        self._ready.set()
-
-    async def take(self) -> list[KvEventRecord]:
-        """Wait for, then take, every event pushed since the last call (in order)."""
-        while not self._events:
-            self._ready.clear()
-            await self._ready.wait()
-        out, self._events = self._events, []
-        return out

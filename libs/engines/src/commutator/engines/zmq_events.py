@@ -102,6 +102,7 @@ class ZmqEventSource:
         sock.setsockopt(zmq.LINGER, 0)
         out: dict[int, bytes] = {}
         try:
+            assert self._replay_endpoint is not None
             sock.connect(self._replay_endpoint)
             await sock.send_multipart([b"", start.to_bytes(8, "big")])
             while True:

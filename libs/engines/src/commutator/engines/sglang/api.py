@@ -85,13 +85,7 @@ class ZmqKvEventSource:
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._sock.connect(endpoint)
-        try:
-            from msgspec.msgpack import decode
-        except ImportError:  # pragma: no cover - msgspec comes with sglang
-            import msgpack  # type: ignore[import-not-found]
-
-            def decode(b: bytes) -> Any:
-                return msgpack.unpackb(b, raw=False, strict_map_key=False)
+        from msgspec.msgpack import decode  # msgspec comes with sglang
 
         self._decode = decode
 

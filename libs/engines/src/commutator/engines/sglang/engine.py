@@ -110,7 +110,7 @@ class SglangEngine:
         self._incremental = bool(
             getattr(server_args, "incremental_streaming_output", False) or getattr(server_args, "stream_output", False)
         )
-        self._buffer = KvEventBuffer()
+        self._buffer = KvEventBuffer(mirror=True)
         self._events: SglangKvEvents | None = None
         self._hints: RootSeedHints | None = None
         self._sources: list[KvEventSource] = []

@@ -124,7 +124,7 @@ class TrtllmEngine:
         self._capacity: EngineCapacity | None = None
         self._accepted: frozenset[str] = frozenset()
         self._generate_params = Keywords()
-        self._buffer = KvEventBuffer()
+        self._buffer = KvEventBuffer(mirror=True)
         self._hints: RootSeedHints | None = None
         self._events: TrtllmKvEvents | None = None
         self._tasks = Supervisor(clock=self._clock)

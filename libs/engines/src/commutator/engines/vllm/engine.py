@@ -46,7 +46,7 @@ from commutator.engines.base import (
     TokenLogprob,
 )
 from commutator.engines.engine_events import EngineEventConverter
-from commutator.engines.kv_mirror import KvMirror
+from commutator.engines.kv_buffer import KvEventBuffer
 from commutator.engines.zmq_events import LOST, ZmqEventSource
 
 __all__ = ["SchedulerLoad", "VllmApi", "VllmEngine"]
@@ -54,7 +54,6 @@ __all__ = ["SchedulerLoad", "VllmApi", "VllmEngine"]
 log = logging.getLogger(__name__)
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
-KV_EVENT_BUFFER_LIMIT = 100_000
 
 
 @dataclass(slots=True)
@@ -100,11 +99,8 @@ class VllmEngine:
         self._events: ZmqEventSource | None = None
         self._reader: asyncio.Task[None] | None = None
         self._converter: EngineEventConverter | None = None
-        self._mirror = KvMirror()
-        self._kv_buffer: list[KvEventRecord] = []
-        self._kv_ready = asyncio.Event()
+        self._kv_events = KvEventBuffer(mirror=True)
         self._active: set[str] = set()
-        self.kv_events_dropped = 0
 
     @property
     def capacity(self) -> EngineCapacity:
@@ -244,34 +240,19 @@ class VllmEngine:
         ]
 
     async def kv_events(self) -> list[KvEventRecord]:
-        while not self._kv_buffer:
-            self._kv_ready.clear()
-            await self._kv_ready.wait()
-        out, self._kv_buffer = self._kv_buffer, []
-        return out
+        return await self._kv_events.take()
 
     def kv_dump(self) -> KvDump | None:
-        return self._mirror.dump()
+        return self._kv_events.dump()
 
     async def _read_events(self) -> None:
         assert self._events is not None and self._converter is not None
         async for batch in self._events.batches():
-            records = self._converter.lost() if batch is LOST else self._converter.convert_batch(batch)
             if batch is LOST:
-                self._mirror = KvMirror()
-            if records:
-                self._mirror.apply_all(records)
-                self._push(records)
-
-    def _push(self, records: list[KvEventRecord]) -> None:
-        buf = self._kv_buffer
-        buf.extend(records)
-        if len(buf) > KV_EVENT_BUFFER_LIMIT:
-            drop = len(buf) - KV_EVENT_BUFFER_LIMIT
-            del buf[:drop]
-            self.kv_events_dropped += drop
-            log.warning("KV event buffer full: dropped %d events (the router will resync this worker)", drop)
-        self._kv_ready.set()
+                self._kv_events.reset_mirror()
+                self._kv_events.push(self._converter.lost())
+            else:
+                self._kv_events.push(self._converter.convert_batch(batch))
 
 
 def _logprobs(token_ids: Any, entries: Any, top_n: int) -> list[TokenLogprob]:
