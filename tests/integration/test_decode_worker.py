@@ -150,3 +150,31 @@ async def test_killed_worker_leaves_discovery_within_its_lease(spawn, client: En
     t0 = loop.time()
     await client.instance_set.wait_for(lambda m: not m, 10)
     assert loop.time() - t0 <= 2 + 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--model-path", "/no/such/folder"), "--model-path /no/such/folder: no such folder"),
+        (("--model-path", "{empty}"), "not a model folder (no config.json)"),
+        (("--model-path", "{broken}"), "config.json cannot be read"),
+        (("--engine", "sglang"), "the sglang engine needs the 'sglang' package"),
+        (("--engine", "trtllm"), "the trtllm engine needs the 'tensorrt_llm' package"),
+        (("--engine-args", "--num-blocks lots"), "the mocker refused --engine-args '--num-blocks lots'"),
+        (("--engine-args", "--unheard-of 1"), "unrecognized arguments: --unheard-of"),
+        (("--engine", "hf", "--engine-args", "--device tpu"), "--device"),
+    ],
+)
+async def test_an_unusable_worker_says_why_in_one_line_and_never_registers(  # type: ignore[no-untyped-def]
+    spawn, client: EndpointClient, tmp_path, args: tuple[str, ...], says: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    args = tuple(a.format(empty=tmp_path / "empty", broken=tmp_path / "broken") for a in args)
+    worker = spawn("commutator.decode", *args)
+    assert await worker.wait(60) == 1
+    errors = [line for line in worker.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot start: " in errors[0] and says in errors[0], worker.log()[-3000:]
+    assert "Traceback" not in worker.log()
+    assert not client.instances  # nothing registered (discovery never saw this worker)

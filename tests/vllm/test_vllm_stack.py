@@ -208,3 +208,19 @@ async def test_vllm_kv_events_route_repeats_to_the_worker_that_cached_them(stack
     for p, n in zip(prompts, first, strict=True):
         r = await client.completions.create(model=MODEL, prompt=p, max_tokens=2, extra_body={"ignore_eos": True})
         assert r.usage.prompt_tokens_details.cached_tokens == (n - 1) // BS * BS
+
+
+@pytest.mark.parametrize(
+    ("engine_args", "says"),
+    [
+        ("--max-num-seqs lots", "vLLM refused --engine-args '--max-num-seqs lots'"),
+        ("--model /elsewhere", "--model is set by Commutator"),
+        ("--max-model-len 100000", "vLLM cannot run"),
+    ],
+)
+async def test_vllm_arguments_it_refuses_end_the_worker_in_one_line(spawn, engine_args: str, says: str) -> None:  # type: ignore[no-untyped-def]
+    worker = spawn("commutator.decode", "--engine", "vllm", "--engine-args", engine_args)
+    assert await worker.wait(120) == 1
+    errors = [line for line in worker.log().splitlines() if " ERROR " in line and "commutator" in line]
+    assert len(errors) == 1 and says in errors[0], worker.log()[-3000:]
+    assert "registered key=" not in worker.log()

@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--distributed", action="store_true", help="real etcd and nats-server (started here), one process per role"
     )
-    up.add_argument("--workers", type=int, default=2, help="mocker decode workers (default 2)")
+    up.add_argument("--workers", type=int, default=2, help="decode workers (default 2)")
+    up.add_argument(
+        "--engine", default="mocker", help="engine of the workers: mocker, hf, vllm, sglang, trtllm (default mocker)"
+    )
+    up.add_argument("--engine-args", default="", help="arguments for the engine's own parser, one quoted string")
     up.add_argument("--http-port", type=int, default=8000, help="port of the OpenAI API (default 8000)")
     up.add_argument("--http-host", default="127.0.0.1", help="interface of the OpenAI API (default 127.0.0.1)")
     up.add_argument(

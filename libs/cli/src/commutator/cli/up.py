@@ -44,7 +44,7 @@ def _curl(host: str, port: int, model: str) -> str:
 def _banner(args: argparse.Namespace, model: str, mode: str) -> None:
     print(
         f"\nCommutator is up ({mode}): OpenAI API on http://{args.http_host}:{args.http_port}/v1, "
-        f"{args.workers} mocker workers, router mode {args.router_mode}.\nTry:\n\n"
+        f"{args.workers} {args.engine} workers, router mode {args.router_mode}.\nTry:\n\n"
         f"{_curl(args.http_host, args.http_port, model)}\n\nCtrl-C stops everything.\n",
         flush=True,
     )
@@ -59,10 +59,15 @@ def up_main(args: argparse.Namespace) -> int:
         return _up_distributed(args)
     import uvloop
 
+    from commutator.common.errors import StartupError
+
     try:
         return uvloop.run(_up_embedded(args))
     except KeyboardInterrupt:
         return 0
+    except StartupError as exc:
+        print(f"commutator up: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _up_embedded(args: argparse.Namespace) -> int:
@@ -84,7 +89,12 @@ async def _up_embedded(args: argparse.Namespace) -> int:
             DecodeConfig(
                 runtime=runtime,
                 grpc=GrpcConfig(),
-                worker=WorkerConfig(model_path=model_path, model_name="" if args.model_path else MODEL_NAME),
+                worker=WorkerConfig(
+                    engine=args.engine,
+                    engine_args=args.engine_args,
+                    model_path=model_path,
+                    model_name="" if args.model_path else MODEL_NAME,
+                ),
                 mocker=MockerConfig(speedup_ratio=args.speedup_ratio),
             ),
             memory_store=store,
@@ -219,7 +229,9 @@ def _up_distributed(args: argparse.Namespace) -> int:
             COMMUTATOR_NATS_URL=nats.url,
             COMMUTATOR_NAMESPACE=args.namespace,
         )
-        worker_args = ["--speedup-ratio", str(args.speedup_ratio)]
+        worker_args = ["--speedup-ratio", str(args.speedup_ratio), "--engine", args.engine]
+        if args.engine_args:
+            worker_args += ["--engine-args", args.engine_args]
         if args.model_path:
             worker_args += ["--model-path", args.model_path]
         frontend_args = [
