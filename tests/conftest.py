@@ -8,6 +8,7 @@ which give a test its own server to stop and restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -89,6 +90,9 @@ class RoleProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        # Whatever the role started (an engine's own processes) is in its process group: gone too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
 
     def log(self) -> str:

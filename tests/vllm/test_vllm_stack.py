@@ -11,6 +11,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -224,3 +225,35 @@ async def test_vllm_arguments_it_refuses_end_the_worker_in_one_line(spawn, engin
     errors = [line for line in worker.log().splitlines() if " ERROR " in line and "commutator" in line]
     assert len(errors) == 1 and says in errors[0], worker.log()[-3000:]
     assert "registered key=" not in worker.log()
+
+
+async def test_vllm_engine_processes_die_with_a_killed_worker(spawn) -> None:  # type: ignore[no-untyped-def]
+    worker = spawn("commutator.decode", "--engine", "vllm", "--engine-args", ENGINE_ARGS)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 300
+    while "worker ready" not in worker.log():
+        assert worker.proc.poll() is None and loop.time() < deadline, worker.log()[-3000:]
+        await asyncio.sleep(0.5)
+
+    def descendants(pid: int) -> set[int]:
+        out: set[int] = set()
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            for kid in (task / "children").read_text().split():
+                out |= {int(kid)} | descendants(int(kid))
+        return out
+
+    engine_procs = descendants(worker.proc.pid)
+    assert engine_procs  # vLLM's engine core (and its model worker)
+    worker.proc.kill()  # the worker alone: nothing tells vLLM but its parent watch
+    worker.proc.wait()
+    deadline = loop.time() + 30
+    while any(Path(f"/proc/{p}").exists() and "zombie" not in _state(p) for p in engine_procs):
+        assert loop.time() < deadline, f"vLLM processes outlived their worker: {engine_procs}"
+        await asyncio.sleep(0.5)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

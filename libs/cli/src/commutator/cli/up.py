@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -58,7 +59,6 @@ def up_main(args: argparse.Namespace) -> int:
     if args.distributed:
         return _up_distributed(args)
     import uvloop
-
     from commutator.common.errors import StartupError
 
     try:
@@ -186,6 +186,9 @@ class _Role:
             return
         if self.proc is None or self.proc.poll() is None:
             return
+        # What it started itself (an engine's own processes) shares its process group: gone with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if now - self.started_at >= self.STABLE_AFTER_S:
             self.delay = self.RESTART_DELAY_S  # it had run fine for a while: start over with a short wait
         print(
@@ -199,13 +202,19 @@ class _Role:
 
     def stop(self, timeout_s: float) -> None:
         p = self.proc
-        if p is None or p.poll() is not None:
+        if p is None:
+            return
+        if p.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
             return
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(timeout_s)
         except subprocess.TimeoutExpired:
             p.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def _up_distributed(args: argparse.Namespace) -> int:

@@ -137,8 +137,6 @@ def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
     ``COMMUTATOR_PROFILE=PATH`` runs the process under cProfile and writes the
     profile to PATH when it exits (``%p`` in PATH becomes the pid; it slows Python code).
     """
-    import uvloop
-
     setup_logging()
     profile_to = os.environ.get("COMMUTATOR_PROFILE")  # a path: cProfile the process, written at exit
     profiler = None
@@ -148,6 +146,10 @@ def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
+        if os.environ.get("COMMUTATOR_EVENT_LOOP", "uvloop") == "asyncio":
+            return asyncio.run(main()) or 0
+        import uvloop
+
         return uvloop.run(main()) or 0
     except KeyboardInterrupt:
         return 130

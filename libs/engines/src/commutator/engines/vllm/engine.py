@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -47,6 +48,7 @@ from commutator.engines.base import (
 )
 from commutator.engines.engine_events import EngineEventConverter
 from commutator.engines.kv_buffer import KvEventBuffer
+from commutator.engines.vllm.plugin import PARENT_ENV
 from commutator.engines.zmq_events import LOST, ZmqEventSource
 
 __all__ = ["SchedulerLoad", "VllmApi", "VllmEngine"]
@@ -109,6 +111,8 @@ class VllmEngine:
         return self._capacity
 
     async def start(self) -> None:
+        # vLLM's engine core, our child, watches for our death (commutator.engines.vllm.plugin).
+        os.environ[PARENT_ENV] = str(os.getpid())
         # Building AsyncLLM blocks while the engine core loads the model and profiles memory
         # (seconds to minutes): off the event loop, so leases and health checks keep running.
         self._llm = await asyncio.to_thread(self._api.make_llm, self._load)
@@ -147,7 +151,7 @@ class VllmEngine:
             self._events = None
         if self._llm is not None:
             llm, self._llm = self._llm, None
-            await asyncio.to_thread(llm.shutdown)
+            llm.shutdown()  # on the loop: its output handler task is stopped with it
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- requests -----------------------------------------------------------------
