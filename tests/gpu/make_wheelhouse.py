@@ -25,12 +25,28 @@ LEAVE_OUT = {"matplotlib", "contourpy", "cycler", "fonttools", "kiwisolver", "pi
 CLIENT = "openai==3.51.0"
 
 
-def pins(text: str) -> list[str]:
+def pins(text: str, python_version: str) -> list[str]:
+    """``name==version`` lines of a requirements text whose markers hold for Linux x86_64 CPython ``python_version``."""
+    from packaging.markers import Marker
+
+    env = {
+        "python_version": python_version,
+        "python_full_version": f"{python_version}.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+    }
     out = []
     for line in text.splitlines():
-        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line.strip())
-        if m and m.group(1).lower() not in LEAVE_OUT and not line.strip().startswith("#"):
-            out.append(f"{m.group(1)}=={m.group(2)}")
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)(\s*;\s*(.+))?$", line.strip())
+        if not m or m.group(1).lower() in LEAVE_OUT:
+            continue
+        if m.group(4) and not Marker(m.group(4)).evaluate(env):
+            continue
+        out.append(f"{m.group(1)}=={m.group(2)}")
     return out
 
 
@@ -58,7 +74,7 @@ def main() -> int:
         capture_output=True,
         text=True,
     ).stdout
-    reqs = sorted(set(pins(runtime)) | set(pins(client)), key=str.lower)
+    reqs = sorted(set(pins(runtime, args.python_version)) | set(pins(client, args.python_version)), key=str.lower)
     (out / "requirements-gpu.txt").write_text("\n".join(reqs) + "\n")
     subprocess.run(
         [
