@@ -68,6 +68,8 @@ class Runtime:
         self.events: EventPlane | None = None
         self.status: StatusServer | None = None
         self.shutdown = asyncio.Event()
+        self.exit_status = 0
+        """What the process exits with after its drain (1 once :meth:`fail` was called)."""
         self._closers: list[Callable[[], Awaitable[Any]]] = []
 
     @property
@@ -105,6 +107,13 @@ class Runtime:
     def on_close(self, closer: Callable[[], Awaitable[Any]]) -> None:
         """Run ``closer`` at :meth:`close`, before what was started earlier (reverse order)."""
         self._closers.append(closer)
+
+    def fail(self, reason: str) -> None:
+        """The role cannot go on (its engine died): drain, then exit with status 1."""
+        if self.exit_status == 0:
+            log.error("cannot go on: %s; draining and exiting", reason)
+        self.exit_status = 1
+        self.shutdown.set()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT set :attr:`shutdown` (a second signal exits at once)."""
@@ -185,6 +194,6 @@ def serve_role(config_cls: type[Any], prog: str, make: Callable[[Any], Role]) ->
             return 1
         finally:
             await role.drain()
-        return 0
+        return role.runtime.exit_status
 
     return main

@@ -218,6 +218,14 @@ class Engine(Protocol):
         """
         ...
 
+    def failure(self) -> str | None:
+        """Why the engine can serve nothing more (its process died, its loop stopped), else ``None``.
+
+        The worker checks it every second: a failed engine makes the worker leave discovery and
+        exit with status 1, so that routers stop sending it requests and a supervisor restarts it.
+        """
+        ...
+
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         """Reserve blocks to receive ``request``'s prompt KV from a prefill worker.
 

@@ -14,6 +14,7 @@ events, stop the engine, close the runtime.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -24,6 +25,7 @@ from commutator.common.grpc import GrpcConfig, GrpcServer
 from commutator.common.logging import fields
 from commutator.common.model_cards import publish_model
 from commutator.common.runtime import Runtime, RuntimeConfig
+from commutator.common.tasks import Supervisor
 from commutator.engines.base import Engine
 from commutator.engines.mocker import MockerConfig
 from commutator.engines.model_info import ModelInfo
@@ -83,6 +85,7 @@ class Worker:
         self.load_publisher: LoadPublisher | None = None
         self.registration: Registration | None = None
         self.model_name = ""
+        self._tasks = Supervisor()
 
     @property
     def instance_id(self) -> int:
@@ -164,6 +167,8 @@ class Worker:
             context_length=cap.context_length,
             eos_token_ids=info.eos_token_ids,
         )
+        self._tasks.start("engine-watch", self._watch_engine)
+        rt.on_close(self._tasks.close)
         log.info(
             "worker ready",
             extra=fields(
@@ -176,6 +181,15 @@ class Worker:
                 metrics_port=rt.status.port if rt.status else None,
             ),
         )
+
+    async def _watch_engine(self) -> None:
+        """An engine that can serve nothing more takes the worker out: deregister, drain, exit 1."""
+        while True:
+            await asyncio.sleep(1.0)
+            reason = self.engine.failure() if self.engine is not None else None
+            if reason:
+                self.runtime.fail(reason)
+                return
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Deregister, finish in-flight streams (within the grace period), flush events, close."""

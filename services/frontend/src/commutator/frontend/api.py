@@ -79,7 +79,9 @@ def _api_error(exc: CommutatorError, model: str) -> ApiError:
         return ApiError(504, "the request timed out", type="timeout")
     if isinstance(exc, Unavailable):
         return ApiError(503, "the worker serving this request went away", type="service_unavailable")
-    return ApiError(500, f"internal error: {exc}", type="internal_error")
+    # The detail (peer addresses, an engine's traceback line) goes to the log, not to the client.
+    log.warning("request for %s failed: %s", model, exc)
+    return ApiError(500, "the worker failed the request", type="internal_error")
 
 
 class OpenAIApi:

@@ -105,6 +105,7 @@ class HfEngine:
         self._runner: ModelRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
+        self._failure: str | None = None
         self._channels: dict[str, OutputChannel] = {}
         self._wake = asyncio.Event()
         self._kv_events = KvEventBuffer()
@@ -165,11 +166,15 @@ class HfEngine:
         self._task = loop.create_task(self._run(), name="hf-engine")
         self._task.add_done_callback(self._loop_ended)
 
+    def failure(self) -> str | None:
+        return self._failure
+
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         """The pass loop died (a bug): fail every request rather than leave its stream hanging."""
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
+        self._failure = f"the hf engine's pass loop stopped: {type(exc).__name__}: {exc}"
         log.error("hf engine loop stopped: %s", exc, exc_info=exc)
         for ch in self._channels.values():
             ch.close(FinishReason.ERROR, f"the hf engine stopped: {type(exc).__name__}: {exc}")

@@ -160,6 +160,12 @@ class MockerEngine:
             )
         ]
 
+    def failure(self) -> str | None:
+        task = self._task
+        if task is None or not task.done() or task.cancelled() or task.exception() is None:
+            return None
+        return f"the mocker's pass loop stopped: {task.exception()!r}"
+
     def kv_dump(self) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
         pool = self.scheduler.pool
         return [(0, e, s) for e, s in pool.cached_blocks()], {0: pool.next_event_id}

@@ -376,6 +376,9 @@ class SglangEngine:
     async def kv_events(self) -> list[KvEventRecord]:
         return await self._buffer.take()
 
+    def failure(self) -> str | None:
+        return None  # not detected yet: a dead engine fails its requests one by one
+
     def kv_dump(self) -> KvDump | None:
         if not self.kv_events_enabled:
             return None

@@ -390,6 +390,9 @@ class TrtllmEngine:
     async def kv_events(self) -> list[KvEventRecord]:
         return await self._buffer.take()
 
+    def failure(self) -> str | None:
+        return None  # not detected yet: a dead engine fails its requests one by one
+
     def kv_dump(self) -> KvDump | None:
         return self._buffer.dump() if self.kv_events_enabled else None
 

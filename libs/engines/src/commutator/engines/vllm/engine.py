@@ -216,6 +216,12 @@ class VllmEngine:
         await self._llm.abort(request_id)
         return True
 
+    def failure(self) -> str | None:
+        llm = self._llm
+        if llm is None or not getattr(llm, "errored", False):
+            return None
+        return f"vLLM's engine core died: {getattr(llm, 'dead_error', 'unknown error')}"
+
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         return None  # vLLM pulls remote KV through its connector: nothing to reserve here
 
@@ -226,16 +232,17 @@ class VllmEngine:
     def stats(self) -> list[EngineStats]:
         total = self._capacity.total_blocks if self._capacity else 0
         load = self._load
-        # vLLM reports after engine steps (and nothing while idle); the requests in flight here are
-        # exact, so they count as running, less those vLLM last reported waiting.
+        # vLLM reports after engine steps, and nothing while idle: its last figures may predate the
+        # newest request. So "running" is the streams open here (exact, those vLLM still queues
+        # included), and "waiting" vLLM's last count of queued ones (never more than are open).
         fresh = time.monotonic() - load.at <= 2.0
-        waiting = load.waiting if fresh else 0
-        used = round(load.kv_usage * total) if fresh or self._active else 0
+        active = len(self._active)
+        used = round(load.kv_usage * total) if fresh or active else 0
         return [
             EngineStats(
                 dp_rank=0,
-                running_requests=max(0, len(self._active) - waiting),
-                waiting_requests=min(waiting, len(self._active)),
+                running_requests=active,
+                waiting_requests=min(load.waiting, active) if fresh else 0,
                 kv_blocks_used=used,
                 kv_blocks_total=total,
                 active_decode_blocks=used,
