@@ -126,7 +126,7 @@ test-integration: setup servers ## Integration tests (real etcd + nats-server)
 lint: setup torch ## ruff and mypy (torch installed, so the hf engine is checked against its types)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines libs/worker/src/commutator/worker services/decode/src/commutator/decode services/router/src/commutator/router services/frontend/src/commutator/frontend libs/cli/src/commutator/cli
+	$(VENV)/bin/mypy libs/common/src/commutator/common libs/engines/src/commutator/engines libs/worker/src/commutator/worker services/decode/src/commutator/decode services/prefill/src/commutator/prefill services/router/src/commutator/router services/frontend/src/commutator/frontend libs/cli/src/commutator/cli
 
 # ---- running --------------------------------------------------------------
 

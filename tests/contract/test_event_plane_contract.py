@@ -234,3 +234,25 @@ async def test_unknown_stream_is_a_clear_error(make_plane, unique: str) -> None:
         await plane.stream_state(unique + "nope")
     with pytest.raises(EventPlaneError):
         await plane.pull_consumer(ConsumerSpec(stream=unique + "nope", durable="x"))
+
+
+async def test_in_progress_holds_back_redelivery_until_the_worker_stops(make_plane, unique: str) -> None:  # type: ignore[no-untyped-def]
+    plane = await make_plane()
+    await stream(plane, unique, work_queue=True)
+    await publish_n(plane, unique, 1)
+    c = await plane.pull_consumer(ConsumerSpec(stream=unique, durable="w", ack_wait_s=1.0))
+    [m] = await c.fetch(1, 2.0)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 2.5  # well past the ack wait: heartbeats keep it ours
+    while loop.time() < until:
+        await m.in_progress()
+        assert await c.fetch(1, 0.3) == []
+    # No more heartbeats (the worker "died"): delivered again within about one ack wait.
+    again = []
+    for _ in range(10):
+        again = await c.fetch(1, 0.5)
+        if again:
+            break
+    assert [(x.seq, x.delivered) for x in again] == [(m.seq, 2)]
+    await again[0].ack()
+    await c.close()

@@ -192,6 +192,45 @@ WORKER_KV_EVENTS = Counter(
     registry=REGISTRY,
 )
 
+# ---- disaggregation ----------------------------------------------------------------
+DISAGG_PREFILLS = Counter(
+    _NS + "_disagg_prefills",
+    "Prompts a decode worker prefilled: local, remote, or fallback (remote failed or timed out, then local)",
+    ["worker", "where"],
+    registry=REGISTRY,
+)
+PREFILL_QUEUE_DEPTH = Gauge(
+    _NS + "_prefill_queue_depth",
+    "Prefill requests waiting in the queue (as last polled)",
+    ["component"],
+    registry=REGISTRY,
+)
+PREFILL_REQUESTS = Counter(
+    _NS + "_prefill_requests",
+    "Prefill work taken from the queue, by outcome (done, failed, cancelled, expired, bad)",
+    ["worker", "outcome"],
+    registry=REGISTRY,
+)
+PREFILL_TOKENS = Counter(
+    _NS + "_prefill_tokens",
+    "Prompt tokens a prefill worker computed (not served from its cache)",
+    ["worker"],
+    registry=REGISTRY,
+)
+PREFILL_STAGE_SECONDS = Histogram(
+    _NS + "_prefill_stage_seconds",
+    "Time of a remote prefill by stage: queue, prefill, transfer",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+KV_TRANSFER_BYTES = Counter(
+    _NS + "_kv_transfer_bytes",
+    "KV cache bytes moved between workers, by backend and direction (sent, received)",
+    ["backend", "direction"],
+    registry=REGISTRY,
+)
+
 # ---- router --------------------------------------------------------------------------
 ROUTER_STAGE_SECONDS = Histogram(
     _NS + "_router_stage_seconds",

@@ -7,6 +7,8 @@ valid in stream and bucket names.
 
 from __future__ import annotations
 
+import xxhash
+
 from commutator.common.events.base import StreamSpec
 
 __all__ = [
@@ -18,6 +20,11 @@ __all__ = [
     "load_subject",
     "load_subjects",
     "model_bucket",
+    "prefill_cancel_subject",
+    "prefill_consumer",
+    "prefill_reply_subject",
+    "prefill_stream_spec",
+    "prefill_subject",
 ]
 
 
@@ -82,3 +89,42 @@ def kv_events_stream_spec(namespace: str, component: str, max_bytes: int = KV_ST
         max_age_s=7 * 24 * 3600.0,
         max_bytes=max_bytes,
     )
+
+
+def _model_token(model: str) -> str:
+    """A model name as one subject token (names hold '/', '.' and other characters subjects cannot)."""
+    return f"{xxhash.xxh3_64_intdigest(model.encode()):016x}"
+
+
+def prefill_stream_spec(namespace: str, component: str) -> StreamSpec:
+    """The work-queue stream of prefill requests for the prefill workers of (namespace, component).
+
+    Work-queue retention: a request leaves the stream once a prefill worker acks it. Messages
+    older than ten minutes go too (their decode workers gave up long before).
+    """
+    return StreamSpec(
+        name=f"PREFILL_{namespace}_{component}",
+        subjects=(f"prefill.{namespace}.{component}.req.*",),
+        work_queue=True,
+        max_age_s=600.0,
+    )
+
+
+def prefill_subject(namespace: str, component: str, model: str) -> str:
+    """Where a decode worker queues prefill requests for ``model``."""
+    return f"prefill.{namespace}.{component}.req.{_model_token(model)}"
+
+
+def prefill_consumer(model: str) -> str:
+    """The durable consumer the prefill workers of ``model`` share (one consumer group per model)."""
+    return f"prefill-{_model_token(model)}"
+
+
+def prefill_reply_subject(namespace: str, component: str, decode_worker_id: int) -> str:
+    """Core subject on which a decode worker receives its PrefillResults."""
+    return f"prefill.{namespace}.{component}.reply.{decode_worker_id:x}"
+
+
+def prefill_cancel_subject(namespace: str, component: str) -> str:
+    """Core subject of PrefillCancel messages (every prefill worker of the component listens)."""
+    return f"prefill.{namespace}.{component}.cancel"

@@ -73,10 +73,18 @@ class StopParams:
 
 @dataclass(frozen=True, slots=True)
 class KvImport:
-    """A prompt whose KV another worker computed and wrote into ``block_ids`` here."""
+    """A prompt whose KV another worker computed (DESIGN.md 2, the handoff).
+
+    Push engines (mocker, hf) had it written into ``block_ids``, reserved here with
+    ``reserve_import``; pull and rendezvous engines (vLLM, SGLang, TensorRT-LLM) get
+    ``engine_params``, the prefill engine's opaque handoff (its ``kv_transfer_params``,
+    ``disaggregated_params``), and fetch the KV themselves. ``first_token_id`` is the
+    token the prefill produced: this request's first output.
+    """
 
     first_token_id: int
     block_ids: tuple[int, ...] = ()
+    engine_params: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,9 @@ class EngineSpec:
     """Tokens for the engine's own argument parser (``--engine-args``, split like a shell would)."""
     mocker: MockerConfig = field(default_factory=MockerConfig)
     clock: Clock | None = None
+    role: str = "decode"
+    """``decode`` or ``prefill``: a prefill engine keeps a finished prompt's blocks until its worker
+    has moved them (``release_prefill``) where the engine supports it."""
 
 
 Factory = Callable[[EngineSpec], Engine]

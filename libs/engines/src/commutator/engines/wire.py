@@ -17,7 +17,7 @@ from commutator.engines.base import (
 )
 from commutator.v1 import common_pb2, kv_events_pb2
 
-__all__ = ["event_batch", "output_to_proto", "request_from_proto", "stats_to_proto"]
+__all__ = ["event_batch", "output_to_proto", "request_from_proto", "request_to_proto", "stats_to_proto"]
 
 _FINISH = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -26,6 +26,17 @@ _FINISH = {
     FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
     FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
 }
+
+
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
 
 
 def _opt(msg: object, name: str) -> object | None:
@@ -58,7 +69,9 @@ def request_from_proto(req: common_pb2.GenerateRequest) -> EngineRequest:
     d = req.disaggregation
     kv_import = None
     if d.HasField("first_token_id"):
-        kv_import = KvImport(first_token_id=d.first_token_id, block_ids=tuple(d.imported_block_ids))
+        kv_import = KvImport(
+            first_token_id=d.first_token_id, block_ids=tuple(d.imported_block_ids), engine_params=d.engine_params
+        )
     return EngineRequest(
         request_id=req.request_id,
         token_ids=req.token_ids,
@@ -76,6 +89,40 @@ def request_from_proto(req: common_pb2.GenerateRequest) -> EngineRequest:
         kv_import=kv_import,
         dp_rank=req.dp_rank if req.HasField("dp_rank") else None,
     )
+
+
+def request_to_proto(req: EngineRequest) -> common_pb2.GenerateRequest:
+    """The wire form of an engine request (the inverse of :func:`request_from_proto`)."""
+    g = common_pb2.GenerateRequest(
+        request_id=req.request_id, token_ids=req.token_ids, lora_name=req.lora_name, cache_salt=req.cache_salt
+    )
+    s, sp = req.sampling, g.sampling
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+    ):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(sp, name, value)
+    st = g.stop
+    st.max_tokens, st.min_tokens, st.ignore_eos = req.stop.max_tokens, req.stop.min_tokens, req.stop.ignore_eos
+    st.stop_token_ids.extend(req.stop.stop_token_ids)
+    if req.logprobs is not None:
+        g.logprobs = req.logprobs
+    if req.dp_rank is not None:
+        g.dp_rank = req.dp_rank
+    d = g.disaggregation
+    d.prefill_only = req.prefill_only
+    if req.kv_import is not None:
+        d.first_token_id = req.kv_import.first_token_id
+        d.imported_block_ids.extend(req.kv_import.block_ids)
+        d.engine_params = req.kv_import.engine_params
+    return g
 
 
 def output_to_proto(out: EngineOutput) -> common_pb2.GenerateResponse:

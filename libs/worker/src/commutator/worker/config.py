@@ -26,7 +26,7 @@ class WorkerConfig:
     model_name: str = option(
         "", "Name clients use for the model; empty: from the folder (the tiny model: commutator/tiny-llama)"
     )
-    component: str = option("decode", "Discovery component this worker registers under")
+    component: str = option("", "Discovery component this worker registers under (empty: its role, decode or prefill)")
     endpoint: str = option("generate", "Discovery endpoint of the Worker service")
     stats_interval_s: float = option(1.0, "Publish load statistics at least this often")
     stats_min_interval_s: float = option(0.05, "Publish load statistics on change, at most this often")

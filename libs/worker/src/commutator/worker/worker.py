@@ -58,6 +58,12 @@ class WorkerRoleConfig(Protocol):
 
 
 class Worker:
+    """Subclasses shape a role with the hooks :meth:`wrap_engine`, :meth:`add_services`,
+    :meth:`serve` and :meth:`stop_serving`, and :attr:`publishes_model_card`."""
+
+    publishes_model_card = True
+    """Frontends list a model while a worker that publishes its card lives (decode workers do)."""
+
     def __init__(
         self,
         config: WorkerRoleConfig,
@@ -92,12 +98,35 @@ class Worker:
         assert self.runtime.discovery is not None
         return self.runtime.discovery.instance_id
 
+    @property
+    def component(self) -> str:
+        return self.config.worker.component or self.role
+
+    # -- hooks ---------------------------------------------------------------------------
+    def wrap_engine(self, engine: Engine) -> Engine:
+        """The engine this worker serves, built around ``engine`` (not started yet)."""
+        return engine
+
+    def add_services(self, server: GrpcServer) -> None:
+        """More gRPC services beside the Worker service (before the server starts)."""
+
+    async def serve(self) -> None:
+        """Start role-specific work once the worker is registered."""
+
+    async def stop_serving(self) -> None:
+        """Stop role-specific work at the start of a drain."""
+
     async def start(self) -> None:
         wc = self.config.worker
         # Checked before anything connects or registers: one line and exit 1 when unusable.
         model_path, self.model_name = resolve_model(wc.model_path, wc.model_name)
         spec = EngineSpec(
-            model_path, self.model_name, split_engine_args(wc.engine_args), self.config.mocker, self._clock
+            model_path,
+            self.model_name,
+            split_engine_args(wc.engine_args),
+            self.config.mocker,
+            self._clock,
+            role=self.role,
         )
         engine = make_engine(wc.engine, spec)
         info = ModelInfo.load(model_path)
@@ -105,7 +134,9 @@ class Worker:
         rt = self.runtime
         await rt.start()
         assert rt.discovery is not None and rt.events is not None
-        label = f"{wc.component}-{rt.discovery.instance_id:x}"
+        component = self.component
+        self.label = label = f"{component}-{rt.discovery.instance_id:x}"
+        engine = self.wrap_engine(engine)
         try:
             await engine.start()
         except EngineError:
@@ -120,12 +151,13 @@ class Worker:
         self.server = GrpcServer(self.config.grpc)
         self.servicer = WorkerServicer(engine, label, lambda: self.instance_id, wc.stream_interval_ms / 1000.0)
         self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, "commutator.v1.Worker")
+        self.add_services(self.server)
         await self.server.start()
         rt.on_close(self.server.stop)
 
         ns = rt.namespace
         self.kv_publisher = KvEventPublisher(
-            engine, rt.events, ns, wc.component, lambda: self.instance_id, label, wc.kv_events_max_batch
+            engine, rt.events, ns, component, lambda: self.instance_id, label, wc.kv_events_max_batch
         )
         await self.kv_publisher.start()
         rt.on_close(self.kv_publisher.close)
@@ -133,7 +165,7 @@ class Worker:
             engine,
             rt.events,
             ns,
-            wc.component,
+            component,
             lambda: self.instance_id,
             label,
             wc.stats_interval_s,
@@ -145,7 +177,7 @@ class Worker:
         cap = engine.capacity
         self.registration = await rt.discovery.register(
             ns,
-            wc.component,
+            component,
             wc.endpoint,
             InstanceInfo(
                 address=self.server.address,
@@ -157,17 +189,19 @@ class Worker:
                 metadata={"engine": wc.engine},
             ),
         )
-        await publish_model(
-            rt.discovery,
-            rt.events,
-            ns,
-            model_name=self.model_name,
-            model_path=model_path,
-            block_size=cap.block_size,
-            context_length=cap.context_length,
-            eos_token_ids=info.eos_token_ids,
-        )
+        if self.publishes_model_card:
+            await publish_model(
+                rt.discovery,
+                rt.events,
+                ns,
+                model_name=self.model_name,
+                model_path=model_path,
+                block_size=cap.block_size,
+                context_length=cap.context_length,
+                eos_token_ids=info.eos_token_ids,
+            )
         self._tasks.start("engine-watch", self._watch_engine)
+        await self.serve()
         rt.on_close(self._tasks.close)
         log.info(
             "worker ready",
@@ -176,6 +210,7 @@ class Worker:
                 address=self.server.address,
                 instance_id=f"{self.instance_id:x}",
                 engine=wc.engine,
+                role=self.role,
                 block_size=cap.block_size,
                 kv_blocks=cap.total_blocks,
                 metrics_port=rt.status.port if rt.status else None,
@@ -197,6 +232,7 @@ class Worker:
             return
         self.draining = True
         rt = self.runtime
+        await self.stop_serving()
         if self.registration is not None and rt.discovery is not None:
             try:
                 await rt.discovery.deregister(self.registration)

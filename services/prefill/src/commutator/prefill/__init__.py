@@ -1,1 +1,1 @@
-"""Prefill worker: consumes the prefill queue and writes KV into decode workers' blocks."""
+"""The prefill worker (DESIGN.md 2): prompts' KV computed here for decode workers elsewhere."""

@@ -103,6 +103,11 @@ class Message(Protocol):
         """Ask for redelivery (after ``delay_s``)."""
         ...
 
+    async def in_progress(self) -> None:
+        """Still working on it: the ack wait starts again (a worker that dies stops sending these,
+        and the message is delivered again one ack wait later)."""
+        ...
+
     async def term(self) -> None:
         """Never deliver this message again (it cannot be processed)."""
         ...

@@ -171,6 +171,11 @@ class _MemoryMessage:
         if self._consumer is not None and self.seq in self._consumer.pending:
             self._consumer.pending[self.seq] = time.monotonic() + delay_s
 
+    async def in_progress(self) -> None:
+        c = self._consumer
+        if c is not None and self.seq in c.pending:
+            c.pending[self.seq] = time.monotonic() + c.spec.ack_wait_s
+
     async def term(self) -> None:
         if self._consumer is not None:
             self._consumer.pending.pop(self.seq, None)

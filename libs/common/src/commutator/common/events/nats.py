@@ -95,6 +95,11 @@ class _NatsMessage:
             with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
                 await self._msg.term()
 
+    async def in_progress(self) -> None:
+        if self._msg.reply:
+            with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+                await self._msg.in_progress()
+
 
 @dataclass(slots=True)
 class _Pending:

@@ -265,6 +265,10 @@ class HfEngine:
         self.scheduler.release_import(request_id)
         self._wake.set()
 
+    def cached_prefix_tokens(self, request: EngineRequest) -> int:
+        """Prompt tokens this engine would serve from its prefix cache now."""
+        return self.scheduler.cached_prefix_tokens(request)
+
     # -- KV transfer (push style) ---------------------------------------------------------
     def prefill_blocks(self, request_id: str) -> tuple[int, ...] | None:
         """The blocks holding the prompt KV of a finished ``prefill_only`` request (prompt order), if still held."""

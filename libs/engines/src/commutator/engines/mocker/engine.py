@@ -44,7 +44,11 @@ class MockerEngine:
         eos_token_ids: tuple[int, ...] = (),
         clock: Clock | None = None,
         engine_salt: int | None = None,
+        hold_prefill: bool = False,
     ) -> None:
+        """``hold_prefill`` (a prefill worker's engine): a finished ``prefill_only`` request keeps its
+        prompt's blocks until :meth:`release_prefill`, as a real engine keeps them until its KV has
+        been moved to the decode worker."""
         config.validate()
         self.config = config
         self.clock = clock or SystemClock()
@@ -55,6 +59,7 @@ class MockerEngine:
             context_length=config.context_length or context_length,
             eos_token_ids=config.eos_token_ids or eos_token_ids,
             engine_salt=salt,
+            hold_prefill_blocks=hold_prefill,
         )
         self._capacity = EngineCapacity(
             block_size=config.block_size,
@@ -140,10 +145,28 @@ class MockerEngine:
         return aborted
 
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
-        return self.scheduler.reserve_import(request)
+        blocks = self.scheduler.reserve_import(request)
+        self._kv_events.push(self.scheduler.pool.take_events())  # evictions made to find room
+        return blocks
 
     def release_import(self, request_id: str) -> None:
         self.scheduler.release_import(request_id)
+        self._wake.set()
+
+    def cached_prefix_tokens(self, request: EngineRequest) -> int:
+        """Prompt tokens this engine would serve from its prefix cache now."""
+        return self.scheduler.cached_prefix_tokens(request)
+
+    def prefill_blocks(self, request_id: str) -> tuple[int, ...] | None:
+        """The blocks a finished ``prefill_only`` request holds (``hold_prefill``), in prompt order."""
+        seq = self.scheduler.held.get(request_id)
+        return tuple(seq.blocks) if seq is not None else None
+
+    def release_prefill(self, request_id: str) -> bool:
+        """Free a finished prefill's held blocks (its KV has been moved); False if none are held."""
+        released = self.scheduler.release_held(request_id)
+        self._wake.set()
+        return released
 
     # -- observation --------------------------------------------------------------
     def stats(self) -> list[EngineStats]:

@@ -30,6 +30,6 @@ def make_engine(spec: EngineSpec) -> Engine:
             raise EngineError(f"the mocker refused --engine-args {' '.join(args)!r}: {why[0]}") from None
         mocker = dataclasses.replace(mocker, **{k: getattr(loaded, k) for k in given})
     try:
-        return MockerEngine.for_model(mocker, spec.model_path, clock=spec.clock)
+        return MockerEngine.for_model(mocker, spec.model_path, clock=spec.clock, hold_prefill=spec.role == "prefill")
     except ValueError as exc:
         raise EngineError(f"mocker: {exc}") from None

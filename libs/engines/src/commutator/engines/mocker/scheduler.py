@@ -270,6 +270,17 @@ class Scheduler:
         self.by_id[seq.request_id] = seq
         return seq, None
 
+    def cached_prefix_tokens(self, req: EngineRequest) -> int:
+        """Prompt tokens of ``req`` its admission would find in the prefix cache now (no side effects)."""
+        n = len(req.token_ids)
+        bs = self.block_size
+        if n <= bs:
+            return 0
+        seq_hashes = sequence_hashes(
+            local_block_hashes(req.token_ids, bs, block_hash_seed(req.lora_name, req.cache_salt))
+        )
+        return len(self.pool.match_prefix(seq_hashes, (n - 1) // bs)) * bs
+
     def release_held(self, request_id: str) -> bool:
         """Free the blocks a finished prefill-only request kept for export; False if none are held."""
         seq = self.held.pop(request_id, None)
