@@ -8,7 +8,6 @@ valid in stream and bucket names.
 from __future__ import annotations
 
 import xxhash
-
 from commutator.common.events.base import StreamSpec
 
 __all__ = [
