@@ -92,3 +92,46 @@ def test_distributed_up_restarts_a_crashed_worker_and_keeps_serving(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+@pytest.mark.parametrize("mode", ["embedded", "distributed"])
+def test_up_with_prefill_workers_serves_long_prompts_remotely(mode: str, tmp_path: Path) -> None:
+    port = free_port()
+    args = [sys.executable, "-m", "commutator.cli", "up", "--http-port", str(port), "--speedup-ratio", "10"]
+    args += ["--workers", "1", "--prefill-workers", "1", "--kv-transfer", "simulated"]
+    if mode == "distributed":
+        args.append("--distributed")
+    log_path = tmp_path / "up.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 90
+        while b"Commutator is up" not in log_path.read_bytes():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "not up in time"
+            time.sleep(0.2)
+        assert "and 1 prefill workers (simulated KV transfer)" in log_path.read_text()
+        body = json.dumps(
+            {"model": "commutator/tiny-llama", "prompt": [10 + i % 3000 for i in range(1500)], "max_tokens": 4}
+        ).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            reply = json.loads(r.read())
+        assert reply["usage"]["prompt_tokens"] == 1500
+        if mode == "embedded":  # one process: the decode worker's metrics are on the frontend's /metrics
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            remote = [
+                line for line in text.splitlines() if line.startswith('commutator_disagg_prefills_total{where="remote"')
+            ]
+            assert sum(float(line.rsplit(" ", 1)[1]) for line in remote) == 1
+        else:
+            assert re.search(r"started prefill worker 1 \(pid \d+\)", log_path.read_text())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

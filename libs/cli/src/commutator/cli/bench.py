@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,12 @@ def add_parser(sub: Any) -> None:
     target.add_argument("--launch", choices=("commutator", "dynamo"), help="start this stack first (mocker workers)")
     target.add_argument("--speedup-ratio", type=float, default=100.0, help="mocker speed of a launched stack")
     target.add_argument("--router-mode", default="kv", help="router mode of a launched stack")
+    target.add_argument("--workers", type=int, default=2, help="decode workers of a launched stack")
+    target.add_argument(
+        "--prefill-workers", type=int, default=0, help="prefill workers of a launched Commutator stack (disaggregated)"
+    )
+    target.add_argument("--worker-args", default="", help="more flags for each decode worker of a launched stack")
+    target.add_argument("--prefill-args", default="", help="more flags for each prefill worker of a launched stack")
     target.add_argument("--frontend-pid", type=int, help="a process to report CPU per request for")
     wl = run.add_argument_group("workload")
     wl.add_argument("--workload", choices=("chat", "synthetic", "conversation", "trace"), default="chat")
@@ -233,9 +240,20 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.launch:
             if args.launch == "dynamo":
-                stack = DynamoStack(ensure_dynamo(), speedup=args.speedup_ratio, router_mode=args.router_mode)
+                if args.prefill_workers:
+                    raise SystemExit("--prefill-workers: only for --launch commutator")
+                stack = DynamoStack(
+                    ensure_dynamo(), speedup=args.speedup_ratio, router_mode=args.router_mode, workers=args.workers
+                )
             else:
-                stack = CommutatorStack(speedup=args.speedup_ratio, router_mode=args.router_mode)
+                stack = CommutatorStack(
+                    speedup=args.speedup_ratio,
+                    router_mode=args.router_mode,
+                    workers=args.workers,
+                    prefill_workers=args.prefill_workers,
+                    worker_args=tuple(shlex.split(args.worker_args)),
+                    prefill_args=tuple(shlex.split(args.prefill_args)),
+                )
             await stack.start()
             url = stack.base_url
             frontend_pid = stack.frontend.pid if stack.frontend else None

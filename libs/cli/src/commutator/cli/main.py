@@ -24,6 +24,18 @@ def main(argv: list[str] | None = None) -> int:
         "--engine", default="mocker", help="engine of the workers: mocker, hf, vllm, sglang, trtllm (default mocker)"
     )
     up.add_argument("--engine-args", default="", help="arguments for the engine's own parser, one quoted string")
+    up.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=0,
+        help="prefill workers (disaggregated serving of long prompts; default 0)",
+    )
+    up.add_argument(
+        "--kv-transfer",
+        default="simulated",
+        choices=("simulated", "grpc", "nixl"),
+        help="how prefill workers move KV to decode workers (default simulated: the mocker's)",
+    )
     up.add_argument("--http-port", type=int, default=8000, help="port of the OpenAI API (default 8000)")
     up.add_argument("--http-host", default="127.0.0.1", help="interface of the OpenAI API (default 127.0.0.1)")
     up.add_argument(

@@ -106,8 +106,17 @@ class Stack:
         workers: int = 2,
         num_blocks: int = MOCKER["num_blocks"],
         log_dir: Path | None = None,
+        prefill_workers: int = 0,
+        worker_args: tuple[str, ...] = (),
+        prefill_args: tuple[str, ...] = (),
     ) -> None:
+        """``prefill_workers`` (Commutator only): prefill workers beside the decode workers;
+        ``worker_args`` / ``prefill_args``: more flags for each decode / prefill worker."""
         self.num_blocks = num_blocks
+        self.prefill_workers = prefill_workers
+        self.worker_args = tuple(worker_args)
+        self.prefill_args = tuple(prefill_args)
+        self.metrics_ports: dict[str, list[int]] = {"decode": [], "prefill": []}
         self.speedup = speedup
         self.router_mode = router_mode
         self.workers = workers
@@ -160,30 +169,31 @@ class CommutatorStack(Stack):
             COMMUTATOR_NAMESPACE="bench",
             COMMUTATOR_LOG="warning",
         )
-        for _ in range(self.workers):
-            self._spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "commutator.decode",
-                    "--model-path",
-                    str(model),
-                    "--model-name",
-                    MODEL_NAME,
-                    "--speedup-ratio",
-                    str(self.speedup),
-                    "--block-size",
-                    str(MOCKER["block_size"]),
-                    "--num-blocks",
-                    str(self.num_blocks),
-                    "--max-num-seqs",
-                    str(MOCKER["max_num_seqs"]),
-                    "--max-batched-tokens",
-                    str(MOCKER["max_batched_tokens"]),
-                ],
-                env,
-                "worker",
-            )
+        mocker = [
+            "--model-path",
+            str(model),
+            "--model-name",
+            MODEL_NAME,
+            "--speedup-ratio",
+            str(self.speedup),
+            "--block-size",
+            str(MOCKER["block_size"]),
+            "--num-blocks",
+            str(self.num_blocks),
+            "--max-num-seqs",
+            str(MOCKER["max_num_seqs"]),
+            "--max-batched-tokens",
+            str(MOCKER["max_batched_tokens"]),
+        ]
+        for role, count, extra in (
+            ("decode", self.workers, self.worker_args),
+            ("prefill", self.prefill_workers, self.prefill_args),
+        ):
+            for _ in range(count):
+                port = free_port()
+                self.metrics_ports[role].append(port)
+                cmd = [sys.executable, "-m", f"commutator.{role}", *mocker, "--metrics-port", str(port), *extra]
+                self._spawn(cmd, env, "worker" if role == "decode" else "prefill")
         self.frontend = self._spawn(
             [
                 sys.executable,

@@ -42,10 +42,22 @@ def _curl(host: str, port: int, model: str) -> str:
     return f"curl http://{shown}:{port}/v1/chat/completions \\\n  -H 'Content-Type: application/json' \\\n  -d '{body}'"
 
 
+def _prefill_note(args: argparse.Namespace) -> str:
+    if not args.prefill_workers:
+        return ""
+    return f" and {args.prefill_workers} prefill workers ({args.kv_transfer} KV transfer)"
+
+
 def _banner(args: argparse.Namespace, model: str, mode: str) -> None:
     print(
         f"\nCommutator is up ({mode}): OpenAI API on http://{args.http_host}:{args.http_port}/v1, "
-        f"{args.workers} {args.engine} workers, router mode {args.router_mode}.\nTry:\n\n"
+        f"{args.workers} {args.engine} workers"
+        + (
+            f" and {args.prefill_workers} prefill workers ({args.kv_transfer} KV transfer)"
+            if args.prefill_workers
+            else ""
+        )
+        + f", router mode {args.router_mode}.\nTry:\n\n"
         f"{_curl(args.http_host, args.http_port, model)}\n\nCtrl-C stops everything.\n",
         flush=True,
     )
@@ -53,8 +65,8 @@ def _banner(args: argparse.Namespace, model: str, mode: str) -> None:
 
 def up_main(args: argparse.Namespace) -> int:
     setup_logging()
-    if args.workers < 1:
-        print("--workers must be at least 1", file=sys.stderr)
+    if args.workers < 1 or args.prefill_workers < 0:
+        print("--workers must be at least 1 and --prefill-workers at least 0", file=sys.stderr)
         return 2
     if args.distributed:
         return _up_distributed(args)
@@ -75,7 +87,10 @@ async def _up_embedded(args: argparse.Namespace) -> int:
     from commutator.decode.worker import DecodeWorker
     from commutator.frontend.config import FrontendConfig
     from commutator.frontend.server import Frontend
+    from commutator.prefill.config import PrefillConfig
+    from commutator.prefill.worker import PrefillWorker
     from commutator.router.config import RouterConfig
+    from commutator.worker.kv_transfer import KvTransferConfig
 
     store, broker = MemoryStore(), MemoryBroker()
     runtime = RuntimeConfig(
@@ -84,23 +99,29 @@ async def _up_embedded(args: argparse.Namespace) -> int:
         metrics_port=-1,  # the frontend serves /metrics for the whole process
     )
     model_path = args.model_path or str(ensure_tiny_model())
-    workers = [
+    worker = WorkerConfig(
+        engine=args.engine,
+        engine_args=args.engine_args,
+        model_path=model_path,
+        model_name="" if args.model_path else MODEL_NAME,
+    )
+    mocker = MockerConfig(speedup_ratio=args.speedup_ratio)
+    transfer = KvTransferConfig(kv_transfer=args.kv_transfer)
+    workers: list[DecodeWorker | PrefillWorker] = [
         DecodeWorker(
-            DecodeConfig(
-                runtime=runtime,
-                grpc=GrpcConfig(),
-                worker=WorkerConfig(
-                    engine=args.engine,
-                    engine_args=args.engine_args,
-                    model_path=model_path,
-                    model_name="" if args.model_path else MODEL_NAME,
-                ),
-                mocker=MockerConfig(speedup_ratio=args.speedup_ratio),
-            ),
+            DecodeConfig(runtime=runtime, grpc=GrpcConfig(), worker=worker, mocker=mocker, transfer=transfer),
             memory_store=store,
             memory_broker=broker,
         )
         for _ in range(args.workers)
+    ]
+    workers += [
+        PrefillWorker(
+            PrefillConfig(runtime=runtime, grpc=GrpcConfig(), worker=worker, mocker=mocker, transfer=transfer),
+            memory_store=store,
+            memory_broker=broker,
+        )
+        for _ in range(args.prefill_workers)
     ]
     frontend = Frontend(
         FrontendConfig(
@@ -239,6 +260,7 @@ def _up_distributed(args: argparse.Namespace) -> int:
             COMMUTATOR_NAMESPACE=args.namespace,
         )
         worker_args = ["--speedup-ratio", str(args.speedup_ratio), "--engine", args.engine]
+        worker_args += ["--kv-transfer", args.kv_transfer]
         if args.engine_args:
             worker_args += ["--engine-args", args.engine_args]
         if args.model_path:
@@ -252,6 +274,10 @@ def _up_distributed(args: argparse.Namespace) -> int:
             args.router_mode,
         ]
         roles = [_Role(f"worker {i + 1}", ["commutator.decode", *worker_args], env) for i in range(args.workers)]
+        roles += [
+            _Role(f"prefill worker {i + 1}", ["commutator.prefill", *worker_args], env)
+            for i in range(args.prefill_workers)
+        ]
         roles.append(_Role("frontend", ["commutator.frontend", *frontend_args], env))
         for role in roles:
             role.start()
