@@ -172,6 +172,10 @@ bench-e2e: setup servers ## The whole stack (frontend + 2 mocker workers): req/s
 bench-engines: vllm-env servers ## hf and vLLM (CPU) on the tiny model: direct vs through the stack, c=1 and c=8
 	$(VLLM_VENV)/bin/python benchmarks/bench_engines.py $(BENCH_ARGS)
 
+.PHONY: bench-disagg
+bench-disagg: setup servers ## Disaggregated vs aggregated (mocker timing, long-prompt mix): TTFT, ITL, goodput; docs/benchmarks/disagg.png
+	$(PY) benchmarks/bench_disagg.py $(BENCH_ARGS)
+
 .PHONY: bench-failover
 bench-failover: setup servers ## A worker SIGKILLed under load (3 workers, c=16): requests completed and failed
 	$(PY) benchmarks/bench_failover.py
