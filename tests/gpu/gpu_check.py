@@ -2,22 +2,28 @@
 hf engine on CUDA and measures it through the embedded stack. See gpu_check.sh.
 
 ``run`` prints, for the tiny model: greedy parity of the hf engine with transformers' own
-``generate`` (float32, token for token), then through the embedded stack (in-memory discovery and
-events, the frontend's HTTP API, the official openai client): TTFT p50/p99 and output tokens/s
-at concurrency 1 and 8, in float32 and bfloat16.
+``generate`` (float32, token for token); the ``nixl`` KV transfer between two hf engines in this
+process when the ``nixl`` package is installed here (prefill on A, a real NIXL WRITE into blocks
+reserved on B, B decodes: its tokens must equal A's alone), or that this check was skipped when it
+is not; then through the embedded stack (in-memory discovery and events, the frontend's HTTP API,
+the official openai client): TTFT p50/p99 and output tokens/s at concurrency 1 and 8, in float32
+and bfloat16.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.metadata
 import re
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Brought by the machine's torch/transformers stack: used as they are there, installed only when missing.
 MACHINE_STACK = {
@@ -77,6 +83,89 @@ def parity(device: str) -> None:
     print(f"greedy parity with transformers.generate on {device} (float32, 3 prompts batched): {same}/3 identical")
     if same != len(prompts):
         raise SystemExit("greedy outputs differ from transformers")
+
+
+def nixl_check(device: str) -> bool:
+    """The nixl KV transfer with the real package, if it is installed here; False if it ran and failed."""
+    try:
+        import nixl._api  # noqa: F401
+    except ImportError as exc:
+        reason = (str(exc) or type(exc).__name__).strip().splitlines()[0]
+        print(f"NIXL check skipped: the nixl package is not installed here ({reason})")
+        return True
+    from commutator.worker.kv_transfer import KvTransferConfig, make_transfer
+
+    version = "?"
+    for dist in ("nixl", "nixl-cu12", "nixl-cu13"):
+        try:
+            version = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    config = KvTransferConfig(kv_transfer="nixl", nixl_timeout_s=30.0)
+    try:
+        same, total = asyncio.run(nixl_round_trip(device, lambda: make_transfer(config)))
+    except Exception as exc:
+        print(f"NIXL check FAILED on {device} (nixl {version}): {type(exc).__name__}: {exc}")
+        return False
+    print(
+        f"NIXL KV transfer between two hf engines on {device} (nixl {version}, UCX): {same}/{total} decoded identically"
+    )
+    return same == total
+
+
+async def nixl_round_trip(device: str, transfer: Callable[[], Any]) -> tuple[int, int]:
+    """Prefill on engine A, NIXL WRITE into blocks reserved on engine B, decode on B: (identical, prompts).
+
+    ``transfer()`` builds a :class:`~commutator.worker.kv_transfer.TransferBackend` (the real ``nixl`` one
+    here; a fake of NIXL's agent gives a CPU dry run of this function).
+    """
+    from commutator.engines.base import EngineRequest, KvImport, StopParams
+    from commutator.engines.registry import EngineSpec, make_engine
+    from commutator.engines.tiny_model import MODEL_NAME, ensure_tiny_model
+
+    path = ensure_tiny_model()
+    args = ("--device", device, "--dtype", "float32", "--block-size", "16", "--num-blocks", "64")
+    a = make_engine("hf", EngineSpec(path, MODEL_NAME, args))
+    b = make_engine("hf", EngineSpec(path, MODEL_NAME, args))
+    sender, receiver = transfer(), transfer()
+    sender.check_engine(a, "prefill")
+    receiver.check_engine(b, "decode")
+    await a.start()
+    await b.start()
+
+    async def tokens(engine: Any, request: EngineRequest) -> list[int]:
+        return [t async for o in engine.generate(request) for t in o.token_ids]
+
+    same = 0
+    prompts = [[(11 * i + 17 * k) % 4000 + 10 for i in range(n)] for k, n in enumerate((37, 130, 203))]
+    try:
+        await sender.start(a)
+        await receiver.start(b)
+        for k, p in enumerate(prompts):
+            rid, stop = f"nixl-{k}", StopParams(max_tokens=24, ignore_eos=True)
+            alone = await tokens(a, EngineRequest(f"alone-{k}", p, stop=stop))
+            first = await tokens(a, EngineRequest(rid, p, stop=stop, prefill_only=True))
+            request = EngineRequest(rid, p, stop=stop, kv_import=KvImport(first_token_id=first[0]))
+            reserved = b.reserve_import(request)  # type: ignore[attr-defined]
+            t0 = time.perf_counter()
+            moved = await sender.send(a, rid, len(p), receiver.descriptor("", reserved))
+            write_ms = (time.perf_counter() - t0) * 1000
+            notified = rid in receiver.drain_notifications()  # informative: nothing waits for it (see nixl_transfer)
+            a.release_prefill(rid)  # type: ignore[attr-defined]
+            decoded = await tokens(b, dataclasses.replace(request, kv_import=KvImport(first[0], reserved)))
+            same += decoded == alone
+            print(
+                f"  prompt of {len(p)} tokens: {len(reserved)} blocks, {moved} bytes written in {write_ms:.2f} ms, "
+                f"NIXL notification on B {'arrived' if notified else 'not yet there'}, "
+                f"decoded on B {'identical to' if decoded == alone else 'DIFFERENT from'} A alone"
+            )
+    finally:
+        await sender.close()
+        await receiver.close()
+        await a.shutdown()
+        await b.shutdown()
+    return same, len(prompts)
 
 
 async def stack(device: str, dtype: str) -> None:
@@ -192,9 +281,13 @@ def main() -> int:
             return 2
         print(f"device: {torch.cuda.get_device_name(0)}")
     parity(args.device)
+    nixl_ok = nixl_check(args.device)
     for dtype in ("float32", "bfloat16"):
         asyncio.run(stack(args.device, dtype))
     print(f"GPU check done in {time.time() - t0:.0f} s")
+    if not nixl_ok:
+        print("the NIXL check failed (above)")
+        return 1
     return 0
 
 

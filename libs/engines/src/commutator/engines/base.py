@@ -36,6 +36,7 @@ __all__ = [
     "KvDump",
     "KvEventRecord",
     "KvImport",
+    "KvLayout",
     "KvRemoved",
     "KvStored",
     "SamplingParams",
@@ -85,6 +86,33 @@ class KvImport:
     first_token_id: int
     block_ids: tuple[int, ...] = ()
     engine_params: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class KvLayout:
+    """Where an engine's paged KV cache lives, for transfers that address its memory directly (NIXL).
+
+    The cache is ``len(regions)`` contiguous regions of ``num_blocks * block_bytes`` bytes, each
+    holding one part of every block (the hf engine: layer 0's K, layer 0's V, layer 1's K, ...):
+    block ``b``'s part in region ``r`` is the ``block_bytes`` bytes at ``regions[r] + b * block_bytes``.
+    Two engines exchange blocks region by region when their region count and ``block_bytes`` agree
+    (same model, dtype and block size). Engines that offer it (``kv_layout()``) keep the memory
+    where it is from ``start`` until ``shutdown``.
+    """
+
+    device: str
+    """``cpu`` or ``cuda``."""
+    device_id: int
+    """The CUDA device ordinal (0 on CPU)."""
+    regions: tuple[int, ...]
+    """Base address of each region, in the engine's fixed order."""
+    block_bytes: int
+    """Bytes of one block in one region, which is also the stride between blocks."""
+    num_blocks: int
+
+    @property
+    def region_bytes(self) -> int:
+        return self.block_bytes * self.num_blocks
 
 
 @dataclass(frozen=True, slots=True)

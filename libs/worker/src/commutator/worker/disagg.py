@@ -208,6 +208,7 @@ class DisaggEngine:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         await self.inner.start()
+        await self.transfer.start(self.inner)  # nixl: registers the engine's KV memory
         rt = self._rt
         assert rt.discovery is not None and rt.events is not None
         events = rt.events

@@ -10,7 +10,9 @@
   ``KvTransfer`` gRPC service, which imports them (``kv_import``) and refuses writes
   for a reservation that is gone (the decode worker gave up or its client left).
   For engines that hold KV in CPU memory (hf on CPU).
-- ``nixl``: GPU memory over NIXL (:mod:`commutator.worker.nixl_transfer`).
+- ``nixl``: the prefill worker writes straight into the decode engine's reserved blocks
+  with NIXL (GPU memory over RDMA/NVLink; CPU memory where UCX registers it), for engines
+  that say where their KV lives (``kv_layout``): :mod:`commutator.worker.nixl_transfer`.
 
 The decode side describes where the KV goes (:meth:`TransferBackend.descriptor`,
 carried in the PrefillRequest); the prefill side moves it (:meth:`TransferBackend.send`).
@@ -69,6 +71,9 @@ class KvTransferConfig:
     kv_bytes_per_token: int = option(131072, "simulated: KV bytes per prompt token (131072: an 8B model in bf16)")
     transfer_bandwidth_gbps: float = option(25.0, "simulated: bandwidth of the link, in gigabits per second")
     kv_transfer_chunk_bytes: int = option(4 * 1024 * 1024, "grpc: most KV bytes in one message")
+    nixl_timeout_s: float = option(
+        30.0, "nixl: longest wait for one request's KV write into the decode worker's blocks to complete (s)"
+    )
 
 
 class TransferError(Exception):
@@ -84,6 +89,11 @@ class TransferBackend(Protocol):
 
     def check_engine(self, engine: Engine, role: str) -> None:
         """:class:`EngineError` if ``engine`` cannot take part in this kind of transfer as ``role``."""
+        ...
+
+    async def start(self, engine: Engine) -> None:
+        """Once ``engine`` has started, before the first :meth:`descriptor` or :meth:`send`
+        (``nixl`` registers the engine's KV memory here)."""
         ...
 
     async def send(
@@ -114,6 +124,9 @@ class SimulatedTransfer:
                 "--kv-transfer simulated moves no KV bytes (it times the mocker's transfers): an engine with "
                 "real KV needs --kv-transfer grpc (or nixl on GPUs)"
             )
+
+    async def start(self, engine: Engine) -> None:
+        return None
 
     def seconds(self, prompt_tokens: int, bytes_per_token: int) -> float:
         return prompt_tokens * bytes_per_token / self._bytes_per_s
@@ -147,6 +160,9 @@ class GrpcTransfer:
                 f"--kv-transfer grpc needs an engine that can {'export' if role == 'prefill' else 'import'} its "
                 f"KV blocks ({', '.join(missing)}): the hf engine can; use --kv-transfer simulated for the mocker"
             )
+
+    async def start(self, engine: Engine) -> None:
+        return None
 
     def _stub(self, address: str) -> kv_transfer_pb2_grpc.KvTransferStub:
         entry = self._channels.get(address)

@@ -46,6 +46,7 @@ class PrefillWorker(Worker):
     async def serve(self) -> None:
         rt = self.runtime
         assert self.engine is not None and self.transfer is not None and rt.events is not None
+        await self.transfer.start(self.engine)  # nixl: registers the engine's KV memory
         self.queue = PrefillQueue(
             self.engine,
             self.transfer,

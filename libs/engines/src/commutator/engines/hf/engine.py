@@ -16,7 +16,8 @@ Disaggregation is *push* style (DESIGN.md 2): a decode engine reserves blocks
 with :meth:`reserve_import`; the prefill engine runs the request with
 ``prefill_only``, keeps its prompt's blocks (:meth:`prefill_blocks`, for
 ``export_hold_s``), and :meth:`kv_export` gives their bytes; the decode engine
-writes them with :meth:`kv_import` and decodes with ``EngineRequest.kv_import``.
+writes them with :meth:`kv_import` and decodes with ``EngineRequest.kv_import``. For
+transfers that write the blocks' memory directly (NIXL), :meth:`kv_layout` says where they are.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from commutator.engines.base import (
     EngineStats,
     FinishReason,
     KvEventRecord,
+    KvLayout,
 )
 from commutator.engines.hf.config import HfConfig
 from commutator.engines.hf.kv_cache import CacheGeometry
@@ -301,6 +303,13 @@ class HfEngine:
         if stray is not None:
             raise ValueError(f"block {stray} is not reserved for an import")
         await asyncio.get_running_loop().run_in_executor(self._executor, runner.import_blocks, ids, data)
+
+    def kv_layout(self) -> KvLayout:
+        """Where this engine's KV blocks are in memory, for NIXL (see :class:`KvLayout`).
+
+        Valid from :meth:`start` until :meth:`shutdown`: the cache is allocated once and never moves.
+        """
+        return self._require_runner().cache.layout()
 
     def _require_runner(self) -> ModelRunner:
         if self._runner is None or self._executor is None:

@@ -10,6 +10,11 @@ layer in order, K then V, each block ``[block_size, kv_heads, head_dim]`` in the
 cache's dtype, native byte order; ``bytes_per_block * len(blocks)`` bytes. Two
 engines with the same model, dtype and block size exchange blocks byte for byte.
 
+Layout for transfers that address the memory (:meth:`PagedKvCache.layout`, NIXL): the
+``2 * num_layers`` tensors, in the order layer 0 K, layer 0 V, layer 1 K, ..., are the regions of
+a :class:`~commutator.engines.base.KvLayout`; each is contiguous, so block ``b`` of a region is
+the ``block_size * kv_heads * head_dim * element size`` bytes at ``data_ptr() + b * that``.
+
 The cache starts zeroed: attention may read positions past a sequence's end
 (masked out), and masked garbage that is NaN would still poison the result.
 """
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from commutator.engines.base import KvLayout
 
 __all__ = ["CacheGeometry", "PagedKvCache"]
 
@@ -50,6 +56,24 @@ class PagedKvCache:
         shape = (num_blocks, g.block_size, g.kv_heads, g.head_dim)
         self.k = [torch.zeros(shape, dtype=g.dtype, device=device) for _ in range(g.num_layers)]
         self.v = [torch.zeros(shape, dtype=g.dtype, device=device) for _ in range(g.num_layers)]
+
+    def layout(self) -> KvLayout:
+        """Where the blocks are (the layout above); the zeroing has finished on the device when it returns."""
+        g = self.geometry
+        regions = [t for layer in range(g.num_layers) for t in (self.k[layer], self.v[layer])]
+        assert all(t.is_contiguous() for t in regions)
+        device_id = 0
+        if self.device.type == "cuda":
+            device_id = regions[0].get_device()
+            # A transfer writes behind the device's back: the zeroing kernels must not land after it.
+            torch.cuda.synchronize(device_id)
+        return KvLayout(
+            device=self.device.type,
+            device_id=device_id,
+            regions=tuple(t.data_ptr() for t in regions),
+            block_bytes=regions[0][0].numel() * regions[0].element_size(),
+            num_blocks=self.num_blocks,
+        )
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store ``key``/``value`` (``[tokens, kv_heads, head_dim]``) at ``slots`` (one per token)."""
