@@ -564,6 +564,39 @@ async def test_sglang_adapter_against_fake_engine_rendezvous_hook_passes_the_boo
     await prefill.shutdown()
 
 
+async def test_sglang_adapter_against_fake_engine_is_a_rendezvous_engine_of_the_handoff(tmp_path: Path) -> None:
+    plain, _ = await started(tmp_path)
+    assert plain.kv_handoff == ""  # --disaggregation-mode null: not set up for disaggregation
+    await plain.shutdown()
+    prefill, papi = await started(tmp_path, "--disaggregation-mode", "prefill")
+    decode, dapi = await started(tmp_path, "--disaggregation-mode", "decode")
+    assert prefill.kv_handoff == decode.kv_handoff == "rendezvous"
+    # Prefill side: a fresh room at its bootstrap server, armed for this request, sent back at once.
+    data = prefill.start_handoff(req("p", prefill_only=True))
+    assert data is not None
+    meet = SglangRendezvous.from_bytes(data)
+    assert (meet.host, meet.port) == ("127.0.0.1", 8998) and 0 <= meet.room < 2**63
+    [o async for o in prefill.generate(req("p", prefill_only=True))]
+    assert prefill.finish_handoff("p") == b""
+    pcall = papi.engines[0].calls[0]
+    assert pcall["sampling_params"]["max_new_tokens"] == 1
+    # Decode side: the same rendezvous, from the request's handoff parameters.
+    [o async for o in decode.generate(req("d", kv_import=KvImport(0, engine_params=data)))]
+    dcall = dapi.engines[0].calls[0]
+    for call in (pcall, dcall):
+        assert (call["bootstrap_host"], call["bootstrap_port"], call["bootstrap_room"]) == (
+            meet.host,
+            meet.port,
+            meet.room,
+        )
+    with pytest.raises(ValueError, match="not prefill"):
+        decode.start_handoff(req("q"))
+    with pytest.raises(ValueError, match="unreadable"):
+        [o async for o in decode.generate(req("e", kv_import=KvImport(0, engine_params=b"{}")))]
+    await prefill.shutdown()
+    await decode.shutdown()
+
+
 # ------------------------------------------------------------------------- construction
 def test_sglang_missing_package_is_an_engine_error_naming_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"needs the 'sglang' package.*pip install 'sglang\[all\]'"):

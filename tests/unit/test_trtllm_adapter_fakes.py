@@ -636,6 +636,33 @@ async def test_trtllm_adapter_against_fake_llm_disaggregation_handoff_hooks(tmp_
     await engine.shutdown()
 
 
+async def test_trtllm_adapter_against_fake_llm_is_a_pull_engine_of_the_handoff(tmp_path: Path) -> None:
+    plain, _ = await started(tmp_path)
+    assert plain.kv_handoff == ""  # no cache transceiver: not set up for disaggregation
+    with pytest.raises(ValueError, match="cache transceiver"):
+        [o async for o in plain.generate(req("p", prefill_only=True))]
+    await plain.shutdown()
+
+    engine, llm = await started(tmp_path, "--cache_transceiver_config", '{"backend": "UCX"}')
+    assert engine.kv_handoff == "pull" and engine.start_handoff(req("p")) is None
+    [o async for o in engine.generate(req("p", prefill_only=True))]
+    data = engine.finish_handoff("p")  # what the prefill worker sends back, as bytes
+    assert TrtllmHandoff.from_bytes(data) == TrtllmHandoff(
+        first_gen_tokens=(31,), ctx_request_id=2, opaque_state=b"\x01state"
+    )
+    with pytest.raises(ValueError, match="no disaggregated_params"):
+        engine.finish_handoff("p")
+    handoff = KvImport(first_token_id=31, engine_params=data)
+    [o async for o in engine.generate(req("d", stop=StopParams(max_tokens=2), kv_import=handoff))]
+    assert llm.calls[1]["disaggregated_params"] == FakeDisaggregatedParams(
+        request_type="generation_only", first_gen_tokens=[31], ctx_request_id=2, opaque_state=b"\x01state"
+    )
+    for bad in (b"", b"[1]", b'{"first_gen_tokens": [1], "evil": 1}'):
+        with pytest.raises(ValueError):
+            [o async for o in engine.generate(req("x", kv_import=KvImport(0, engine_params=bad)))]
+    await engine.shutdown()
+
+
 # ------------------------------------------------------------------------- construction
 def test_trtllm_missing_package_is_an_engine_error_naming_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"needs the 'tensorrt_llm' package.*pip install tensorrt_llm"):

@@ -6,6 +6,7 @@ vLLM's ROUTER socket does."""
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,15 @@ import pytest
 import zmq
 import zmq.asyncio
 from commutator.common.hashing import block_hash_seed, local_block_hashes, sequence_hashes
-from commutator.engines.base import EngineRequest, FinishReason, KvCleared, KvStored, SamplingParams, StopParams
+from commutator.engines.base import (
+    EngineRequest,
+    FinishReason,
+    KvCleared,
+    KvImport,
+    KvStored,
+    SamplingParams,
+    StopParams,
+)
 from commutator.engines.vllm.engine import SchedulerLoad, VllmApi, VllmEngine
 
 pytestmark = pytest.mark.unit
@@ -69,7 +78,7 @@ class FakeVllmPublisher:
 class FakeAsyncLLM:
     """AsyncLLM's surface the adapter uses: generate (delta outputs), abort, shutdown, vllm_config."""
 
-    def __init__(self, publisher: FakeVllmPublisher, load: SchedulerLoad) -> None:
+    def __init__(self, publisher: FakeVllmPublisher, load: SchedulerLoad, connector: str | None = None) -> None:
         self.publisher = publisher
         self.load = load
         self.vllm_config = SimpleNamespace(
@@ -77,7 +86,9 @@ class FakeAsyncLLM:
             scheduler_config=SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=512),
             model_config=SimpleNamespace(max_model_len=1024),
             parallel_config=SimpleNamespace(data_parallel_size=1),
+            kv_transfer_config=SimpleNamespace(kv_connector=connector, kv_role="kv_both") if connector else None,
         )
+        self.pulled: list[dict[str, Any]] = []
         self.calls: list[tuple[dict[str, Any], dict[str, Any], str]] = []
         self.aborted: list[str] = []
         self.closed: list[str] = []
@@ -115,6 +126,24 @@ class FakeAsyncLLM:
             )
         self.load.running, self.load.kv_usage, self.load.at = 1, 0.25, 1e18  # "just now", whatever the clock
         n = sampling["max_tokens"] or 5
+        # A KV connector's handoff (vLLM's NIXL connector, as in nixl/pull_scheduler.py): a request with
+        # do_remote_decode keeps its blocks and finishes with the parameters a decode engine reads them by;
+        # one with do_remote_prefill reads them from the engine they name.
+        kv_params = (sampling.get("extra_args") or {}).get("kv_transfer_params")
+        handoff = None
+        if kv_params and kv_params.get("do_remote_decode"):
+            handoff = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "remote_block_ids": [[base + i for i in range(len(tokens) // BS)]],
+                "remote_engine_id": "engine-p",
+                "remote_request_id": f"{request_id}-0a1b",
+                "remote_host": "10.0.0.7",
+                "remote_port": 5600,
+                "tp_size": 1,
+            }
+        elif kv_params and kv_params.get("do_remote_prefill"):
+            self.pulled.append(kv_params)
         try:
             for i in range(n):
                 last = i == n - 1
@@ -122,7 +151,9 @@ class FakeAsyncLLM:
                 if "logprobs" in sampling:
                     lps = [{7 + i: FakeLogprob(-0.5, 1), 99: FakeLogprob(-1.5, 2), 100: FakeLogprob(-2.5, 3)}]
                 out = SimpleNamespace(token_ids=[7 + i], finish_reason="length" if last else None, logprobs=lps)
-                yield SimpleNamespace(outputs=[out], num_cached_tokens=cached, finished=last)
+                yield SimpleNamespace(
+                    outputs=[out], num_cached_tokens=cached, finished=last, kv_transfer_params=handoff if last else None
+                )
                 await asyncio.sleep(0)
         finally:
             self.closed.append(request_id)
@@ -136,13 +167,25 @@ class FakeAsyncLLM:
 
 @pytest.fixture
 async def engine() -> AsyncIterator[tuple[VllmEngine, FakeAsyncLLM, FakeVllmPublisher]]:
+    async for started in _engine(None):
+        yield started
+
+
+@pytest.fixture
+async def nixl_engine() -> AsyncIterator[tuple[VllmEngine, FakeAsyncLLM, FakeVllmPublisher]]:
+    """An engine whose arguments configure a KV connector (--kv-transfer-config)."""
+    async for started in _engine("NixlConnector"):
+        yield started
+
+
+async def _engine(connector: str | None) -> AsyncIterator[tuple[VllmEngine, FakeAsyncLLM, FakeVllmPublisher]]:
     workdir = Path(tempfile.mkdtemp(prefix="fake-vllm-"))
     kv, replay = f"ipc://{workdir}/kv", f"ipc://{workdir}/replay"
     publisher = FakeVllmPublisher(kv, replay)
     holder: dict[str, FakeAsyncLLM] = {}
 
     def make_llm(load: SchedulerLoad) -> FakeAsyncLLM:
-        holder["llm"] = FakeAsyncLLM(publisher, load)
+        holder["llm"] = FakeAsyncLLM(publisher, load, connector)
         return holder["llm"]
 
     eng = VllmEngine(VllmApi(make_llm=make_llm, sampling_params=lambda **kw: kw), kv, replay, workdir)
@@ -208,8 +251,33 @@ async def test_fake_vllm_refuses_what_it_cannot_map(engine) -> None:  # type: ig
     eng, _, _ = engine
     with pytest.raises(ValueError, match="LoRA"):
         await run(eng, EngineRequest("l", prompt(4), lora_name="adapter"))
-    with pytest.raises(ValueError, match="disaggregated"):
+    assert eng.kv_handoff == ""  # no KV connector in its arguments: not set up for disaggregation
+    with pytest.raises(ValueError, match="needs a KV connector"):
         await run(eng, EngineRequest("p", prompt(4), prefill_only=True))
+
+
+async def test_fake_vllm_with_a_kv_connector_is_a_pull_engine_of_the_handoff(nixl_engine) -> None:  # type: ignore[no-untyped-def]
+    eng, llm, _ = nixl_engine
+    assert eng.kv_handoff == "pull" and eng.start_handoff(EngineRequest("p", prompt(40))) is None
+    # Prefill side: one token, the connector asked to keep the blocks for a remote decode.
+    outs = await run(eng, EngineRequest("p", prompt(40), stop=StopParams(max_tokens=50), prefill_only=True))
+    assert [o.token_ids for o in outs] == [[7]]
+    _, sampling, _ = llm.calls[0]
+    assert sampling["max_tokens"] == 1 and sampling["extra_args"] == {"kv_transfer_params": {"do_remote_decode": True}}
+    params = json.loads(eng.finish_handoff("p"))
+    assert params["do_remote_prefill"] and params["remote_engine_id"] == "engine-p"
+    assert params["remote_block_ids"] == [[3000, 3001]] and params["remote_request_id"] == "p-0a1b"
+    with pytest.raises(ValueError, match="no kv_transfer_params"):
+        eng.finish_handoff("p")  # taken once
+    # Decode side: the parameters go back to vLLM as they came; its connector reads the KV.
+    handoff = KvImport(first_token_id=7, engine_params=json.dumps(params).encode())
+    outs = await run(eng, EngineRequest("d", prompt(40), stop=StopParams(max_tokens=3), kv_import=handoff))
+    assert [o.token_ids for o in outs] == [[7], [8], [9]] and outs[0].prompt_tokens == 40
+    _, sampling, _ = llm.calls[1]
+    assert sampling["extra_args"] == {"kv_transfer_params": params} and sampling["max_tokens"] == 3
+    assert llm.pulled == [params]
+    with pytest.raises(ValueError, match="not a vLLM kv_transfer_params"):
+        await run(eng, EngineRequest("bad", prompt(40), kv_import=KvImport(7, engine_params=b"{}")))
 
 
 async def test_fake_vllm_kv_events_become_ours_with_our_hashes_and_a_dump(engine) -> None:  # type: ignore[no-untyped-def]

@@ -14,8 +14,23 @@ Shaped after the public async APIs of the engines Commutator fronts:
   ``get_kv_cache_events_async()`` and ``get_stats_async()``.
 
 So: token ids in, token deltas out, abort by id, a stream of KV events, load
-statistics, capacity, and two hooks for disaggregated serving (prefill-only
-requests; importing a prompt's KV into reserved blocks).
+statistics, capacity, and the handoff of disaggregated serving (DESIGN.md 2):
+
+- ``kv_handoff`` says how the engine takes part. ``push`` (mocker, hf): the decode
+  engine reserves blocks (``reserve_import``), the prefill worker's transfer backend
+  writes the prompt's KV into them, and the decode request carries ``kv_import``
+  with those blocks and the prefill's first token. ``pull`` (vLLM's KV connectors,
+  TensorRT-LLM's cache transceiver): nothing is reserved; the prefill engine keeps
+  the prompt's blocks and returns opaque parameters (``finish_handoff``), which the
+  decode request carries in ``kv_import.engine_params``; the decode engine fetches
+  the KV itself. ``rendezvous`` (SGLang): the prefill engine names a meeting point
+  before it starts (``start_handoff``), sent to the decode side at once; both
+  engines then run the request and the KV moves between them. ``""``: the engine is
+  not set up for disaggregation; its prompts are prefilled where they decode.
+- A prefill is an ``EngineRequest`` with ``prefill_only``: the prompt's KV and the
+  first token, then the request finishes; the prefill engine keeps the prompt's
+  blocks until the KV has gone (push: ``release_prefill``; pull and rendezvous:
+  the engine's own connector).
 """
 
 from __future__ import annotations
@@ -26,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "KV_HANDOFFS",
     "Engine",
     "EngineCapacity",
     "EngineOutput",
@@ -72,15 +88,20 @@ class StopParams:
     ignore_eos: bool = False
 
 
+KV_HANDOFFS = ("push", "pull", "rendezvous")
+"""The ways an engine can take part in disaggregated serving (``Engine.kv_handoff``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class KvImport:
     """A prompt whose KV another worker computed (DESIGN.md 2, the handoff).
 
     Push engines (mocker, hf) had it written into ``block_ids``, reserved here with
-    ``reserve_import``; pull and rendezvous engines (vLLM, SGLang, TensorRT-LLM) get
-    ``engine_params``, the prefill engine's opaque handoff (its ``kv_transfer_params``,
-    ``disaggregated_params``), and fetch the KV themselves. ``first_token_id`` is the
-    token the prefill produced: this request's first output.
+    ``reserve_import``, and emit ``first_token_id`` (the token the prefill produced)
+    as this request's first output. Pull and rendezvous engines (vLLM, TensorRT-LLM,
+    SGLang) get ``engine_params``, the prefill engine's opaque handoff (its
+    ``kv_transfer_params``, disaggregated parameters, bootstrap room), fetch the KV
+    themselves and produce their first output as their own connector defines it.
     """
 
     first_token_id: int
@@ -262,8 +283,27 @@ class Engine(Protocol):
         """
         ...
 
+    @property
+    def kv_handoff(self) -> str:
+        """``push``, ``pull``, ``rendezvous`` (see the module docstring), or ``""``: not set up for
+        disaggregated serving (engines that need their own configuration for it say so here)."""
+        ...
+
+    def start_handoff(self, request: EngineRequest) -> bytes | None:
+        """Prefill side, before ``generate`` of a ``prefill_only`` request: a rendezvous engine arms
+        the request and returns what the decode engine needs to meet it, sent back before the prefill
+        runs; ``None`` for push and pull engines."""
+        ...
+
+    def finish_handoff(self, request_id: str) -> bytes:
+        """Prefill side, once a ``prefill_only`` request finished: the opaque parameters the decode
+        engine needs (pull engines: vLLM's ``kv_transfer_params``, TensorRT-LLM's disaggregated
+        parameters); ``b""`` for push and rendezvous engines. Raises ``ValueError`` when a pull engine
+        left none (its connector is not set up)."""
+        ...
+
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
-        """Reserve blocks to receive ``request``'s prompt KV from a prefill worker.
+        """Push engines: reserve blocks to receive ``request``'s prompt KV from a prefill worker.
 
         Returns the block ids (in prompt order), or ``None`` when there is no
         room now (the caller prefills locally instead). Raises ``ValueError``,

@@ -25,8 +25,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from commutator.common import metrics, subjects
 from commutator.common.config import option
@@ -36,6 +37,7 @@ from commutator.common.logging import Throttle
 from commutator.common.runtime import Runtime
 from commutator.common.tasks import Supervisor
 from commutator.engines.base import (
+    KV_HANDOFFS,
     Engine,
     EngineCapacity,
     EngineOutput,
@@ -47,7 +49,7 @@ from commutator.engines.base import (
     TokenLogprob,
 )
 from commutator.engines.wire import request_to_proto
-from commutator.v1 import prefill_pb2
+from commutator.v1 import common_pb2, prefill_pb2
 from commutator.worker.kv_transfer import TransferBackend
 
 __all__ = ["DisaggConfig", "DisaggEngine", "Reservations"]
@@ -142,6 +144,23 @@ class Reservations:
         return len(self._by_id)
 
 
+class _Pending:
+    """The replies one remote prefill waits for: ``first`` (rendezvous: the early result that says
+    where to meet; otherwise the final one) and ``final``."""
+
+    __slots__ = ("final", "first")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.first: asyncio.Future[prefill_pb2.PrefillResult] = loop.create_future()
+        self.final: asyncio.Future[prefill_pb2.PrefillResult] = loop.create_future()
+
+    def deliver(self, result: prefill_pb2.PrefillResult) -> None:
+        if not self.first.done():
+            self.first.set_result(result)
+        if not result.started and not self.final.done():
+            self.final.set_result(result)
+
+
 class DisaggEngine:
     """The inner engine, with remote prefill. See the module docstring and ``Engine``."""
 
@@ -162,7 +181,7 @@ class DisaggEngine:
         self._model = model_name
         self._grpc_address = grpc_address
         self.reservations = Reservations(inner.release_import)
-        self._waiting: dict[str, asyncio.Future[prefill_pb2.PrefillResult]] = {}
+        self._waiting: dict[str, _Pending] = {}
         self._tasks = Supervisor()
         self._prefill: InstanceSet | None = None
         self._publisher: Publisher | None = None
@@ -195,6 +214,16 @@ class DisaggEngine:
 
     def failure(self) -> str | None:
         return self.inner.failure()
+
+    @property
+    def kv_handoff(self) -> str:
+        return self.inner.kv_handoff
+
+    def start_handoff(self, request: EngineRequest) -> bytes | None:
+        return self.inner.start_handoff(request)
+
+    def finish_handoff(self, request_id: str) -> bytes:
+        return self.inner.finish_handoff(request_id)
 
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         return self.inner.reserve_import(request)
@@ -243,9 +272,9 @@ class DisaggEngine:
             except Exception:
                 metrics.BAD_MESSAGES.labels("prefill_result").inc()
                 continue
-            fut = self._waiting.get(result.request_id)
-            if fut is not None and not fut.done():
-                fut.set_result(result)
+            pending = self._waiting.get(result.request_id)
+            if pending is not None:
+                pending.deliver(result)
 
     async def _poll_queue(self) -> None:
         assert self._rt.events is not None
@@ -267,7 +296,9 @@ class DisaggEngine:
     def decide(self, request: EngineRequest) -> str:
         """``remote`` or ``local`` for ``request`` (conditional disaggregation)."""
         mode = self.config.remote_prefill
-        if mode == "never" or request.prefill_only or request.kv_import is not None or not self.prefill_workers():
+        if mode == "never" or request.prefill_only or request.kv_import is not None:
+            return "local"
+        if self.inner.kv_handoff not in KV_HANDOFFS or not self.prefill_workers():
             return "local"
         if mode == "always":
             return "remote"
@@ -282,9 +313,12 @@ class DisaggEngine:
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         # Every stream below is closed with this one (aclosing): an abandoned request stops at once.
         if self.decide(request) == "remote":
-            blocks = self.inner.reserve_import(request)  # None: no room for it now (prefill here)
+            handoff = self.inner.kv_handoff
+            blocks: tuple[int, ...] | None = ()
+            if handoff == "push":
+                blocks = self.inner.reserve_import(request)  # None: no room for it now (prefill here)
             if blocks is not None:
-                async with contextlib.aclosing(self._remote(request, blocks)) as remote:
+                async with contextlib.aclosing(self._remote(request, handoff, blocks)) as remote:
                     async for out in remote:
                         yield out
                 return
@@ -293,58 +327,145 @@ class DisaggEngine:
             async for out in local:
                 yield out
 
-    async def _remote(self, request: EngineRequest, blocks: tuple[int, ...]) -> AsyncGenerator[EngineOutput, None]:
+    async def _remote(
+        self, request: EngineRequest, handoff: str, blocks: tuple[int, ...]
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Prefill ``request`` on a prefill worker, then decode it here; on any failure before the
+        first token, prefill it here instead (the client never sees the failure)."""
         rid = request.request_id
-        self.reservations.add(rid, blocks)
-        fut: asyncio.Future[prefill_pb2.PrefillResult] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
-        handed_over = False
-        result: prefill_pb2.PrefillResult | None = None
+        push = handoff == "push"
+        if push:
+            self.reservations.add(rid, blocks)
+        pending = _Pending(asyncio.get_running_loop())
+        self._waiting[rid] = pending
+        done = False  # the KV is here (push: the reservation handed over) and the first token came
         try:
-            try:
-                await self._enqueue(request, blocks)
-                result = await asyncio.wait_for(fut, self.config.prefill_timeout_s)
-            except (TimeoutError, EventPlaneError) as exc:
-                log.warning("remote prefill of %s failed (%s): prefilling here", rid, exc or "timed out")
-            if result is not None and not result.ok:
-                log.warning("remote prefill of %s failed: %s; prefilling here", rid, result.error_message)
+            result = await self._await_prefill(request, handoff, blocks, pending)
+            if result is not None and push and not self.reservations.hand_over(rid):
+                log.warning("remote prefill of %s: its KV write had not ended; prefilling here", rid)
                 result = None
             if result is not None:
-                handed_over = self.reservations.hand_over(rid)
+                imported = replace(
+                    request, kv_import=KvImport(result.first_token_id, blocks, engine_params=result.engine_params)
+                )
+                async with contextlib.aclosing(self.inner.generate(imported)) as decoding:  # type: ignore[type-var]
+                    first = await self._first_output(rid, decoding, pending, handoff)
+                    if first is not None:
+                        done = True
+                        self._where["remote"].inc()
+                        yield self._with_prefill_figures(request, first, handoff, result, pending)
+                        async for out in decoding:
+                            yield out
         finally:
             self._waiting.pop(rid, None)
-            if not handed_over:
+            if push and not done:
                 self.reservations.abandon(rid)
+            if not done:
                 await self._cancel(rid)  # skipped if still queued, aborted if running
-        if result is None:
-            self._where["fallback"].inc()
-            async with contextlib.aclosing(self.inner.generate(request)) as local:  # type: ignore[type-var]
-                async for out in local:
-                    yield out
+        if done:
             return
-        self._where["remote"].inc()
-        imported = replace(
-            request,
-            kv_import=KvImport(result.first_token_id, blocks, engine_params=result.engine_params),
-        )
-        first = True
-        async with contextlib.aclosing(self.inner.generate(imported)) as decoding:  # type: ignore[type-var]
-            async for out in decoding:
-                if first:
-                    first = False
-                    out.prompt_tokens = len(request.token_ids)
-                    out.cached_prompt_tokens = result.cached_prompt_tokens
-                    if request.logprobs is not None and result.HasField("first_logprob"):
-                        lp = result.first_logprob
-                        head = TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-                        out.logprobs = [head, *(out.logprobs or [])[1:]] if out.logprobs else [head]
+        self._where["fallback"].inc()
+        async with contextlib.aclosing(self.inner.generate(request)) as local:  # type: ignore[type-var]
+            async for out in local:
                 yield out
 
-    async def _enqueue(self, request: EngineRequest, blocks: Sequence[int]) -> None:
+    async def _await_prefill(
+        self, request: EngineRequest, handoff: str, blocks: Sequence[int], pending: _Pending
+    ) -> prefill_pb2.PrefillResult | None:
+        """Queue the prefill and wait for its result (rendezvous: for the early one that says where
+        to meet); ``None`` when it failed or timed out."""
+        rid = request.request_id
+        try:
+            await self._enqueue(request, handoff, blocks)
+            wanted = pending.first if handoff == "rendezvous" else pending.final
+            result = await asyncio.wait_for(asyncio.shield(wanted), self.config.prefill_timeout_s)
+        except (TimeoutError, EventPlaneError) as exc:
+            log.warning("remote prefill of %s failed (%s): prefilling here", rid, exc or "timed out")
+            return None
+        if not result.ok:
+            log.warning("remote prefill of %s failed: %s; prefilling here", rid, result.error_message)
+            return None
+        return result
+
+    async def _first_output(
+        self,
+        rid: str,
+        decoding: AsyncIterator[EngineOutput],
+        pending: _Pending,
+        handoff: str,
+    ) -> EngineOutput | None:
+        """The decode engine's first output, or ``None`` (the caller prefills here) when it fails
+        first. Push engines have the KV in place and emit the prefill's token at once. Pull and
+        rendezvous engines fetch the KV themselves: an error, a finish without tokens, the
+        prefill worker reporting failure (rendezvous: the final result) or
+        ``--prefill-timeout-s`` running out before their first token all count as the remote
+        prefill failing."""
+        if handoff == "push":
+            return await anext(decoding, None)
+        deadline = time.monotonic() + self.config.prefill_timeout_s
+        step = asyncio.ensure_future(anext(decoding, None))
+        watched: set[asyncio.Future[Any]] = {step}
+        if handoff == "rendezvous":
+            watched.add(pending.final)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("remote prefill of %s: no first token before the timeout; prefilling here", rid)
+                    return None
+                finished, _ = await asyncio.wait(watched, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if step in finished:
+                    first = step.result()
+                    if first is None or (first.finish_reason is not None and not first.token_ids):
+                        why = first.error if first is not None and first.error else "it ended without a token"
+                        log.warning("remote prefill of %s: the decode engine failed (%s); prefilling here", rid, why)
+                        return None
+                    return first
+                if pending.final in finished:
+                    watched.discard(pending.final)
+                    final = pending.final.result()
+                    if not final.ok:
+                        log.warning("remote prefill of %s failed: %s; prefilling here", rid, final.error_message)
+                        return None
+        except Exception as exc:  # the engine refused the handoff (ValueError) or broke on it
+            log.warning("remote prefill of %s: the decode engine failed (%s); prefilling here", rid, exc)
+            return None
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+
+    @staticmethod
+    def _with_prefill_figures(
+        request: EngineRequest,
+        out: EngineOutput,
+        handoff: str,
+        result: prefill_pb2.PrefillResult,
+        pending: _Pending,
+    ) -> EngineOutput:
+        """The first output reports the prompt tokens the prefill found cached (rendezvous: when
+        its final result is in by then; else the decode engine's own count stays) and, for push
+        engines, whose first token is the prefill's, that token's logprob."""
+        final = pending.final.result() if pending.final.done() else None
+        if final is not None or not result.started:
+            out.prompt_tokens = len(request.token_ids)
+            out.cached_prompt_tokens = (final or result).cached_prompt_tokens
+        if handoff == "push" and request.logprobs is not None and result.HasField("first_logprob"):
+            lp = result.first_logprob
+            head = TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+            out.logprobs = [head, *(out.logprobs or [])[1:]] if out.logprobs else [head]
+        return out
+
+    async def _enqueue(self, request: EngineRequest, handoff: str, blocks: Sequence[int]) -> None:
         assert self._publisher is not None and self._rt.discovery is not None
         g = request_to_proto(replace(request, prefill_only=True))
         g.model = self._model
-        g.disaggregation.transfer.CopyFrom(self.transfer.descriptor(self._grpc_address(), blocks))
+        if handoff == "push":
+            g.disaggregation.transfer.CopyFrom(self.transfer.descriptor(self._grpc_address(), blocks))
+        else:  # the engines move the KV themselves (their connector, their rendezvous)
+            g.disaggregation.transfer.kind = common_pb2.TransferDescriptor.KIND_ENGINE
+        g.disaggregation.transfer.handoff = handoff
         now = time.time()
         msg = prefill_pb2.PrefillRequest(
             request=g,

@@ -14,7 +14,7 @@ from commutator.common.discovery import MemoryStore
 from commutator.common.events import MemoryBroker
 from commutator.common.grpc import GrpcServer
 from commutator.decode.config import DecodeConfig
-from commutator.engines.base import Engine
+from commutator.engines.base import KV_HANDOFFS, Engine
 from commutator.engines.registry import EngineError
 from commutator.v1 import kv_transfer_pb2_grpc
 from commutator.worker.disagg import DisaggEngine
@@ -44,14 +44,25 @@ class DecodeWorker(Worker):
         cfg = self.decode_config
         if cfg.disagg.remote_prefill == "never":
             return engine
-        transfer = make_transfer(cfg.transfer)
-        try:
-            transfer.check_engine(engine, "decode")
-        except EngineError as exc:
-            if cfg.transfer.kv_transfer != "simulated":
-                raise  # asked for explicitly: a configuration error
-            log.warning("remote prefill is off for this worker: %s", exc)
+        handoff = engine.kv_handoff
+        if handoff not in KV_HANDOFFS:
+            log.info(
+                "remote prefill is off for this worker: the %s engine is not set up for disaggregated serving "
+                "(see docs/disaggregation.md)",
+                self.config.worker.engine,
+            )
             return engine
+        transfer = make_transfer(cfg.transfer)
+        if handoff == "push":
+            try:
+                transfer.check_engine(engine, "decode")
+            except EngineError as exc:
+                if cfg.transfer.kv_transfer != "simulated":
+                    raise  # asked for explicitly: a configuration error
+                log.warning("remote prefill is off for this worker: %s", exc)
+                return engine
+        else:
+            log.info("remote prefill by %s handoff: the engine moves the KV itself (--kv-transfer unused)", handoff)
         self.disagg = DisaggEngine(
             engine,
             cfg.disagg,

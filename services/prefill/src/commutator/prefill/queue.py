@@ -1,5 +1,11 @@
 """The prefill worker's side of the queue: take work, prefill, move the KV, reply.
 
+How the KV moves depends on the decode engine's handoff (``Engine.kv_handoff``, named in the
+request's transfer descriptor), which this worker's engine must share: push engines get it
+written into their reserved blocks by the transfer backend (``--kv-transfer``); pull engines
+get the prefill engine's parameters in the result and fetch it; rendezvous engines get an
+early result (``started``) that says where to meet, sent before the prefill runs.
+
 The prefill workers of a model share one durable consumer of the JetStream
 work-queue stream (a consumer group): each request goes to one of them. A
 worker fetches only as many requests as it has free slots, and reports each
@@ -208,29 +214,53 @@ class PrefillQueue:
         await msg.ack()
 
     async def _prefill(self, request, req: prefill_pb2.PrefillRequest, result: prefill_pb2.PrefillResult) -> None:  # type: ignore[no-untyped-def]
+        rid = request.request_id
+        dest = req.request.disaggregation.transfer
+        wanted = dest.handoff or "push"
+        have = self.engine.kv_handoff
+        if wanted != have:
+            raise ValueError(
+                f"the decode engine takes the KV by {wanted} handoff; this prefill worker's engine hands it off "
+                f"by {have or 'none (it is not set up for disaggregated serving)'}"
+            )
+        early = self.engine.start_handoff(request)
+        if early is not None:  # rendezvous: the decode engine meets this one while it prefills
+            started = prefill_pb2.PrefillResult(
+                request_id=rid, ok=True, started=True, engine_params=early, prefill_worker_id=result.prefill_worker_id
+            )
+            await self._reply(req.reply_subject, started)
         t0 = time.perf_counter()
         first = None
-        async with contextlib.aclosing(self.engine.generate(request)) as outputs:  # type: ignore[type-var]
-            async for out in outputs:
-                if first is None and out.token_ids:
-                    first = out
-                    result.first_token_id = out.token_ids[0]
-                    result.cached_prompt_tokens = out.cached_prompt_tokens
-                    result.prompt_tokens = out.prompt_tokens or len(request.token_ids)
-                    if out.logprobs:
-                        _logprob_to_proto(out.logprobs[0], result.first_logprob)
-                if out.finish_reason is not None and out.error:
-                    raise ValueError(out.error)
-        if first is None:
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as outputs:  # type: ignore[type-var]
+                async for out in outputs:
+                    if first is None and (out.token_ids or out.finish_reason is not None):
+                        first = out
+                        result.first_token_id = out.token_ids[0] if out.token_ids else 0
+                        result.cached_prompt_tokens = out.cached_prompt_tokens
+                        result.prompt_tokens = out.prompt_tokens or len(request.token_ids)
+                        if out.logprobs:
+                            _logprob_to_proto(out.logprobs[0], result.first_logprob)
+                    if out.finish_reason is not None and out.error:
+                        raise ValueError(out.error)
+        except BaseException:
+            if first is not None:  # drop what the engine kept for the handoff
+                with contextlib.suppress(Exception):
+                    self.engine.finish_handoff(rid)
+            raise
+        handoff = self.engine.finish_handoff(rid) if first is not None else b""
+        if first is None or (wanted == "push" and not first.token_ids):
             raise ValueError("the engine produced no first token")
+        result.engine_params = handoff
         result.timings.prefill_s = time.perf_counter() - t0
         self._stage["prefill"].observe(result.timings.prefill_s)
         self._tokens.inc(max(0, result.prompt_tokens - result.cached_prompt_tokens))
-        if request.request_id in self._cancelled:
+        if rid in self._cancelled:
             raise asyncio.CancelledError
+        if wanted != "push":
+            return  # the engines move the KV themselves: the prefill engine keeps it until then
         t1 = time.perf_counter()
-        dest = req.request.disaggregation.transfer
-        await self.transfer.send(self.engine, request.request_id, result.prompt_tokens, dest)
+        await self.transfer.send(self.engine, rid, result.prompt_tokens, dest)
         result.timings.transfer_s = time.perf_counter() - t1
         self._stage["transfer"].observe(result.timings.transfer_s)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from commutator.common.clock import Clock
 from commutator.common.discovery import MemoryStore
 from commutator.common.events import MemoryBroker
-from commutator.engines.base import Engine
+from commutator.engines.base import KV_HANDOFFS, Engine
+from commutator.engines.registry import EngineError
 from commutator.prefill.config import PrefillConfig
 from commutator.prefill.queue import PrefillQueue
 from commutator.worker.kv_transfer import TransferBackend, make_transfer
@@ -40,7 +41,16 @@ class PrefillWorker(Worker):
 
     def wrap_engine(self, engine: Engine) -> Engine:
         self.transfer = make_transfer(self.prefill_config.transfer)
-        self.transfer.check_engine(engine, "prefill")  # a prefill worker must be able to move its KV
+        handoff = engine.kv_handoff
+        if handoff not in KV_HANDOFFS:
+            raise EngineError(
+                f"the {self.config.worker.engine} engine is not set up for disaggregated serving, so it cannot "
+                "prefill for other workers (vllm: --engine-args '--kv-transfer-config {...}'; sglang: "
+                "'--disaggregation-mode prefill'; trtllm: '--cache_transceiver_config {...}'; see "
+                "docs/disaggregation.md)"
+            )
+        if handoff == "push":
+            self.transfer.check_engine(engine, "prefill")  # it must be able to move its KV
         return engine
 
     async def serve(self) -> None:

@@ -257,6 +257,15 @@ class HfEngine:
             ch.close(FinishReason.ABORT)
         return aborted
 
+    # -- disaggregation: a push engine (KV written into reserved blocks) --------------------
+    kv_handoff = "push"
+
+    def start_handoff(self, request: EngineRequest) -> bytes | None:
+        return None
+
+    def finish_handoff(self, request_id: str) -> bytes:
+        return b""
+
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         # The sequence made here is the one that decodes (generate with kv_import): it needs its seed now.
         blocks = self.scheduler.reserve_import(self._check(request))

@@ -144,6 +144,15 @@ class MockerEngine:
             ch.close(FinishReason.ABORT)
         return aborted
 
+    # -- disaggregation: a push engine (KV written into reserved blocks) --------------------
+    kv_handoff = "push"
+
+    def start_handoff(self, request: EngineRequest) -> bytes | None:
+        return None
+
+    def finish_handoff(self, request_id: str) -> bytes:
+        return b""
+
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         blocks = self.scheduler.reserve_import(request)
         self._kv_events.push(self.scheduler.pool.take_events())  # evictions made to find room

@@ -11,19 +11,21 @@ pages, then decodes. (``Engine.async_generate`` arguments ``bootstrap_host``,
 ``bootstrap_port``, ``bootstrap_room``; ``ServerArgs.disaggregation_mode`` /
 ``disaggregation_bootstrap_port``; checked at sglang 001067f.)
 
-The adapter exposes what the coming disaggregation work plugs into:
+The adapter is a *rendezvous* engine of the handoff (``Engine.kv_handoff``):
 
-- :meth:`SglangEngine.bootstrap_address` on the prefill side says where its bootstrap
-  server listens;
-- :func:`new_bootstrap_room` makes the room both sides share;
-- :meth:`SglangEngine.attach_rendezvous` (before ``generate``) makes the next
-  ``generate`` of that request id carry the rendezvous, on either side.
-
-Nothing here starts or wires a prefill service.
+- on the prefill side, :meth:`SglangEngine.start_handoff` makes a fresh room
+  (:func:`new_bootstrap_room`) at the engine's bootstrap server
+  (:meth:`SglangEngine.bootstrap_address`: ``--host`` and
+  ``--disaggregation-bootstrap-port``, so ``--host`` must be an address the decode
+  machines reach), arms the request with it and returns it as JSON
+  (:meth:`SglangRendezvous.to_bytes`); the prefill worker sends that back at once;
+- on the decode side, a request with ``kv_import.engine_params`` carries the same
+  rendezvous (:meth:`SglangEngine.attach_rendezvous` does it for a request id).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -37,6 +39,18 @@ class SglangRendezvous:
     host: str
     port: int
     room: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"host": self.host, "port": self.port, "room": self.room}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SglangRendezvous:
+        """The inverse of :meth:`to_bytes`; ``ValueError`` for anything else."""
+        try:
+            raw = json.loads(data)
+            return cls(str(raw["host"]), int(raw["port"]), int(raw["room"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"sglang: the remote prefill's rendezvous is unreadable: {exc!r}") from None
 
 
 def new_bootstrap_room(rng: random.Random | None = None) -> int:

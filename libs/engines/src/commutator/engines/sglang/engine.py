@@ -51,7 +51,7 @@ from commutator.engines.kv_buffer import KvEventBuffer
 from commutator.engines.model_info import ModelInfo
 from commutator.engines.seed_hints import RootSeedHints
 from commutator.engines.sglang.api import KvEventSource, SglangApi, subscriber_endpoint
-from commutator.engines.sglang.disagg import SglangRendezvous
+from commutator.engines.sglang.disagg import SglangRendezvous, new_bootstrap_room
 from commutator.engines.sglang.events import SglangKvEvents
 from commutator.engines.sglang.mapping import OutputTracker, sampling_params
 
@@ -203,12 +203,14 @@ class SglangEngine:
 
     def _generate_kwargs(self, request: EngineRequest) -> dict[str, Any]:
         """``async_generate`` keyword arguments for ``request``; ValueError for what cannot be mapped."""
-        if request.kv_import is not None:
-            raise ValueError(
-                "SGLang takes a prompt's KV from a prefill engine by rendezvous (attach_rendezvous), "
-                "not as blocks written into reserved slots (kv_import)"
-            )
         rid = request.request_id
+        if request.kv_import is not None:
+            if not request.kv_import.engine_params:
+                raise ValueError(
+                    "SGLang takes a prompt's KV from a prefill engine by rendezvous, "
+                    "not as blocks written into reserved slots"
+                )
+            self._rendezvous[rid] = SglangRendezvous.from_bytes(request.kv_import.engine_params)
         kw: dict[str, Any] = {
             "input_ids": list(request.token_ids),
             "sampling_params": sampling_params(request, self.capacity.context_length, self._accepted_sampling),
@@ -310,6 +312,22 @@ class SglangEngine:
         return str(getattr(self.server_args, "host", "127.0.0.1")), int(
             getattr(self.server_args, "disaggregation_bootstrap_port", 8998)
         )
+
+    @property
+    def kv_handoff(self) -> str:
+        return "rendezvous" if self.disaggregation_mode in ("prefill", "decode") else ""
+
+    def start_handoff(self, request: EngineRequest) -> bytes | None:
+        """A prefill engine: a fresh bootstrap room at its bootstrap server, armed for ``request``."""
+        address = self.bootstrap_address()
+        if address is None:
+            raise ValueError(f"this SGLang engine runs --disaggregation-mode {self.disaggregation_mode}, not prefill")
+        rendezvous = SglangRendezvous(address[0], address[1], new_bootstrap_room())
+        self.attach_rendezvous(request.request_id, rendezvous)
+        return rendezvous.to_bytes()
+
+    def finish_handoff(self, request_id: str) -> bytes:
+        return b""
 
     def attach_rendezvous(self, request_id: str, rendezvous: SglangRendezvous) -> None:
         """Make the next ``generate`` of ``request_id`` meet its peer engine in ``rendezvous``."""

@@ -11,20 +11,21 @@ server then runs the same prompt with ``request_type="generation_only"`` and tho
 values, and its cache transceiver pulls the KV. Both engines need a
 ``cache_transceiver_config`` in their LLM arguments.
 
-The adapter exposes it without interpreting it:
+The adapter is a *pull* engine of the handoff (``Engine.kv_handoff``) and carries the
+values without interpreting them:
 
 - a ``prefill_only`` request on an engine with a cache transceiver runs as
-  ``context_only``; afterwards :meth:`TrtllmEngine.take_handoff` returns its
-  :class:`TrtllmHandoff` (plain, serializable values) for the coming prefill service
-  to carry back;
-- :meth:`TrtllmEngine.attach_handoff` before ``generate`` makes that request run as
-  ``generation_only`` with the handoff.
-
-Nothing here starts or wires a prefill service.
+  ``context_only``; afterwards :meth:`TrtllmEngine.finish_handoff` returns its
+  :class:`TrtllmHandoff` as JSON (:meth:`TrtllmHandoff.to_bytes`), which the prefill
+  worker sends back in ``PrefillResult.engine_params``;
+- a decode request with ``kv_import.engine_params`` runs as ``generation_only`` with
+  that handoff (:meth:`TrtllmEngine.attach_handoff` does the same for a request id).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -55,6 +56,42 @@ class TrtllmHandoff:
             ctx_dp_rank=getattr(params, "ctx_dp_rank", None),
             ctx_info_endpoint=getattr(params, "ctx_info_endpoint", None),
         )
+
+    def to_bytes(self) -> bytes:
+        """JSON (``opaque_state`` in base64): the handoff as the prefill worker sends it."""
+        out: dict[str, Any] = {}
+        for name in HANDOFF_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "opaque_state":
+                value = base64.b64encode(value).decode()
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return json.dumps(out, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TrtllmHandoff:
+        """The inverse of :meth:`to_bytes`; ``ValueError`` for anything else."""
+        try:
+            raw = json.loads(data)
+            if not isinstance(raw, dict) or "first_gen_tokens" not in raw:
+                raise ValueError("not a TensorRT-LLM handoff")
+            unknown = set(raw) - set(HANDOFF_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}")
+            state = raw.get("opaque_state")
+            draft = raw.get("draft_tokens")
+            return cls(
+                first_gen_tokens=tuple(int(t) for t in raw["first_gen_tokens"]),
+                ctx_request_id=raw.get("ctx_request_id"),
+                opaque_state=base64.b64decode(state) if state is not None else None,
+                draft_tokens=tuple(int(t) for t in draft) if draft is not None else None,
+                disagg_request_id=raw.get("disagg_request_id"),
+                ctx_dp_rank=raw.get("ctx_dp_rank"),
+                ctx_info_endpoint=raw.get("ctx_info_endpoint"),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"trtllm: the remote prefill's handoff is unreadable: {exc}") from None
 
     def generation_kwargs(self) -> dict[str, Any]:
         """``DisaggregatedParams`` keyword arguments for the generation-only request (unset fields left out)."""

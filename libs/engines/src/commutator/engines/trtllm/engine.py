@@ -227,10 +227,15 @@ class TrtllmEngine:
         return next((n for n, i in self._lora_ids.items() if i == lora_id), None)
 
     def _generate_kwargs(self, request: EngineRequest) -> dict[str, Any]:
-        if request.kv_import is not None:
+        if (request.kv_import is not None or request.prefill_only) and not self.disaggregation_enabled:
             raise ValueError(
-                "TensorRT-LLM takes a prompt's KV through its cache transceiver (attach_handoff), "
-                "not as blocks written into reserved slots (kv_import)"
+                "TensorRT-LLM needs a cache transceiver for disaggregated serving "
+                '(--engine-args \'--cache_transceiver_config {"backend": "UCX"}\')'
+            )
+        if request.kv_import is not None and not request.kv_import.engine_params:
+            raise ValueError(
+                "TensorRT-LLM takes a prompt's KV through its cache transceiver (a pull handoff), "
+                "not as blocks written into reserved slots"
             )
         api = self._api
         kw: dict[str, Any] = {
@@ -255,6 +260,8 @@ class TrtllmEngine:
         if request.dp_rank is not None and (request.dp_rank != 0 or self.capacity.dp_size > 1):
             raise ValueError("routing a request to an attention-DP rank is not supported by this adapter")
         handoff = self._handoffs_in.get(request.request_id)
+        if request.kv_import is not None:
+            handoff = TrtllmHandoff.from_bytes(request.kv_import.engine_params)
         if handoff is not None:
             kw["disaggregated_params"] = api.disaggregated_params(**handoff.generation_kwargs())
         elif request.prefill_only and self.disaggregation_enabled:
@@ -304,6 +311,20 @@ class TrtllmEngine:
         state.aborted = True
         state.result.abort()
         return True
+
+    # -- disaggregation: a pull engine (the cache transceiver fetches the KV) ------------------
+    @property
+    def kv_handoff(self) -> str:
+        return "pull" if self.disaggregation_enabled else ""
+
+    def start_handoff(self, request: EngineRequest) -> bytes | None:
+        return None
+
+    def finish_handoff(self, request_id: str) -> bytes:
+        handoff = self.take_handoff(request_id)
+        if handoff is None:
+            raise ValueError(f"TensorRT-LLM's context phase of {request_id} returned no disaggregated_params")
+        return handoff.to_bytes()
 
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         return None  # the generation-only request allocates its own blocks

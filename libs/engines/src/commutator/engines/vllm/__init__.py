@@ -41,7 +41,8 @@ def make_engine(spec: EngineSpec) -> Engine:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     api = VllmApi(make_llm=lambda load: _make_llm(vllm_config, load), sampling_params=_sampling_params)
-    return VllmEngine(api, kv, replay, workdir, allow_lora=enable_lora)
+    connector = str(getattr(vllm_config.kv_transfer_config, "kv_connector", None) or "")
+    return VllmEngine(api, kv, replay, workdir, allow_lora=enable_lora, kv_connector=connector)
 
 
 def _engine_config(spec: EngineSpec, kv_endpoint: str, replay_endpoint: str) -> tuple[Any, bool]:

