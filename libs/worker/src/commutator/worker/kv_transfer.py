@@ -64,8 +64,9 @@ class KvTransferConfig:
 
     kv_transfer: str = option(
         "simulated",
-        "simulated (a delay of bytes / bandwidth: the mocker), grpc (KV bytes streamed into the decode "
-        "worker's reserved blocks: engines with KV in CPU memory), nixl (GPU memory over NIXL)",
+        "How push engines' KV (mocker, hf) reaches the decode worker: simulated (a delay of bytes / bandwidth: "
+        "the mocker), grpc (KV bytes streamed into the decode worker's reserved blocks: engines with KV in CPU "
+        "memory), nixl (GPU memory over NIXL); vLLM, SGLang and TensorRT-LLM move it by their own connectors",
         choices=("simulated", "grpc", "nixl"),
     )
     kv_bytes_per_token: int = option(131072, "simulated: KV bytes per prompt token (131072: an 8B model in bf16)")
