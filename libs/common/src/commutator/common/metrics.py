@@ -231,6 +231,13 @@ KV_TRANSFER_BYTES = Counter(
     registry=REGISTRY,
 )
 
+# ---- multiplexed worker streams ---------------------------------------------------------------
+WORKER_STREAM_OVERFLOWS = Counter(
+    _NS + "_worker_stream_overflows",
+    "Requests cancelled because their client stopped reading: more updates waiting unread than --worker-stream-buffer",
+    registry=REGISTRY,
+)
+
 # ---- router --------------------------------------------------------------------------
 ROUTER_STAGE_SECONDS = Histogram(
     _NS + "_router_stage_seconds",

@@ -17,7 +17,14 @@ from commutator.engines.base import (
 )
 from commutator.v1 import common_pb2, kv_events_pb2
 
-__all__ = ["event_batch", "output_to_proto", "request_from_proto", "request_to_proto", "stats_to_proto"]
+__all__ = [
+    "event_batch",
+    "fill_response",
+    "output_to_proto",
+    "request_from_proto",
+    "request_to_proto",
+    "stats_to_proto",
+]
 
 _FINISH = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -126,12 +133,20 @@ def request_to_proto(req: EngineRequest) -> common_pb2.GenerateRequest:
 
 
 def output_to_proto(out: EngineOutput) -> common_pb2.GenerateResponse:
-    resp = common_pb2.GenerateResponse(
-        token_ids=out.token_ids,
-        finish_reason=_FINISH[out.finish_reason],
-        cached_prompt_tokens=out.cached_prompt_tokens,
-        prompt_tokens=out.prompt_tokens,
-    )
+    resp = common_pb2.GenerateResponse()
+    fill_response(resp, out)
+    return resp
+
+
+def fill_response(resp: common_pb2.GenerateResponse, out: EngineOutput) -> None:
+    """Write ``out`` into an empty ``resp`` (in place: a message inside a frame costs no copy)."""
+    resp.token_ids.extend(out.token_ids)
+    if out.finish_reason is not None:
+        resp.finish_reason = _FINISH[out.finish_reason]
+    if out.cached_prompt_tokens:
+        resp.cached_prompt_tokens = out.cached_prompt_tokens
+    if out.prompt_tokens:
+        resp.prompt_tokens = out.prompt_tokens
     if out.logprobs:
         for lp in out.logprobs:
             entry = resp.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
@@ -139,7 +154,6 @@ def output_to_proto(out: EngineOutput) -> common_pb2.GenerateResponse:
                 entry.top.add(token_id=tid, logprob=val)
     if out.error:
         resp.error_message = out.error
-    return resp
 
 
 def stats_to_proto(stats: EngineStats, worker_id: int, timestamp_s: float) -> common_pb2.WorkerStats:

@@ -6,14 +6,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from commutator.common import metrics, tracing
 from commutator.common.errors import InvalidRequest, RemoteError, Unsupported
 from commutator.common.grpc import abort_with
-from commutator.engines.base import Engine
+from commutator.engines.base import Engine, EngineOutput
 from commutator.engines.wire import output_to_proto, request_from_proto, stats_to_proto
 from commutator.v1 import common_pb2, kv_events_pb2, worker_pb2, worker_pb2_grpc
+from commutator.worker.mux import MuxSession
 
 __all__ = ["WorkerServicer"]
 
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    """Generate streams tokens as the engine makes them.
+    """Generate streams tokens as the engine makes them; GenerateMany carries many requests over one
+    stream (:mod:`commutator.worker.mux`).
 
     The engine coalesces the tokens a slow client has not taken yet (at most
     the request's own output), so a stream never buffers without bound; a
@@ -30,7 +33,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def __init__(self, engine: Engine, worker_label: str, worker_id: object, stream_interval_s: float = 0.0) -> None:
         self.engine = engine
-        self._interval = stream_interval_s
+        self.stream_interval_s = stream_interval_s
         self._worker_id = worker_id  # callable returning the current instance id
         self._active = metrics.WORKER_ACTIVE_REQUESTS.labels(worker_label)
         self._tokens = metrics.WORKER_OUTPUT_TOKENS.labels(worker_label)
@@ -38,12 +41,46 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._ttft = metrics.WORKER_TTFT_SECONDS.labels(worker_label)
         self._prompt = metrics.WORKER_PROMPT_TOKENS.labels(worker_label, "received")
         self._cached = metrics.WORKER_PROMPT_TOKENS.labels(worker_label, "cached")
+        self._outcomes: dict[str, Any] = {}
         self._label = worker_label
+        self._sessions: set[MuxSession] = set()
+        self.draining = False
         self.in_flight = 0
 
-    def _outcome(self, outcome: str) -> None:
-        metrics.WORKER_REQUESTS.labels(self._label, outcome).inc()
+    # -- accounting shared by Generate and GenerateMany -----------------------------------
+    def count_outcome(self, outcome: str) -> None:
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = metrics.WORKER_REQUESTS.labels(self._label, outcome)
+        counter.inc()
 
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self._active.inc()
+
+    def request_ended(self, outcome: str) -> None:
+        self.in_flight -= 1
+        self._active.dec()
+        self.count_outcome(outcome)
+
+    def first_output(self, out: EngineOutput, ttft_s: float) -> None:
+        self._ttft.observe(ttft_s)
+        self._prompt.inc(out.prompt_tokens)
+        self._cached.inc(out.cached_prompt_tokens)
+
+    def count_tokens(self, n: int) -> None:
+        self._tokens.inc(n)
+
+    def count_message(self) -> None:
+        self._messages.inc()
+
+    def start_drain(self) -> None:
+        """Refuse new multiplexed requests (UNAVAILABLE: routed elsewhere); end each stream once it is idle."""
+        self.draining = True
+        for session in list(self._sessions):
+            session.wake()
+
+    # -- RPCs ------------------------------------------------------------------------------
     async def Generate(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
@@ -51,22 +88,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             ereq = request_from_proto(request)
         except ValueError as exc:
-            self._outcome("invalid")
+            self.count_outcome("invalid")
             await abort_with(context, InvalidRequest(str(exc)))
         outcome = "cancelled"
-        self.in_flight += 1
-        self._active.inc()
+        self.request_started()
         gen = self.engine.generate(ereq)
         try:
             with tracing.server_span("Worker.Generate", context.invocation_metadata(), request_id=ereq.request_id):
                 first = True
-                interval = self._interval
+                interval = self.stream_interval_s
                 async for out in gen:
                     if first:
                         first = False
-                        self._ttft.observe(time.perf_counter() - t0)
-                        self._prompt.inc(out.prompt_tokens)
-                        self._cached.inc(out.cached_prompt_tokens)
+                        self.first_output(out, time.perf_counter() - t0)
                     self._tokens.inc(len(out.token_ids))
                     self._messages.inc()
                     if out.finish_reason is not None:
@@ -86,9 +120,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await abort_with(context, RemoteError(f"engine failed: {exc}"))
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
-            self.in_flight -= 1
-            self._active.dec()
-            self._outcome(outcome)
+            self.request_ended(outcome)
+
+    async def GenerateMany(
+        self, request_iterator: AsyncIterator[worker_pb2.MuxClientFrame], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.MuxServerFrame]:
+        session = MuxSession(self, lambda: self.draining)
+        self._sessions.add(session)
+        try:
+            async for frame in session.frames(request_iterator):
+                yield frame
+        finally:
+            self._sessions.discard(session)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext

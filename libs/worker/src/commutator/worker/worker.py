@@ -240,6 +240,8 @@ class Worker:
                 log.warning("deregistration failed (the lease expiry removes it): %s", exc)
         in_flight = self.servicer.in_flight if self.servicer else 0
         log.info("draining", extra=fields(in_flight=in_flight))
+        if self.servicer is not None:
+            self.servicer.start_drain()  # multiplexed streams end once their requests are done
         if self.server is not None:
             await self.server.drain(grace_s)
         await rt.close()

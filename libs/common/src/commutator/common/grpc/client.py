@@ -36,7 +36,7 @@ from commutator.common.errors import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-__all__ = ["EndpointClient", "PickMode", "map_rpc_error"]
+__all__ = ["EndpointClient", "PickMode", "error_from_status", "map_rpc_error"]
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,22 @@ _BY_CODE: dict[grpc.StatusCode, type[CommutatorError]] = {
 }
 
 
+_STATUS_BY_NAME = {c.name: c for c in grpc.StatusCode}
+
+
 def map_rpc_error(err: grpc.RpcError, where: str) -> CommutatorError:
     """The typed error for a failed call (the client side of the mapping)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or code.name
+    return error_from_status(code, details, where)
+
+
+def error_from_status(code: grpc.StatusCode | str, details: str, where: str) -> CommutatorError:
+    """The typed error for a status (a StatusCode, or its name as a multiplexed stream carries it)."""
+    if isinstance(code, str):
+        code = _STATUS_BY_NAME.get(code, grpc.StatusCode.UNKNOWN)
     cls = _BY_CODE.get(code)
-    message = f"{where}: {details}"
+    message = f"{where}: {details or code.name}"
     if cls is None:
         return RemoteError(message, code.name)
     return cls(message)
@@ -207,6 +217,23 @@ class EndpointClient(Generic[StubT]):
         inst = self.pick("direct" if instance_id is not None else mode, instance_id)
         stub = self.stub(inst)
         return inst, stub, self._channels[inst.instance_id][1]
+
+    def open_bidi(self, method: str, instance_id: int) -> tuple[Any, Callable[[], None], str]:
+        """A bidirectional stream to one instance, with no deadline (it is long-lived: its messages carry
+        their own). Returns the call, a ``release`` to call once it has ended (the instance's channel stays
+        open until then, even after the instance leaves discovery), and a description for errors."""
+        inst, stub, channel = self._resolve("direct", instance_id)
+        call = getattr(stub, method)()
+        self._acquire(channel)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release(channel)
+
+        return call, release, f"{self._target}/{method}@{inst.info.address}"
 
     async def call(
         self,
