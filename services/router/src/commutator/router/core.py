@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from commutator.common import metrics, subjects
+from commutator.common import metrics, subjects, tracing
 from commutator.common.clock import Clock, SystemClock
 from commutator.common.discovery import Discovery, InstanceEvent, InstanceInfo, InstanceSet, Registration, WatchKind
 from commutator.common.errors import (
@@ -46,6 +46,7 @@ from commutator.common.tasks import Supervisor
 from commutator.router.config import RouterConfig
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
 from commutator.router.ingest import KvEventIngest
+from commutator.router.mux import WorkerMux
 from commutator.router.policies import make_policy
 from commutator.router.scheduler import Outcome, RouteResult, Scheduler, WorkerView
 from commutator.router.sync import ReplicaSync
@@ -109,6 +110,7 @@ class Router:
         self._departed: dict[int, float] = {}
         self._no_dump: set[int] = set()  # workers whose engine cannot dump its cache: live events only
         self._stream_bytes = 0
+        self._muxes: dict[int, WorkerMux] = {}
         self._bad_stats = metrics.BAD_MESSAGES.labels("worker_stats")
         self._bad_stats_log = Throttle()
         self._stage = {s: metrics.ROUTER_STAGE_SECONDS.labels(s) for s in ("hash", "match", "select", "total")}
@@ -185,6 +187,9 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._probes.clear()
+        muxes, self._muxes = list(self._muxes.values()), {}
+        for mux in muxes:
+            await mux.close()
         if self._stats_sub is not None:
             await self._stats_sub.unsubscribe()
         if self.sync is not None:
@@ -218,6 +223,10 @@ class Router:
         else:
             self._departed[inst.instance_id] = self.clock.monotonic()
             self.scheduler.remove_worker(inst.instance_id)
+            mux = self._muxes.pop(inst.instance_id, None)
+            if mux is not None:  # its stream ends once the requests on it are done (a draining worker)
+                mux.closing = True
+                mux._maybe_close()
             self._no_dump.discard(inst.instance_id)
             probe = self._probes.pop(inst.instance_id, None)
             if probe is not None:
@@ -467,15 +476,11 @@ class Router:
             request.dp_rank = rank
             self.track(rid, result)
             streamed = False
+            stream: AsyncIterator[common_pb2.GenerateResponse] | None = None
             try:
+                stream = self._worker_stream(worker_id, request, metadata)
                 prefilling = True
-                async for resp in self.workers.stream(
-                    "Generate",
-                    request,
-                    instance_id=worker_id,
-                    timeout_s=self.config.generate_timeout_s,
-                    metadata=metadata,
-                ):
+                async for resp in stream:
                     if prefilling and resp.token_ids:
                         prefilling = False
                         self.prefill_done(rid)
@@ -493,4 +498,22 @@ class Router:
                     "request %s: worker %x unreachable before its first response; routing again", rid, worker_id
                 )
             finally:
+                if stream is not None:
+                    await stream.aclose()  # type: ignore[attr-defined]
                 self.free(rid)
+
+    def _worker_stream(
+        self, worker_id: int, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """The worker's responses to ``request``: over its multiplexed stream, or a Generate call of its own."""
+        timeout_s = self.config.generate_timeout_s
+        if self.config.worker_stream == "unary":
+            return self.workers.stream(
+                "Generate", request, instance_id=worker_id, timeout_s=timeout_s, metadata=metadata
+            )
+        mux = self._muxes.get(worker_id)
+        if mux is None:
+            mux = self._muxes[worker_id] = WorkerMux(
+                lambda: self.workers.open_bidi("GenerateMany", worker_id), buffer=self.config.worker_stream_buffer
+            )
+        return mux.open(request, timeout_s, tracing.inject_metadata(metadata))

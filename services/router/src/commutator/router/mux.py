@@ -1,0 +1,274 @@
+"""The client side of ``Worker.GenerateMany``: one stream per worker for every request this process
+sends it (docs/worker-stream.md).
+
+:meth:`WorkerMux.open` starts a request on the worker's stream (opening the stream on first use,
+and again after it ended) and returns a :class:`MuxRequest`, an async iterator of the request's
+``GenerateResponse`` messages, exactly as a ``Generate`` call would yield them; closing it early
+cancels the request on the worker, which frees its blocks. Starts and cancels made in the same
+turn of the event loop leave in one frame. One reader task takes the worker's frames and hands
+each update to its request without ever waiting for a reader: a request that has more than
+``buffer`` updates waiting unread (its client stopped reading) is cancelled, with a metric, so it
+cannot hold up the others. A request past its deadline is cancelled with ``DeadlineExceeded``.
+When the stream fails (the worker died, its channel closed), every request on it fails with the
+typed error of that failure (``Unavailable``), nothing else; a worker that drains ends the
+stream once its requests are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from commutator.common import metrics
+from commutator.common.errors import Cancelled, CommutatorError, DeadlineExceeded, Unavailable
+from commutator.common.grpc import error_from_status, map_rpc_error
+from commutator.v1 import common_pb2, worker_pb2
+
+__all__ = ["MuxRequest", "WorkerMux"]
+
+log = logging.getLogger(__name__)
+
+OpenCall = Callable[[], tuple[Any, Callable[[], None], str]]
+"""Opens the bidirectional call: (call, release its channel, description for errors)."""
+
+_UNSET = common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+class MuxRequest:
+    """One request on a :class:`WorkerMux`: iterate it for its responses, close it to cancel it."""
+
+    __slots__ = ("_done", "_error", "_finished", "_items", "_limit", "_mux", "_timer", "_waiter", "tag")
+
+    def __init__(self, mux: WorkerMux, tag: int, limit: int) -> None:
+        self._mux = mux
+        self.tag = tag
+        self._limit = limit
+        self._items: collections.deque[common_pb2.GenerateResponse] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: CommutatorError | None = None
+        self._finished = False  # the worker sent its last update (or it failed): nothing more comes
+        self._done = False  # the reader has had everything
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __aiter__(self) -> MuxRequest:
+        return self
+
+    async def __anext__(self) -> common_pb2.GenerateResponse:
+        items = self._items
+        while not items:
+            if self._error is not None:
+                err, self._error = self._error, None
+                self._done = True
+                raise err
+            if self._finished:
+                self._done = True
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return items.popleft()
+
+    async def aclose(self) -> None:
+        """Cancel the request on the worker unless it has ended (closing twice is harmless)."""
+        self._done = True
+        self._items.clear()
+        if not self._finished:
+            self._finished = True
+            self._mux._cancel(self.tag)
+        self._stop_timer()
+
+    # -- called by the mux -------------------------------------------------------------------
+    def _deliver(self, resp: common_pb2.GenerateResponse) -> None:
+        if self._finished:
+            return
+        if len(self._items) >= self._limit:
+            metrics.WORKER_STREAM_OVERFLOWS.inc()
+            self._mux._cancel(self.tag)
+            self._fail(
+                Cancelled(f"request cancelled: {self._limit} updates were waiting unread (its client stopped reading)")
+            )
+            return
+        self._items.append(resp)
+        if resp.finish_reason != _UNSET:
+            self._finished = True
+            self._mux._forget(self.tag)
+            self._stop_timer()
+        self._wake()
+
+    def _fail(self, error: CommutatorError) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._error = error
+        self._stop_timer()
+        self._wake()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self._finished:
+            self._mux._cancel(self.tag)
+            self._fail(DeadlineExceeded(f"{self._mux.where}: request passed its deadline"))
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class WorkerMux:
+    """Every request this process sends one worker, over one ``GenerateMany`` stream."""
+
+    def __init__(self, open_call: OpenCall, *, buffer: int = 4096) -> None:
+        self._open_call = open_call
+        self._buffer = buffer
+        self._call: Any = None
+        self._release: Callable[[], None] | None = None
+        self.where = ""
+        self._requests: dict[int, MuxRequest] = {}
+        self._next_tag = 0
+        self._starts: list[worker_pb2.MuxStart] = []
+        self._cancels: list[int] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writing = False
+        self.closing = False  # the worker left discovery: end the stream once it is idle
+
+    @property
+    def open_requests(self) -> int:
+        return len(self._requests)
+
+    def open(
+        self, request: common_pb2.GenerateRequest, timeout_s: float, metadata: Sequence[tuple[str, str]] = ()
+    ) -> MuxRequest:
+        """Start ``request`` on this worker (typed errors come from iterating the result)."""
+        if self._call is None:
+            self._connect()
+        self._next_tag += 1
+        tag = self._next_tag
+        req = MuxRequest(self, tag, self._buffer)
+        self._requests[tag] = req
+        start = worker_pb2.MuxStart(tag=tag, request=request, timeout_s=timeout_s)
+        for key, value in metadata:
+            start.metadata.add(key=key, value=value)
+        self._starts.append(start)
+        if timeout_s:
+            req._timer = asyncio.get_running_loop().call_later(timeout_s, req._expire)
+        self._schedule_flush()
+        return req
+
+    async def close(self) -> None:
+        """End the stream; requests still on it fail with ``Unavailable``."""
+        call = self._call
+        if call is not None:
+            call.cancel()
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the stream --------------------------------------------------------------------------
+    def _connect(self) -> None:
+        call, release, where = self._open_call()
+        self._call, self._release, self.where = call, release, where
+        self._spawn(self._read(call), "mux-read")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what was queued in this turn of the loop as one frame (one write at a time)."""
+        self._flush_scheduled = False
+        if self._writing or self._call is None or not (self._starts or self._cancels):
+            return
+        frame = worker_pb2.MuxClientFrame(starts=self._starts, cancels=self._cancels)
+        self._starts, self._cancels = [], []
+        self._writing = True
+        self._spawn(self._write(self._call, frame), "mux-write")
+
+    async def _write(self, call: Any, frame: worker_pb2.MuxClientFrame) -> None:
+        try:
+            await call.write(frame)
+        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as exc:
+            # The stream is failing: the reader reports it to every request.
+            log.debug("%s: a frame was not sent: %s", self.where, exc)
+            return
+        finally:
+            self._writing = False
+        if self._starts or self._cancels:
+            self._schedule_flush()
+
+    async def _read(self, call: Any) -> None:
+        where = self.where
+        error: CommutatorError = Unavailable(f"{where}: the worker ended the stream (it is draining)")
+        try:
+            requests = self._requests
+            while True:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
+                    break
+                for u in frame.updates:
+                    req = requests.get(u.tag)
+                    if req is not None:
+                        req._deliver(u.response)
+                for e in frame.errors:
+                    req = requests.pop(e.tag, None)
+                    if req is not None:
+                        req._fail(error_from_status(e.code, e.message, where))
+        except grpc.RpcError as err:
+            error = map_rpc_error(err, where)
+            if isinstance(error, Cancelled) and self.closing:
+                error = Unavailable(f"{where}: the worker left discovery")
+        except asyncio.CancelledError:
+            error = Unavailable(f"{where}: the stream was closed")
+            raise
+        finally:
+            self._ended(call, error)
+
+    def _ended(self, call: Any, error: CommutatorError) -> None:
+        if self._call is not call:
+            return
+        self._call = None
+        if self._release is not None:
+            self._release()
+            self._release = None
+        failed = list(self._requests.values())
+        self._requests.clear()
+        self._starts.clear()
+        self._cancels.clear()
+        for req in failed:
+            req._fail(error)
+        if failed:
+            log.warning("%s: stream ended with %d requests on it: %s", self.where, len(failed), error)
+
+    # -- called by requests ------------------------------------------------------------------
+    def _cancel(self, tag: int) -> None:
+        if self._requests.pop(tag, None) is None:
+            return
+        self._cancels.append(tag)
+        self._schedule_flush()
+        self._maybe_close()
+
+    def _forget(self, tag: int) -> None:
+        self._requests.pop(tag, None)
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.closing and not self._requests and self._call is not None:
+            self._call.cancel()
