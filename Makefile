@@ -168,6 +168,10 @@ bench-router: setup servers ## Router index, routing decision, event ingestion, 
 bench-e2e: setup servers ## The whole stack (frontend + 2 mocker workers): req/s, TTFT, ITL, frontend CPU/request
 	$(PY) benchmarks/bench_e2e.py
 
+.PHONY: bench-frontend-procs
+bench-frontend-procs: setup servers ## frontend --processes 1 vs 2 (2 mocker workers, c=64): req/s, TTFT, frontend CPU/request
+	$(PY) benchmarks/bench_frontend_procs.py $(BENCH_ARGS)
+
 .PHONY: bench-engines
 bench-engines: vllm-env servers ## hf and vLLM (CPU) on the tiny model: direct vs through the stack, c=1 and c=8
 	$(VLLM_VENV)/bin/python benchmarks/bench_engines.py $(BENCH_ARGS)

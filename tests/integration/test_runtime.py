@@ -1,6 +1,8 @@
-"""A Runtime on real etcd and NATS: status endpoints, metrics, ordered shutdown."""
+"""A Runtime on real etcd and NATS: status endpoints, metrics, ordered shutdown, the event loop a role runs on."""
 
 from __future__ import annotations
+
+import asyncio
 
 import aiohttp
 import pytest
@@ -64,3 +66,18 @@ async def test_runtime_serves_status_and_deregisters_on_close(
 
 async def _note(order: list[str], what: str) -> None:
     order.append(what)
+
+
+async def test_a_role_runs_on_uvloop_unless_no_uvloop(spawn) -> None:  # type: ignore[no-untyped-def]
+    by_flag = spawn("commutator.decode", "--no-uvloop")
+    by_env = spawn("commutator.decode", env={"COMMUTATOR_NO_UVLOOP": "1"})
+    default = spawn("commutator.decode")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    expected = {by_flag: "loop=asyncio", by_env: "loop=asyncio", default: "loop=uvloop"}
+    while not all("runtime started" in p.log() for p in expected):
+        assert loop.time() < deadline, "a worker never started"
+        await asyncio.sleep(0.05)
+    for p, loop_field in expected.items():
+        started = next(line for line in p.log().splitlines() if "runtime started" in line)
+        assert loop_field in started, started

@@ -76,6 +76,27 @@ def test_every_flag_has_help_with_its_env_var(capsys: pytest.CaptureFixture[str]
         assert flag in out and env in out
 
 
+@dataclass(frozen=True, slots=True)
+class Switches:
+    kv_events: bool = option(True, "events")
+    no_uvloop: bool = option(False, "asyncio's loop")
+
+
+def test_a_no_field_is_one_switch_with_its_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    assert load(Switches, [], env={}) == Switches()
+    assert load(Switches, ["--no-uvloop", "--no-kv-events"], env={}) == Switches(kv_events=False, no_uvloop=True)
+    assert load(Switches, [], env={"COMMUTATOR_NO_UVLOOP": "1"}).no_uvloop is True
+    assert load(Switches, [], env={"COMMUTATOR_NO_UVLOOP": "0"}).no_uvloop is False
+    with pytest.raises(SystemExit):
+        load(Switches, ["--no-no-uvloop"], env={})
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        load(Switches, ["--help"], env={})
+    out = capsys.readouterr().out
+    assert "--no-uvloop" in out and "COMMUTATOR_NO_UVLOOP" in out and "--no-no-uvloop" not in out
+    assert "--kv-events, --no-kv-events" in out
+
+
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 

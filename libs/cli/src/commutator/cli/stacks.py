@@ -109,13 +109,16 @@ class Stack:
         prefill_workers: int = 0,
         worker_args: tuple[str, ...] = (),
         prefill_args: tuple[str, ...] = (),
+        frontend_args: tuple[str, ...] = (),
     ) -> None:
         """``prefill_workers`` (Commutator only): prefill workers beside the decode workers;
-        ``worker_args`` / ``prefill_args``: more flags for each decode / prefill worker."""
+        ``worker_args`` / ``prefill_args``: more flags for each decode / prefill worker;
+        ``frontend_args`` (Commutator only): more flags for the frontend (``--processes 2``)."""
         self.num_blocks = num_blocks
         self.prefill_workers = prefill_workers
         self.worker_args = tuple(worker_args)
         self.prefill_args = tuple(prefill_args)
+        self.frontend_args = tuple(frontend_args)
         self.metrics_ports: dict[str, list[int]] = {"decode": [], "prefill": []}
         self.speedup = speedup
         self.router_mode = router_mode
@@ -205,6 +208,7 @@ class CommutatorStack(Stack):
                 str(self.port),
                 "--router-mode",
                 self.router_mode,
+                *self.frontend_args,
             ],
             env,
             "frontend",

@@ -71,10 +71,13 @@ def up_main(args: argparse.Namespace) -> int:
     if args.distributed:
         return _up_distributed(args)
     import uvloop
+    from commutator.common import config as cfg
     from commutator.common.errors import StartupError
 
+    # The roles of the embedded stack share this process's loop: COMMUTATOR_NO_UVLOOP=1 as for every role.
+    no_uvloop = cfg.load(RuntimeConfig, argv=[]).no_uvloop
     try:
-        return uvloop.run(_up_embedded(args))
+        return asyncio.run(_up_embedded(args)) if no_uvloop else uvloop.run(_up_embedded(args))
     except KeyboardInterrupt:
         return 0
     except StartupError as exc:

@@ -4,7 +4,9 @@ A service declares its settings as a frozen dataclass whose fields are made
 with :func:`option`; fields may also be other such dataclasses (groups), whose
 fields become flags of the same command line. Each field ``foo_bar`` is the
 flag ``--foo-bar`` and the environment variable ``COMMUTATOR_FOO_BAR``. A flag
-beats the variable, which beats the default. :func:`load` parses argv and the
+beats the variable, which beats the default. A boolean field is ``--foo`` /
+``--no-foo``, except one named ``no_foo`` (default False), which is the single
+switch ``--no-foo`` (``COMMUTATOR_NO_FOO=0`` is its way back). :func:`load` parses argv and the
 environment into the frozen object; :func:`describe` gives the effective values
 for the startup log.
 
@@ -137,7 +139,9 @@ def parser(cls: type[Any], prog: str | None = None, description: str | None = No
             "default": argparse.SUPPRESS,
             "help": help_text.replace("%", "%%"),
         }
-        if base is bool:
+        if base is bool and name.startswith("no_") and f.default is False:
+            kwargs["action"] = "store_true"  # --no-foo alone; BooleanOptionalAction would add --no-no-foo
+        elif base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.metadata.get("metavar") or name.upper()

@@ -4,7 +4,8 @@
 server (``/metrics``, ``/health``, ``/live``) and tracing; it turns SIGTERM and
 SIGINT into a shutdown event, and closes everything in reverse order. A role's
 ``main`` builds its config, starts a Runtime, adds its gRPC services, waits for
-the shutdown event, drains, and closes.
+the shutdown event, drains, and closes; :func:`run_role` does all of that for a
+role's ``__main__``, on uvloop unless ``--no-uvloop``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from commutator.common.events import EventPlane, EventPlaneConfig, EventPlaneErr
 from commutator.common.logging import fields, setup_logging
 from commutator.common.status_server import StatusServer
 
-__all__ = ["Role", "Runtime", "RuntimeConfig", "run", "serve_role"]
+__all__ = ["Role", "Runtime", "RuntimeConfig", "run", "run_role", "serve_role"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class RuntimeConfig:
     metrics_port: int = option(0, "Port of the /metrics, /health and /live HTTP server (0: a free port; -1: none)")
     otlp_endpoint: str = option(
         "", "OpenTelemetry collector (OTLP/gRPC, host:port) to send traces to; empty: no export"
+    )
+    no_uvloop: bool = option(
+        False, "Run on asyncio's own event loop instead of uvloop (for debugging, e.g. with PYTHONASYNCIODEBUG=1)"
     )
 
 
@@ -101,6 +105,7 @@ class Runtime:
                 instance_id=f"{self.discovery.instance_id:x}",
                 discovery=self.config.discovery.discovery_backend,
                 events=self.config.events.event_plane if with_events else "none",
+                loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             ),
         )
 
@@ -140,13 +145,15 @@ class Runtime:
         tracing.shutdown_tracing()
 
 
-def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
-    """Run an async ``main`` on uvloop with logging set up; returns its exit status.
+def run(main: Callable[[], Coroutine[Any, Any, int | None]], *, uvloop: bool = True) -> int:
+    """Run an async ``main`` (on uvloop, or asyncio's own loop) with logging set up; returns its exit status.
 
     ``COMMUTATOR_PROFILE=PATH`` runs the process under cProfile and writes the
     profile to PATH when it exits (``%p`` in PATH becomes the pid; it slows Python code).
     """
     setup_logging()
+    if os.environ.get("COMMUTATOR_EVENT_LOOP"):
+        log.warning("COMMUTATOR_EVENT_LOOP is no longer read: --no-uvloop (COMMUTATOR_NO_UVLOOP=1) replaces it")
     profile_to = os.environ.get("COMMUTATOR_PROFILE")  # a path: cProfile the process, written at exit
     profiler = None
     if profile_to:
@@ -155,11 +162,11 @@ def run(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        if os.environ.get("COMMUTATOR_EVENT_LOOP", "uvloop") == "asyncio":
+        if not uvloop:
             return asyncio.run(main()) or 0
-        import uvloop
+        import uvloop as uvloop_
 
-        return uvloop.run(main()) or 0
+        return uvloop_.run(main()) or 0
     except KeyboardInterrupt:
         return 130
     finally:
@@ -178,13 +185,15 @@ class Role(Protocol):
     async def drain(self) -> None: ...
 
 
-def serve_role(config_cls: type[Any], prog: str, make: Callable[[Any], Role]) -> Callable[[], Coroutine[Any, Any, int]]:
-    """The ``main`` of a role's process: read the config, start, wait for SIGTERM/SIGINT, drain."""
+def serve_role(
+    config_cls: type[Any], prog: str, make: Callable[[Any], Role], *, config: Any = None
+) -> Callable[[], Coroutine[Any, Any, int]]:
+    """The ``main`` of a role's process: read the config (unless given), start, wait for SIGTERM/SIGINT, drain."""
 
     async def main() -> int:
-        config = cfg.load(config_cls, prog=prog)
-        log.info("starting %s", prog, extra=fields(**cfg.describe(config)))
-        role = make(config)
+        loaded = config if config is not None else cfg.load(config_cls, prog=prog)
+        log.info("starting %s", prog, extra=fields(**cfg.describe(loaded)))
+        role = make(loaded)
         role.runtime.install_signal_handlers()
         try:
             await role.start()
@@ -197,3 +206,13 @@ def serve_role(config_cls: type[Any], prog: str, make: Callable[[Any], Role]) ->
         return role.runtime.exit_status
 
     return main
+
+
+def run_role(config_cls: type[Any], prog: str, make: Callable[[Any], Role], *, config: Any = None) -> int:
+    """A role's whole process: its config read from flags and environment (unless given) before any event loop
+    starts, then :func:`serve_role` on uvloop, or on asyncio's loop with ``--no-uvloop``. Returns the exit status.
+
+    ``config_cls`` has a ``runtime`` field (:class:`RuntimeConfig`)."""
+    setup_logging()
+    loaded = config if config is not None else cfg.load(config_cls, prog=prog)
+    return run(serve_role(config_cls, prog, make, config=loaded), uvloop=not loaded.runtime.no_uvloop)

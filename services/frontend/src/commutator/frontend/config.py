@@ -20,6 +20,11 @@ class FrontendConfig:
     router: RouterConfig = group(RouterConfig)
     http_host: str = option("0.0.0.0", "Interface the HTTP server binds")
     http_port: int = option(8000, "HTTP port of the OpenAI API")
+    processes: int = option(
+        1,
+        "Frontend processes sharing the HTTP port (SO_REUSEPORT), each with its own embedded router; more than 1"
+        " turns on --router-replica-sync. Raise toward the core count when the frontend's CPU is the bottleneck",
+    )
     tls_cert_path: str = option("", "TLS certificate (PEM); with --tls-key-path the API is served over HTTPS")
     tls_key_path: str = option("", "TLS private key (PEM)")
     router_endpoint: str = option(

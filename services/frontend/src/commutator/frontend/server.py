@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from pathlib import Path
 
@@ -56,8 +57,12 @@ class Frontend:
         memory_store: MemoryStore | None = None,
         memory_broker: MemoryBroker | None = None,
         clock: Clock | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """``reuse_port``: bind the HTTP port with SO_REUSEPORT, shared with the other processes of one
+        ``--processes N`` frontend (the kernel spreads connections over them)."""
         self.config = config
+        self._reuse_port = reuse_port
         self.draining = False
         self.runtime = Runtime(
             config.runtime,
@@ -142,6 +147,7 @@ class Frontend:
             ssl_context=ssl_ctx,
             backlog=1024,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
         await site.start()
         server = site._server
@@ -165,6 +171,8 @@ class Frontend:
             extra=fields(
                 url=f"{scheme}://{self.config.http_host}:{self.port}/v1",
                 router=self.config.router_endpoint or f"embedded ({self.config.router.router_mode})",
+                metrics=f"http://{self.config.runtime.metrics_host}:{rt.status.port}/metrics" if rt.status else "none",
+                pid=os.getpid(),
             ),
         )
 
