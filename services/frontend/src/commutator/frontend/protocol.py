@@ -192,6 +192,8 @@ def _bool(body: dict[str, Any], name: str, default: bool = False, param: str | N
 
 def _token_ids(value: list[Any], param: str) -> list[int]:
     """A list of token ids, each an int in [0, 2**32) (the wire's uint32)."""
+    if _all_ints(value) and min(value) >= 0 and max(value) <= UINT32_MAX:  # C loops; a prompt has thousands
+        return list(value)
     for t in value:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= UINT32_MAX:
             raise ApiError.bad(f"'{param}' token ids must be integers in [0, {UINT32_MAX}], got {_short(t)}", param)
@@ -200,6 +202,11 @@ def _token_ids(value: list[Any], param: str) -> list[int]:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _all_ints(xs: list[Any]) -> bool:
+    """Every item is an int and none a bool (a non-empty list)."""
+    return set(map(type, xs)) == {int}
 
 
 def _kind(v: Any) -> str:
@@ -358,7 +365,7 @@ def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
             if not all(prompt):
                 raise ApiError.bad("'prompt' must not be empty", "prompt")
             return list(prompt)
-        if all(_is_int(t) for t in prompt):
+        if _all_ints(prompt):
             return [_token_ids(prompt, "prompt")]
         if all(isinstance(p, list) and p for p in prompt):
             return [_token_ids(p, "prompt") for p in prompt]
