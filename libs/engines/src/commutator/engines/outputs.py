@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from commutator.engines.base import EngineOutput, FinishReason, TokenLogprob
 from commutator.engines.kv_buffer import KV_EVENT_BUFFER_LIMIT, KvEventBuffer
@@ -23,15 +24,20 @@ log = logging.getLogger(__name__)
 
 
 class OutputChannel:
-    """Tokens of one request not yet taken by its reader: coalesced, never more than the request's own output."""
+    """Tokens of one request not yet taken by its reader: coalesced, never more than the request's own output.
 
-    __slots__ = ("error", "finish", "logprobs", "ready", "tokens")
+    A reader either awaits :meth:`take`, or (``notify`` given) is called back on every push and
+    takes what is there with :meth:`take_now` when it suits it (no task waits per request).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("error", "finish", "logprobs", "notify", "ready", "tokens")
+
+    def __init__(self, notify: Callable[[], None] | None = None) -> None:
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
         self.finish: FinishReason | None = None
         self.error: str | None = None
+        self.notify = notify
         self.ready = asyncio.Event()
 
     def push(self, token: int, logprob: TokenLogprob | None, reason: FinishReason | None) -> None:
@@ -45,19 +51,29 @@ class OutputChannel:
             self.logprobs.append(logprob)
         if reason is not None:
             self.finish = reason
-        self.ready.set()
+        if self.notify is not None:
+            self.notify()
+        else:
+            self.ready.set()
 
     def close(self, reason: FinishReason, error: str | None = None) -> None:
         """Finish the request with ``reason`` unless it has finished already."""
         if self.finish is None:
             self.finish = reason
             self.error = error
-            self.ready.set()
+            if self.notify is not None:
+                self.notify()
+            else:
+                self.ready.set()
 
     async def take(self) -> EngineOutput:
         """Wait for news, then everything since the last call (the last one carries the finish reason)."""
         await self.ready.wait()
         self.ready.clear()
+        return self.take_now()
+
+    def take_now(self) -> EngineOutput:
+        """Everything since the last take (no tokens and no finish reason: nothing new)."""
         tokens, self.tokens = self.tokens, []
         logprobs, self.logprobs = self.logprobs, None
         return EngineOutput(tokens, self.finish, logprobs=logprobs, error=self.error)

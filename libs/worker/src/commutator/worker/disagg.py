@@ -310,6 +310,16 @@ class DisaggEngine:
             return "local"
         return "remote"
 
+    def start_request(self, request: EngineRequest, notify: Callable[[], None]) -> Any:
+        """The inner engine's :meth:`start_request` for a request prefilled here; None (use
+        :meth:`generate`) when the inner engine has none or the prefill goes to a prefill worker."""
+        start = getattr(self.inner, "start_request", None)
+        if start is None or self.decide(request) != "local":
+            return None
+        pushed = start(request, notify)
+        self._where["local"].inc()
+        return pushed
+
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         # Every stream below is closed with this one (aclosing): an abandoned request stops at once.
         if self.decide(request) == "remote":

@@ -1,13 +1,14 @@
 """The worker's side of ``Worker.GenerateMany``: many requests over one stream (docs/worker-stream.md).
 
-A :class:`MuxSession` lives as long as its stream. Each started request runs as its own task
-reading the engine's outputs; what they produce is merged per request into ``pending`` and
-leaves in frames: a frame carries every request that advanced since the last one (so the
-requests one engine pass moved travel together), at most one frame per
-``--stream-interval-ms`` except when a request gets its first tokens, finishes or fails
-(then at once). The stream's writer never waits for one request: a request's unsent tokens
-merge into one update, bounded by its own output. A cancel, a deadline, or the end of the
-stream aborts the engine request, which frees its blocks.
+A :class:`MuxSession` lives as long as its stream. A started request either runs as its own
+task reading the engine's outputs, or, with an engine that can push (``start_request``: the
+mocker), with no task at all: the engine's pass loop marks it ready and the next frame takes
+its output. What they produce is merged per request into ``pending`` and leaves in frames: a
+frame carries every request that advanced since the last one (so the requests one engine pass
+moved travel together), at most one frame per ``--stream-interval-ms`` except when a request
+gets its first tokens, finishes or fails (then at once). The stream's writer never waits for
+one request: a request's unsent tokens merge into one update, bounded by its own output. A
+cancel, a deadline, or the end of the stream aborts the engine request, which frees its blocks.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class MuxSession:
         self._s = servicer
         self._draining = draining
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._pushed: dict[int, _Pushed] = {}  # requests the engine pushes to (no task each)
+        self._ready: set[int] = set()  # pushed requests with output not taken yet
         self._pending: dict[int, EngineOutput] = {}
         self._errors: list[worker_pb2.MuxError] = []
         self._wake = asyncio.Event()
@@ -66,13 +69,17 @@ class MuxSession:
                         await asyncio.sleep(wait)
                 self._wake.clear()
                 self._urgent = False
+                if self._ready:
+                    self._take_pushed()
                 if self._pending or self._errors:
                     last = loop.time()
                     yield self._take_frame()
-                if not self._tasks and (not self._reading or self._draining()):
+                if not self._tasks and not self._pushed and (not self._reading or self._draining()):
                     return  # the client closed its side (or the worker drains) and nothing is left
         finally:
             reader.cancel()
+            for tag in list(self._pushed):
+                self._end_pushed(tag, "cancelled")  # the client went away: abort, freeing the blocks
             tasks = list(self._tasks.values())
             for t in tasks:
                 t.cancel()  # the client went away: abort every engine request, freeing its blocks
@@ -99,6 +106,9 @@ class MuxSession:
                     task = self._tasks.get(tag)
                     if task is not None:
                         task.cancel()
+                    elif tag in self._pushed:
+                        self._end_pushed(tag, "cancelled")
+                        self._pending.pop(tag, None)  # the client cancelled it: it wants nothing more
                 for start in frame.starts:
                     self._start(start)
         finally:
@@ -107,7 +117,7 @@ class MuxSession:
 
     def _start(self, start: worker_pb2.MuxStart) -> None:
         tag = start.tag
-        if tag in self._tasks:
+        if tag in self._tasks or tag in self._pushed:
             self._fail(tag, "INVALID_ARGUMENT", f"tag {tag} is already in use on this stream")
             return
         if self._draining():
@@ -120,7 +130,85 @@ class MuxSession:
             self._fail(tag, "INVALID_ARGUMENT", str(exc))
             return
         metadata = [(m.key, m.value) for m in start.metadata]
+        start_request = getattr(self._s.engine, "start_request", None)
+        if start_request is not None and self._start_pushed(start_request, tag, ereq, start.timeout_s, metadata):
+            return
         self._tasks[tag] = asyncio.get_running_loop().create_task(self._run(tag, ereq, start.timeout_s, metadata))
+
+    # -- requests the engine pushes to -------------------------------------------------------
+    def _start_pushed(self, start_request, tag: int, ereq, timeout_s: float, metadata: list[tuple[str, str]]) -> bool:  # type: ignore[no-untyped-def]
+        """Start ``ereq`` on the engine's push path; False when the engine wants it generated instead."""
+        s = self._s
+        t0 = time.perf_counter()
+        try:
+            handle = start_request(ereq, lambda: self._on_ready(tag))
+        except ValueError as exc:
+            s.count_outcome("invalid")
+            self._fail(tag, "INVALID_ARGUMENT", str(exc))
+            return True
+        except Exception as exc:
+            s.count_outcome("error")
+            log.exception("engine failed request %s", ereq.request_id)
+            self._fail(tag, "INTERNAL", f"engine failed: {exc}")
+            return True
+        if handle is None:
+            return False  # e.g. its prefill goes to a prefill worker
+        s.request_started()
+        span = tracing.server_span("Worker.GenerateMany", metadata, request_id=ereq.request_id)
+        span.__enter__()
+        timer = None
+        if timeout_s > 0:
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._expire_pushed, tag, ereq.request_id)
+        self._pushed[tag] = _Pushed(handle, span, timer, t0)
+        return True
+
+    def _on_ready(self, tag: int) -> None:
+        """The engine has news for a pushed request (called from its pass loop)."""
+        self._ready.add(tag)
+        p = self._pushed.get(tag)
+        if p is None or p.first or p.handle.channel.finish is not None:
+            self._urgent = True  # first tokens and finishes leave at once
+        self._wake.set()
+
+    def _take_pushed(self) -> None:
+        """Move the news of every ready pushed request into ``pending`` (once per frame)."""
+        s = self._s
+        ready, self._ready = self._ready, set()
+        now = time.perf_counter()
+        for tag in ready:
+            p = self._pushed.get(tag)
+            if p is None:
+                continue
+            out = p.handle.take()
+            if out is None:
+                continue
+            first = p.first
+            if first:
+                p.first = False
+                s.first_output(out, now - p.t0)
+            if out.token_ids:
+                s.count_tokens(len(out.token_ids))
+            self._push(tag, out, first)
+            if out.finish_reason is not None:
+                self._end_pushed(tag, out.finish_reason.value, finished=True)
+
+    def _expire_pushed(self, tag: int, request_id: str) -> None:
+        if tag in self._pushed:
+            self._end_pushed(tag, "deadline")
+            self._pending.pop(tag, None)
+            self._fail(tag, "DEADLINE_EXCEEDED", f"request {request_id} passed its deadline")
+
+    def _end_pushed(self, tag: int, outcome: str, *, finished: bool = False) -> None:
+        p = self._pushed.pop(tag)
+        self._ready.discard(tag)
+        if not finished:
+            p.handle.cancel()  # aborts the engine request, freeing its blocks
+        if p.timer is not None:
+            p.timer.cancel()
+        p.span.__exit__(None, None, None)
+        self._s.request_ended(outcome)
+        if not self._pushed and not self._tasks:
+            self.wake()
 
     async def _run(self, tag: int, ereq, timeout_s: float, metadata: list[tuple[str, str]]) -> None:  # type: ignore[no-untyped-def]
         s = self._s
@@ -185,3 +273,16 @@ class MuxSession:
         self._errors.append(worker_pb2.MuxError(tag=tag, code=code, message=message))
         self._urgent = True
         self._wake.set()
+
+
+class _Pushed:
+    """A request on the engine's push path: its handle, trace span, deadline timer, start time."""
+
+    __slots__ = ("first", "handle", "span", "t0", "timer")
+
+    def __init__(self, handle, span, timer: asyncio.TimerHandle | None, t0: float) -> None:  # type: ignore[no-untyped-def]
+        self.handle = handle
+        self.span = span
+        self.timer = timer
+        self.t0 = t0
+        self.first = True

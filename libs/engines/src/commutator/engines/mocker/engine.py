@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from commutator.common.clock import Clock, SystemClock
@@ -25,11 +25,11 @@ from commutator.engines.base import (
     KvEventRecord,
 )
 from commutator.engines.mocker.config import MockerConfig
-from commutator.engines.mocker.scheduler import Scheduler
+from commutator.engines.mocker.scheduler import Scheduler, Seq
 from commutator.engines.model_info import ModelInfo
 from commutator.engines.outputs import KvEventBuffer, OutputChannel
 
-__all__ = ["MockerEngine"]
+__all__ = ["MockerEngine", "PushedRequest"]
 
 
 class MockerEngine:
@@ -137,6 +137,23 @@ class MockerEngine:
             if not done:
                 sched.abort(rid)
 
+    def start_request(self, request: EngineRequest, notify: Callable[[], None]) -> PushedRequest:
+        """Start ``request`` without a reader task: the pass loop calls ``notify`` whenever the request
+        has news, and the caller takes it with :meth:`PushedRequest.take` (the worker's multiplexed
+        stream does, once per frame). Raises ``ValueError`` for a request the scheduler refuses."""
+        if self._task is None:
+            raise RuntimeError("engine not started")
+        sched = self.scheduler
+        ch = OutputChannel(notify)
+        if request.kv_import is not None:
+            seq, reason = sched.add_imported(request, request.kv_import.first_token_id)
+            ch.push(request.kv_import.first_token_id, None, reason)
+        else:
+            seq = sched.add(request)
+        self._channels[request.request_id] = ch
+        self._wake.set()
+        return PushedRequest(self, seq, ch)
+
     async def abort(self, request_id: str) -> bool:
         ch = self._channels.get(request_id)
         aborted = self.scheduler.abort(request_id)
@@ -233,3 +250,40 @@ class MockerEngine:
                     ch.push(token, lp, reason)
             self.tokens_generated += len(result.outputs)
             self._kv_events.push(events)
+
+
+class PushedRequest:
+    """A request started with :meth:`MockerEngine.start_request`: its output is taken, not awaited."""
+
+    __slots__ = ("_done", "_engine", "_first", "_seq", "channel")
+
+    def __init__(self, engine: MockerEngine, seq: Seq, channel: OutputChannel) -> None:
+        self._engine = engine
+        self._seq = seq
+        self.channel = channel
+        self._first = True
+        self._done = False
+
+    def take(self) -> EngineOutput | None:
+        """The output since the last take (the first one carries the prompt counts, the last one a
+        finish reason), or None when there is nothing new."""
+        ch = self.channel
+        if self._done or (not ch.tokens and ch.finish is None):
+            return None
+        out = ch.take_now()
+        if self._first:
+            out.prompt_tokens = self._seq.num_prompt
+            out.cached_prompt_tokens = max(self._seq.cached_tokens, 0)
+            self._first = False
+        if out.finish_reason is not None:
+            self._done = True
+            self._engine._channels.pop(self._seq.request_id, None)
+        return out
+
+    def cancel(self) -> None:
+        """Abort the request unless it has finished (its blocks are freed); harmless twice."""
+        if not self._done:
+            self._done = True
+            rid = self._seq.request_id
+            self._engine._channels.pop(rid, None)
+            self._engine.scheduler.abort(rid)

@@ -1,0 +1,127 @@
+"""Both ways a worker runs a multiplexed request, over a real loopback gRPC server: the engine's
+push path (the mocker's ``start_request``: no task per request) and the generic one (a task per
+request reading ``generate``, what every other engine gets; here the same mocker with its push
+path hidden). The same checks hold for both."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from commutator.common.errors import InvalidRequest
+from commutator.engines.mocker.config import MockerConfig
+from commutator.engines.mocker.engine import MockerEngine
+from commutator.engines.mocker.tokens import token_at
+from commutator.router.mux import WorkerMux
+from commutator.v1 import common_pb2, worker_pb2_grpc
+from commutator.worker.servicer import WorkerServicer
+
+pytestmark = pytest.mark.integration
+
+VOCAB = 1000
+
+
+class TaskPathOnly:
+    """The mocker seen as an engine without ``start_request`` (everything else delegated)."""
+
+    def __init__(self, inner: MockerEngine) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "start_request":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@pytest.fixture(params=["push", "task"])
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[tuple[MockerEngine, WorkerMux, WorkerServicer]]:
+    engine = MockerEngine(MockerConfig(speedup_ratio=20.0, block_size=16, num_blocks=4096), vocab_size=VOCAB)
+    await engine.start()
+    servicer = WorkerServicer(engine if request.param == "push" else TaskPathOnly(engine), "w", lambda: 1, 0.002)  # type: ignore[arg-type]
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)  # type: ignore[arg-type]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    mux = WorkerMux(lambda: (stub.GenerateMany(), lambda: None, f"worker at port {port}"))
+    yield engine, mux, servicer
+    await mux.close()
+    await channel.close()
+    await server.stop(None)
+    await engine.shutdown()
+
+
+def request(rid: str, n_prompt: int, max_tokens: int, seed: int, bad: bool = False) -> common_pb2.GenerateRequest:
+    rng = random.Random(seed)
+    tokens = [rng.randrange(VOCAB) for _ in range(n_prompt)]
+    if bad:
+        tokens[3] = VOCAB + 5  # outside the vocabulary: the engine refuses it
+    return common_pb2.GenerateRequest(
+        request_id=rid,
+        token_ids=tokens,
+        sampling=common_pb2.SamplingOptions(seed=seed),
+        stop=common_pb2.StopConditions(max_tokens=max_tokens, ignore_eos=True),
+    )
+
+
+async def test_exact_tokens_usage_cancels_and_a_bad_request_on_both_paths(served) -> None:  # type: ignore[no-untyped-def]
+    engine, mux, servicer = served
+    rng = random.Random(7)
+
+    async def one(k: int) -> tuple[str, Any]:
+        max_tokens, n_prompt = rng.randrange(3, 40), rng.randrange(5, 200)
+        cancel_after = rng.randrange(1, 4) if k % 4 == 0 else None
+        req = mux.open(request(f"r{k}", n_prompt, max_tokens, seed=500 + k, bad=k == 13), timeout_s=60)
+        msgs = []
+        try:
+            async for m in req:
+                msgs.append(m)
+                if cancel_after is not None and len(msgs) >= cancel_after:
+                    return "cancelled", None
+            return "done", (k, n_prompt, max_tokens, msgs)
+        except InvalidRequest as exc:
+            return "invalid", (k, str(exc))
+        finally:
+            await req.aclose()
+
+    results = await asyncio.gather(*(one(k) for k in range(60)))
+    [(k, message)] = [r for kind, r in results if kind == "invalid"]  # that one only
+    assert k == 13 and message.endswith("token id 1005 is outside the vocabulary [0, 1000)")
+    done = [r for kind, r in results if kind == "done"]
+    assert len(done) >= 40
+    for k, n_prompt, max_tokens, msgs in done:
+        assert [t for m in msgs for t in m.token_ids] == [token_at(500 + k, i, VOCAB) for i in range(max_tokens)]
+        assert msgs[0].prompt_tokens == n_prompt
+        assert msgs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert all(m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    # Cancelled requests were aborted on the engine and their blocks freed; nothing is in flight.
+    for _ in range(200):
+        s = engine.stats()[0]
+        if servicer.in_flight == 0 and s.running_requests == 0 and s.kv_blocks_used == 0:
+            break
+        await asyncio.sleep(0.02)
+    s = engine.stats()[0]
+    assert (servicer.in_flight, s.running_requests, s.waiting_requests, s.kv_blocks_used) == (0, 0, 0, 0)
+
+
+async def test_closing_the_stream_aborts_every_request_on_both_paths(served) -> None:  # type: ignore[no-untyped-def]
+    engine, mux, servicer = served
+    reqs = [mux.open(request(f"long{k}", 50, 100_000, seed=k), timeout_s=60) for k in range(10)]
+    for r in reqs:
+        await r.__anext__()  # each is running on the engine
+    assert engine.stats()[0].running_requests == 10
+    [session] = servicer._sessions
+    on_push = len(session._pushed), len(session._tasks)
+    assert on_push == ((10, 0) if isinstance(servicer.engine, MockerEngine) else (0, 10))  # the path under test
+    await mux.close()  # the stream ends: the worker aborts all of them
+    for _ in range(200):
+        if servicer.in_flight == 0 and engine.stats()[0].kv_blocks_used == 0:
+            break
+        await asyncio.sleep(0.02)
+    s = engine.stats()[0]
+    assert (servicer.in_flight, s.running_requests, s.kv_blocks_used) == (0, 0, 0)
