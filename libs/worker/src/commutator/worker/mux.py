@@ -175,6 +175,7 @@ class MuxSession:
         s = self._s
         ready, self._ready = self._ready, set()
         now = time.perf_counter()
+        tokens = 0
         for tag in ready:
             p = self._pushed.get(tag)
             if p is None:
@@ -186,11 +187,12 @@ class MuxSession:
             if first:
                 p.first = False
                 s.first_output(out, now - p.t0)
-            if out.token_ids:
-                s.count_tokens(len(out.token_ids))
+            tokens += len(out.token_ids)
             self._push(tag, out, first)
             if out.finish_reason is not None:
                 self._end_pushed(tag, out.finish_reason.value, finished=True)
+        if tokens:
+            s.count_tokens(tokens)  # one metric update per frame, not per request
 
     def _expire_pushed(self, tag: int, request_id: str) -> None:
         if tag in self._pushed:
