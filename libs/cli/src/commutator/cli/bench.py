@@ -12,23 +12,15 @@ import argparse
 import datetime as dt
 import os
 import shlex
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from commutator.cli import report
-from commutator.cli.loadgen import (
-    RequestResult,
-    Summary,
-    run_closed_loop,
-    run_conversations,
-    run_open_loop,
-    summarize,
-)
-from commutator.cli.stacks import DYNAMO_VERSION, CommutatorStack, DynamoStack, Stack, cpu_seconds, ensure_dynamo
+from commutator.cli.loadgen import RequestResult
+from commutator.cli.measure import Measured, measure
+from commutator.cli.stacks import DYNAMO_VERSION, CommutatorStack, DynamoStack, Stack, ensure_dynamo
 from commutator.cli.workloads import (
     ChatWorkload,
     ConversationWorkload,
@@ -39,7 +31,7 @@ from commutator.cli.workloads import (
 )
 from commutator.engines.tiny_model import MODEL_NAME
 
-__all__ = ["add_parser", "main"]
+__all__ = ["Measured", "add_parser", "main", "measure"]
 
 
 def add_parser(sub: Any) -> None:
@@ -111,27 +103,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 # -- one run --------------------------------------------------------------------------------------
-def _progress(total: int | None, desc: str) -> Callable[[RequestResult], None]:
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit="req",
-        mininterval=0.5,
-        file=sys.stderr,
-        leave=False,
-        disable=not sys.stderr.isatty(),
-    )
-
-    def update(r: RequestResult) -> None:
-        bar.update(1)
-        if not r.ok:
-            bar.set_postfix_str(f"last error: {r.error}")
-
-    return update
-
-
 def _workload(args: argparse.Namespace) -> Iterator[RequestSpec] | ConversationWorkload | TraceWorkload:
     if args.workload == "chat":
         return ChatWorkload(
@@ -156,81 +127,6 @@ def _workload(args: argparse.Namespace) -> Iterator[RequestSpec] | ConversationW
         block_tokens=args.block_tokens,
         length_scale=args.length_scale,
         max_duration_s=args.duration,
-    )
-
-
-@dataclass
-class Measured:
-    summary: Summary
-    results: list[RequestResult]
-    frontend_cpu_ms_per_req: float | None
-    workers_cpu_pct: float | None
-    loadgen_cpu_pct: float
-    other_cpu_pct: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "summary": self.summary.as_dict(),
-            "frontend_cpu_ms_per_req": self.frontend_cpu_ms_per_req,
-            "workers_cpu_pct": self.workers_cpu_pct,
-            "loadgen_cpu_pct": self.loadgen_cpu_pct,
-            "other_cpu_pct": self.other_cpu_pct,
-            **self.extra,
-        }
-
-
-async def measure(
-    url: str,
-    model: str,
-    workload: Iterator[RequestSpec] | ConversationWorkload | TraceWorkload,
-    *,
-    concurrency: int | None = None,
-    rate: float | None = None,
-    duration_s: float = 30.0,
-    max_requests: int | None = None,
-    warmup_s: float = 3.0,
-    frontend_pid: int | None = None,
-    worker_pids: list[int] | None = None,
-    ttft_slo_ms: float | None = None,
-    itl_slo_ms: float | None = None,
-    desc: str = "",
-) -> Measured:
-    """Warm up (discarded), then measure one load level; CPU of frontend, workers, load generator and the rest."""
-    if warmup_s > 0 and not isinstance(workload, ConversationWorkload | TraceWorkload):
-        await run_closed_loop(url, model, workload, concurrency=concurrency or 4, duration_s=warmup_s)
-    f0 = cpu_seconds(frontend_pid) if frontend_pid else 0.0
-    w0 = sum(cpu_seconds(p) for p in worker_pids or [])
-    m0, l0 = report.machine_busy_seconds(), time.process_time()
-    progress = _progress(max_requests, desc)
-    if isinstance(workload, ConversationWorkload):
-        results, wall = await run_conversations(url, model, workload, on_result=progress)
-    elif isinstance(workload, TraceWorkload):
-        results, wall = await run_open_loop(url, model, workload, on_result=progress)
-    elif rate:
-        results, wall = await run_open_loop(url, model, workload, rate=rate, duration_s=duration_s, on_result=progress)
-    else:
-        results, wall = await run_closed_loop(
-            url,
-            model,
-            workload,
-            concurrency=concurrency or 1,
-            duration_s=duration_s,
-            max_requests=max_requests,
-            on_result=progress,
-        )
-    f1 = cpu_seconds(frontend_pid) if frontend_pid else 0.0
-    w1 = sum(cpu_seconds(p) for p in worker_pids or [])
-    m1, l1 = report.machine_busy_seconds(), time.process_time()
-    s = summarize(results, wall, ttft_slo_ms=ttft_slo_ms, itl_slo_ms=itl_slo_ms)
-    ours = (f1 - f0) + (w1 - w0) + (l1 - l0)
-    return Measured(
-        summary=s,
-        results=results,
-        frontend_cpu_ms_per_req=(f1 - f0) * 1000 / s.requests if frontend_pid and s.requests else None,
-        workers_cpu_pct=100 * (w1 - w0) / wall if worker_pids else None,
-        loadgen_cpu_pct=100 * (l1 - l0) / wall,
-        other_cpu_pct=max(0.0, 100 * ((m1 - m0) - ours) / wall),
     )
 
 
