@@ -101,7 +101,12 @@ class SseParser:
 
 # -- prompts --------------------------------------------------------------------------------------
 class Prompts:
-    """Request bodies of exact prompt length: ``prefix_ratio`` of it shared within ``groups`` groups."""
+    """Request bodies of exact prompt length: ``prefix_ratio`` of it shared within ``groups`` groups.
+
+    Chat prompts are one line of whole-word tokens, or with ``lines`` > 0 lines of that many words,
+    each line a word without its leading space, then words with one, then a newline token (still
+    exact: every piece is one token, and a newline is a pre-tokenization boundary).
+    """
 
     def __init__(
         self,
@@ -113,23 +118,35 @@ class Prompts:
         prefix_ratio: float,
         seed: int,
         tokenizer: Path | None = None,
+        lines: int = 0,
     ) -> None:
-        self.api, self.isl, self.osl = api, isl, osl
+        self.api, self.isl, self.osl, self.lines = api, isl, osl, lines
         self.rng = random.Random(seed)
         self.prefix_len = int(isl * prefix_ratio) if groups else 0
+        self.starts: list[Any] = []
         if api == "chat":
             if tokenizer is None:
                 raise SystemExit("--api chat needs --tokenizer (a tokenizer.json)")
-            self.words = _word_tokens(tokenizer)
-            self.pool: list[Any] = self.words
+            self.pool: list[Any] = _word_tokens(tokenizer)
+            if lines > 0:
+                self.starts = [w[1:] for w in self.pool if w[1:] in _plain_tokens(tokenizer)]
         else:
-            self.words = []
             self.pool = list(range(*TOKEN_ID_RANGE))
         prng = random.Random(seed + 1)
-        self.prefixes = [[prng.choice(self.pool) for _ in range(self.prefix_len)] for _ in range(max(groups, 1))]
+        self.prefixes = [[self._piece(prng, i) for i in range(self.prefix_len)] for _ in range(max(groups, 1))]
+
+    def _piece(self, rng: random.Random, i: int) -> Any:
+        """The token at position ``i``: a newline ending a line, a line's first word, or a word."""
+        if self.starts:
+            k = i % (self.lines + 1)
+            if k == self.lines:
+                return "\n"
+            if k == 0:
+                return rng.choice(self.starts)
+        return rng.choice(self.pool)
 
     def next_body(self, model: str) -> tuple[str, dict[str, Any]]:
-        own = [self.rng.choice(self.pool) for _ in range(self.isl - self.prefix_len)]
+        own = [self._piece(self.rng, i) for i in range(self.prefix_len, self.isl)]
         picked = self.prefixes[self.rng.randrange(len(self.prefixes))] + own
         common = {
             "model": model,
@@ -144,14 +161,23 @@ class Prompts:
         return "/completions", {"prompt": picked, **common}
 
 
+def _vocab(path: Path) -> dict[str, int]:
+    vocab: dict[str, int] = json.loads(path.read_text())["model"]["vocab"]
+    return vocab
+
+
 def _word_tokens(path: Path) -> list[str]:
     """Tokens that are one space and one ASCII word (byte-level BPE: ``Ġword``): each such piece
     re-tokenizes to itself, so a prompt of n of them is n tokens."""
-    vocab = json.loads(path.read_text())["model"]["vocab"]
-    words = [" " + tok[1:] for tok in vocab if tok[:1] in ("Ġ", "▁") and tok[1:].isascii() and tok[1:].isalpha()]
+    words = [" " + tok[1:] for tok in _vocab(path) if tok[:1] in ("Ġ", "▁") and tok[1:].isascii() and tok[1:].isalpha()]
     if len(words) < 100:
         raise SystemExit(f"{path}: too few whole-word tokens for chat prompts ({len(words)})")
     return sorted(words)
+
+
+def _plain_tokens(path: Path) -> set[str]:
+    """Tokens that are an ASCII word with no space before it (a word at the start of a line)."""
+    return {tok for tok in _vocab(path) if tok.isascii() and tok.isalpha()}
 
 
 # -- one request ----------------------------------------------------------------------------------
@@ -265,6 +291,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         prefix_ratio=args.prefix_ratio,
         seed=args.seed,
         tokenizer=args.tokenizer,
+        lines=args.lines,
     )
     base = args.url.rstrip("/")
     conns = Connections()
@@ -353,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-groups", type=int, default=32)
     p.add_argument("--prefix-ratio", type=float, default=0.75)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lines", type=int, default=0, help="chat: tokens per line (0: the prompt is one line)")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio's own loop")
     p.add_argument("--out", type=Path, help="write the JSON report here (default: stdout)")
     args = p.parse_args(argv)

@@ -34,6 +34,13 @@ def test_quick_shortens_every_phase_and_leaves_the_page_alone() -> None:
     quick = p.parse_args(["--quick", "--open-fractions", "0.4,0.8"])
     compare.apply_quick(quick)
     assert (quick.reps, quick.client_reps, quick.routing_reps, quick.no_docs) == (1, 1, 1, True)
+    assert compare.client_combos(("chat", "completions")) == [
+        ("loadgen", "chat"),
+        ("independent", "chat"),
+        ("independent-lines", "chat"),
+        ("loadgen", "completions"),
+        ("independent", "completions"),
+    ]
     assert max(quick.overhead_duration, quick.open_duration, quick.slow_duration, quick.clients_duration) <= 2.0
     assert quick.open_fractions == (0.4, 0.8)
     with pytest.raises(SystemExit):
@@ -131,10 +138,11 @@ def canned_out() -> dict[str, Any]:
         },
         "slow_stream": {},
         "clients": {
+            "combos": [("independent", "chat")],
             "runs": {
                 "commutator/independent/chat": [measured(200.0, 4.0, 0.7)],
                 "dynamo/independent/chat": [measured(220.0, 3.8, 1.3)],
-            }
+            },
         },
         "routing": {},
     }

@@ -58,6 +58,15 @@ def test_independent_prompts_have_exact_lengths_and_shared_prefixes(tmp_path: Pa
     path, body = chat.next_body("m")
     text = body["messages"][0]["content"]
     assert path == "/chat/completions" and text.startswith(" ") and len(text.split(" ")) == 51
+    vocab.update({f"{chr(97 + i)}{chr(97 + j)}": 2000 + 26 * i + j for i in range(26) for j in range(26)})
+    tok.write_text(json.dumps({"model": {"vocab": vocab}}))
+    lines = ic.Prompts("chat", isl=50, osl=4, groups=2, prefix_ratio=0.5, seed=2, tokenizer=tok, lines=4)
+    text = lines.next_body("m")[1]["messages"][0]["content"]
+    # 10 lines of 4 words and a newline: a word with no space first (a chunk boundary for the frontend's
+    # tokenizer cache), then words with one; 50 pieces, each one token
+    rows = text.split("\n")
+    assert len(rows) == 11 and rows[-1] == ""
+    assert all(len(r) == 2 + 3 * 3 and r[0] != " " and len(r.split(" ")) == 4 for r in rows[:-1])
 
 
 def test_the_independent_report_reads_as_a_summary() -> None:

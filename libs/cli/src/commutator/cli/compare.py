@@ -40,7 +40,7 @@ from commutator.cli.stacks import DYNAMO_VERSION, CommutatorStack, DynamoStack, 
 from commutator.cli.workloads import ChatWorkload, RequestSpec, SyntheticWorkload, TraceWorkload, generate_traces
 from commutator.engines.tiny_model import MODEL_NAME, ensure_tiny_model
 
-__all__ = ["SECTIONS", "add_arguments", "apply_quick", "derive_rates", "run_compare", "saturation"]
+__all__ = ["SECTIONS", "add_arguments", "apply_quick", "client_combos", "derive_rates", "run_compare", "saturation"]
 
 SECTIONS = ("overhead", "slow-stream", "clients", "routing")
 OVERHEAD_SPEEDUP = 100.0  # Dynamo's --speedup-ratio 0 behaves like 1, so "no delay" is compared at 100
@@ -48,6 +48,7 @@ OVERHEAD_CONCURRENCY = (1, 16, 64)
 OVERHEAD_ISL, OVERHEAD_OSL = 1000, 64
 SLOW_ISL, SLOW_OSL, SLOW_CONCURRENCY = 200, 256, 32
 CLIENTS_CONCURRENCY = 64
+CHAT_LINE_WORDS = 40  # words per line of the harness's chat prompts (workloads.ChatWorkload)
 ROUTING_TRACE = "prefix_heavy.jsonl"
 ROUTING_LENGTH_SCALE = 4.0  # 512-token blocks become 128 tokens: about 750-token prompts
 ROUTING_NUM_BLOCKS = 1024  # a small KV cache per worker, so that where a prefix lands matters
@@ -272,12 +273,23 @@ def _prompts(api: str, rep: int) -> Iterator[RequestSpec]:
     )
 
 
+def client_combos(apis: Sequence[str]) -> list[tuple[str, str]]:
+    """(client, API) pairs of the two-client section: the harness's client, the independent one with
+    one-line prompts, and for chat the independent one with prompts in lines like the harness's."""
+    combos = []
+    for api in apis:
+        combos += [("loadgen", api), ("independent", api)]
+        if api == "chat":
+            combos.append(("independent-lines", api))
+    return combos
+
+
 async def _clients(run: Run) -> None:
     """(d) each client in turn on the same stack, the order of the clients alternating too."""
     args = run.args
     tokenizer = ensure_tiny_model() / "tokenizer.json"
-    combos = [(client, api) for api in args.client_apis for client in ("loadgen", "independent")]
-    run.out["clients"]["concurrency"] = CLIENTS_CONCURRENCY
+    combos = client_combos(args.client_apis)
+    run.out["clients"].update(concurrency=CLIENTS_CONCURRENCY, combos=combos, line_words=CHAT_LINE_WORDS)
     for rep in range(args.client_reps):
         for name, make in run.systems(rep):
 
@@ -299,6 +311,7 @@ async def _clients(run: Run) -> None:
                             warmup_s=args.warmup,
                             tokenizer=tokenizer,
                             seed=rep,
+                            lines=CHAT_LINE_WORDS if client == "independent-lines" else 0,
                         )
                     _print("clients", rep, name, f"{client} {api}", run.record("clients", f"{name}/{client}/{api}", d))
 
@@ -342,11 +355,7 @@ def summary_table(out: dict[str, Any]) -> str:
         *((f"(a) open {float(f):.0%}", "open_loop", f) for f in out["open_loop"].get("rates", {})),
         *((f"(b) closed c={c}", "overhead", f"c{c}") for c in out["overhead"].get("concurrency", [])),
         ("(c) slow stream c=32", "slow_stream", "closed"),
-        *(
-            (f"(d) c=64 {c} {a}", "clients", f"{c}/{a}")
-            for a in out["settings"]["client_apis"]
-            for c in ("loadgen", "independent")
-        ),
+        *((f"(d) c=64 {c} {a}", "clients", f"{c}/{a}") for c, a in out["clients"].get("combos", [])),
     ]
     rows = []
     for label, section, key in keys:

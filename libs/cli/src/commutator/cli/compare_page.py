@@ -293,7 +293,7 @@ def _clients_lines(out: dict[str, Any]) -> list[str]:
     cl, st = out["clients"], out["settings"]
     if not cl.get("runs"):
         return []
-    combos = [(c, a) for a in st["client_apis"] for c in ("loadgen", "independent")]
+    combos: list[tuple[str, str]] = [(c, a) for c, a in cl.get("combos", [])]
     cols: list[Col] = [
         ("req/s", rps, 1),
         ("errors", errors, 0),
@@ -304,6 +304,7 @@ def _clients_lines(out: dict[str, Any]) -> list[str]:
         ("client % of a core", CLIENT_PCT, 0),
         ("stack CPU ms/req", STACK_MS, 2),
         ("frontend CPU ms/req", FE_MS, 2),
+        ("frontend % of a core", FE_PCT, 0),
         ("rest ms/req", _budget("other_ms"), 2),
         ("machine busy cores", _budget("cores_busy"), 2),
     ]
@@ -313,8 +314,10 @@ def _clients_lines(out: dict[str, Any]) -> list[str]:
         "",
         f"The harness's client (`loadgen`: uvloop, orjson) and `benchmarks/independent_client.py` (plain asyncio, "
         f"the standard json module, its own SSE parser), {st['clients_duration']:g} s each after {st['warmup']:g} s "
-        "of warm-up, on the same stack one after the other. API chat: text prompts of about 1,000 tokens "
-        "(75% a prefix shared within 32 groups); completions: the same as token ids. 64 tokens out.",
+        "of warm-up, on the same stack one after the other. API chat: text prompts of about 1,000 tokens, 75% "
+        "a prefix shared within 32 groups: `loadgen`'s in lines of 40 words from a 22-word list, `independent`'s "
+        "one line of the tokenizer's whole-word tokens, `independent-lines`' the same in lines of "
+        f"{cl.get('line_words', 40)} words; completions: token ids. 64 tokens out.",
         "",
         *_table(["client", "API", "system"], cols, rows),
         "",
@@ -322,6 +325,7 @@ def _clients_lines(out: dict[str, Any]) -> list[str]:
             "client, API",
             [
                 ("req/s", rps),
+                ("frontend CPU/req", FE_MS),
                 ("stack CPU/req", STACK_MS),
                 ("client CPU/req", CLIENT_MS),
                 ("stack + client + rest CPU/req", _budget("total_ms")),

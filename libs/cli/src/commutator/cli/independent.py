@@ -56,7 +56,11 @@ async def measure_independent(
     tokenizer: Path | None = None,
     seed: int = 0,
     uvloop: bool = False,
+    lines: int = 0,
 ) -> dict[str, Any]:
+    """Run the client against ``url`` (closed loop, ``concurrency``), reading the CPU of ``roles``, of the
+    client and of the machine over the client's measured window. ``lines``: chat prompts in lines of that
+    many words (0: one line)."""
     with tempfile.TemporaryDirectory(prefix="independent-client-") as tmp:
         out = Path(tmp) / "report.json"
         cmd = [
@@ -83,6 +87,8 @@ async def measure_independent(
             cmd += ["--tokenizer", str(tokenizer)]
         if uvloop:
             cmd.append("--uvloop")
+        if lines:
+            cmd += ["--lines", str(lines)]
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
@@ -119,6 +125,7 @@ async def measure_independent(
     n = max(1, rep["requests"])
     client_info = {
         "name": "independent",
+        "lines": lines,
         "loop": rep["loop"],
         "connections_opened": rep["connections_opened"],
         "connections_reused": rep["connections_reused"],
