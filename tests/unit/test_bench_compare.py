@@ -169,3 +169,8 @@ def test_splice_replaces_only_the_figures_region() -> None:
     assert compare_page.splice(new, "again") == new.replace("new figures", "again")
     with pytest.raises(ValueError):
         compare_page.splice("# no region\n", "x")
+
+
+def test_the_shipped_page_has_a_figures_region() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text()
+    assert doc.count(compare_page.BEGIN) == 1 and doc.count(compare_page.END) == 1
