@@ -380,11 +380,17 @@ def _routing_lines(out: dict[str, Any]) -> list[str]:
 def _machine_lines(out: dict[str, Any]) -> list[str]:
     m = out["machine"]
     before, after = m["loadavg_before"], m.get("loadavg_after", ())
+    st = out["settings"]
+    reps = {
+        "overhead": st["reps"],
+        "slow-stream": st["reps"],
+        "clients": st["client_reps"],
+        "routing": st["routing_reps"],
+    }
+    ran = ", ".join(f"{name} {reps[name]}" for name in out.get("sections", reps) if name in reps)
     lines = [
         f"Written by `make bench-compare` on {out['started'][:16].replace('T', ' ')} in "
-        f"{out['wall_s'] / 60:.1f} min; repetitions: {out['settings']['reps']} (two clients: "
-        f"{out['settings']['client_reps']}, routing: {out['settings']['routing_reps']}). Raw figures: "
-        "`build/bench-compare/compare.json`.",
+        f"{out['wall_s'] / 60:.1f} min; repetitions: {ran}. Raw figures: `{st['out']}/compare.json`.",
         "",
         f"- {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}",
         f"- NVIDIA Dynamo {out['dynamo_version']} (`ai-dynamo`, `ai-dynamo-runtime` from PyPI); {m['nats_server']}; "
