@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from commutator.cli.loadgen import RequestResult, summarize
+from commutator.cli.loadgen import RequestResult, arrival_offsets, summarize
 from commutator.cli.workloads import (
     ChatWorkload,
     ConversationWorkload,
+    RequestSpec,
     SyntheticWorkload,
     TraceWorkload,
     generate_traces,
@@ -107,3 +111,30 @@ def test_summary_statistics_and_goodput() -> None:
     assert s.itl_ms["p50"] == pytest.approx(10.0)  # (0.22 - 0.02) / 20
     assert s.cached_share == pytest.approx(50 / 300)
     assert s.goodput_per_s == 1.0  # the 500 ms TTFT misses the target; two of three meet both
+
+
+def specs(n: int | None = None, at: list[float] | None = None) -> Iterator[RequestSpec]:
+    i = 0
+    while n is None or i < n:
+        yield RequestSpec("/completions", {"n": i}, at_s=at[i] if at else None)
+        i += 1
+
+
+# -- the schedule --------------------------------------------------------------------------------
+def test_poisson_offsets_are_seeded_increasing_and_inside_the_window() -> None:
+    a = [t for t, _ in arrival_offsets(specs(), rate=50.0, duration_s=200.0, seed=3)]
+    b = [t for t, _ in arrival_offsets(specs(), rate=50.0, duration_s=200.0, seed=3)]
+    c = [t for t, _ in arrival_offsets(specs(), rate=50.0, duration_s=200.0, seed=4)]
+    assert a == b and a != c  # same seed, same offsets: both stacks get the same arrivals
+    assert all(x < y for x, y in itertools.pairwise(a)) and a[-1] <= 200.0
+    assert len(a) == pytest.approx(10_000, rel=0.05)
+    gaps = [y - x for x, y in zip([0.0, *a], a, strict=False)]
+    assert statistics.fmean(gaps) == pytest.approx(0.02, rel=0.05)
+    assert statistics.stdev(gaps) == pytest.approx(0.02, rel=0.1)  # exponential: sd = mean
+
+
+def test_offsets_follow_a_trace_or_go_all_at_once_and_stop_when_specs_do() -> None:
+    got = list(arrival_offsets(specs(4, at=[0.0, 0.5, 1.5, 3.0]), rate=None, duration_s=2.0))
+    assert [t for t, _ in got] == [0.0, 0.5, 1.5] and [s.body["n"] for _, s in got] == [0, 1, 2]
+    assert [t for t, _ in arrival_offsets(specs(3), rate=None, duration_s=None)] == [0.0, 0.0, 0.0]
+    assert len(list(arrival_offsets(specs(5), rate=1000.0, duration_s=None))) == 5

@@ -9,26 +9,14 @@ commutator bench gen-traces [DIR]                                     # the ship
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import shlex
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from commutator.cli import report
-from commutator.cli.loadgen import (
-    RequestResult,
-    Summary,
-    run_closed_loop,
-    run_conversations,
-    run_open_loop,
-    summarize,
-)
-from commutator.cli.stacks import DYNAMO_VERSION, CommutatorStack, DynamoStack, Stack, cpu_seconds, ensure_dynamo
+from commutator.cli import compare, report
+from commutator.cli.measure import Measured, measure
+from commutator.cli.stacks import CommutatorStack, DynamoStack, Stack, ensure_dynamo
 from commutator.cli.workloads import (
     ChatWorkload,
     ConversationWorkload,
@@ -39,7 +27,7 @@ from commutator.cli.workloads import (
 )
 from commutator.engines.tiny_model import MODEL_NAME
 
-__all__ = ["add_parser", "main"]
+__all__ = ["Measured", "add_parser", "main", "measure"]
 
 
 def add_parser(sub: Any) -> None:
@@ -87,12 +75,7 @@ def add_parser(sub: Any) -> None:
     out.add_argument("--label", default="", help="name of this run in tables")
 
     cmp_ = bsub.add_parser("compare", help="Commutator vs NVIDIA Dynamo 1.6.1, same machine, same workloads")
-    cmp_.add_argument("--reps", type=int, default=3, help="repetitions, each on freshly started stacks")
-    cmp_.add_argument("--out", type=Path, default=Path("build/bench-compare"))
-    cmp_.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"), help="results page to rewrite")
-    cmp_.add_argument("--overhead-duration", type=float, default=6.0, help="seconds per concurrency level")
-    cmp_.add_argument("--routing-duration", type=float, default=25.0, help="seconds of trace replayed")
-    cmp_.add_argument("--only", choices=("overhead", "routing"), help="run one of the two comparisons")
+    compare.add_arguments(cmp_)
 
     gen = bsub.add_parser("gen-traces", help="write the shipped workload set (Mooncake format)")
     gen.add_argument("out", nargs="?", type=Path, default=Path("benchmarks/traces"))
@@ -107,31 +90,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.bench_command == "run":
         return uvloop.run(_run(args))
-    return uvloop.run(_compare(args))
+    return uvloop.run(compare.run_compare(args))
 
 
 # -- one run --------------------------------------------------------------------------------------
-def _progress(total: int | None, desc: str) -> Callable[[RequestResult], None]:
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit="req",
-        mininterval=0.5,
-        file=sys.stderr,
-        leave=False,
-        disable=not sys.stderr.isatty(),
-    )
-
-    def update(r: RequestResult) -> None:
-        bar.update(1)
-        if not r.ok:
-            bar.set_postfix_str(f"last error: {r.error}")
-
-    return update
-
-
 def _workload(args: argparse.Namespace) -> Iterator[RequestSpec] | ConversationWorkload | TraceWorkload:
     if args.workload == "chat":
         return ChatWorkload(
@@ -159,84 +121,9 @@ def _workload(args: argparse.Namespace) -> Iterator[RequestSpec] | ConversationW
     )
 
 
-@dataclass
-class Measured:
-    summary: Summary
-    results: list[RequestResult]
-    frontend_cpu_ms_per_req: float | None
-    workers_cpu_pct: float | None
-    loadgen_cpu_pct: float
-    other_cpu_pct: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "summary": self.summary.as_dict(),
-            "frontend_cpu_ms_per_req": self.frontend_cpu_ms_per_req,
-            "workers_cpu_pct": self.workers_cpu_pct,
-            "loadgen_cpu_pct": self.loadgen_cpu_pct,
-            "other_cpu_pct": self.other_cpu_pct,
-            **self.extra,
-        }
-
-
-async def measure(
-    url: str,
-    model: str,
-    workload: Iterator[RequestSpec] | ConversationWorkload | TraceWorkload,
-    *,
-    concurrency: int | None = None,
-    rate: float | None = None,
-    duration_s: float = 30.0,
-    max_requests: int | None = None,
-    warmup_s: float = 3.0,
-    frontend_pid: int | None = None,
-    worker_pids: list[int] | None = None,
-    ttft_slo_ms: float | None = None,
-    itl_slo_ms: float | None = None,
-    desc: str = "",
-) -> Measured:
-    """Warm up (discarded), then measure one load level; CPU of frontend, workers, load generator and the rest."""
-    if warmup_s > 0 and not isinstance(workload, ConversationWorkload | TraceWorkload):
-        await run_closed_loop(url, model, workload, concurrency=concurrency or 4, duration_s=warmup_s)
-    f0 = cpu_seconds(frontend_pid) if frontend_pid else 0.0
-    w0 = sum(cpu_seconds(p) for p in worker_pids or [])
-    m0, l0 = report.machine_busy_seconds(), time.process_time()
-    progress = _progress(max_requests, desc)
-    if isinstance(workload, ConversationWorkload):
-        results, wall = await run_conversations(url, model, workload, on_result=progress)
-    elif isinstance(workload, TraceWorkload):
-        results, wall = await run_open_loop(url, model, workload, on_result=progress)
-    elif rate:
-        results, wall = await run_open_loop(url, model, workload, rate=rate, duration_s=duration_s, on_result=progress)
-    else:
-        results, wall = await run_closed_loop(
-            url,
-            model,
-            workload,
-            concurrency=concurrency or 1,
-            duration_s=duration_s,
-            max_requests=max_requests,
-            on_result=progress,
-        )
-    f1 = cpu_seconds(frontend_pid) if frontend_pid else 0.0
-    w1 = sum(cpu_seconds(p) for p in worker_pids or [])
-    m1, l1 = report.machine_busy_seconds(), time.process_time()
-    s = summarize(results, wall, ttft_slo_ms=ttft_slo_ms, itl_slo_ms=itl_slo_ms)
-    ours = (f1 - f0) + (w1 - w0) + (l1 - l0)
-    return Measured(
-        summary=s,
-        results=results,
-        frontend_cpu_ms_per_req=(f1 - f0) * 1000 / s.requests if frontend_pid and s.requests else None,
-        workers_cpu_pct=100 * (w1 - w0) / wall if worker_pids else None,
-        loadgen_cpu_pct=100 * (l1 - l0) / wall,
-        other_cpu_pct=max(0.0, 100 * ((m1 - m0) - ours) / wall),
-    )
-
-
 async def _run(args: argparse.Namespace) -> int:
     stack: Stack | None = None
-    url, frontend_pid, worker_pids = args.url, args.frontend_pid, None
+    url, frontend_pid, roles = args.url, args.frontend_pid, None
     try:
         if args.launch:
             if args.launch == "dynamo":
@@ -256,8 +143,7 @@ async def _run(args: argparse.Namespace) -> int:
                 )
             await stack.start()
             url = stack.base_url
-            frontend_pid = stack.frontend.pid if stack.frontend else None
-            worker_pids = stack.worker_pids()
+            roles = stack.roles()
         m = await measure(
             url,
             args.model,
@@ -268,7 +154,7 @@ async def _run(args: argparse.Namespace) -> int:
             max_requests=args.requests,
             warmup_s=args.warmup,
             frontend_pid=frontend_pid,
-            worker_pids=worker_pids,
+            roles=roles,
             ttft_slo_ms=args.ttft_slo_ms,
             itl_slo_ms=args.itl_slo_ms,
             desc=args.workload,
@@ -283,6 +169,14 @@ async def _run(args: argparse.Namespace) -> int:
         f"load generator CPU {m.loadgen_cpu_pct:.0f}%, other CPU on the machine {m.other_cpu_pct:.0f}%"
         + (f", workers {m.workers_cpu_pct:.0f}%" if m.workers_cpu_pct is not None else "")
     )
+    if m.cpu:
+        print(
+            "CPU per request by process: "
+            + ", ".join(
+                f"{label} {v['ms_per_req'] or 0:.2f} ms ({v['pct_core'] or 0:.0f}% of a core)"
+                for label, v in m.cpu["roles"].items()
+            )
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(
         args.out / "results.json",
@@ -298,313 +192,3 @@ async def _run(args: argparse.Namespace) -> int:
     report.plot_over_time(args.out / "throughput.png", {label: m.results}, "Throughput over time")
     print(f"results in {args.out}/ (results.json, results.md, ttft.png, throughput.png)")
     return 0 if m.summary.requests else 1
-
-
-# -- the comparison ------------------------------------------------------------------------------
-OVERHEAD_SPEEDUP = 100.0  # Dynamo's --speedup-ratio 0 behaves like 1, so "no delay" is compared at 100
-OVERHEAD_CONCURRENCY = (1, 16, 64)
-ROUTING_TRACE = "prefix_heavy.jsonl"
-ROUTING_LENGTH_SCALE = 4.0  # 512-token blocks become 128 tokens: about 750-token prompts
-ROUTING_NUM_BLOCKS = 1024  # a small KV cache per worker, so that where a prefix lands matters
-
-
-async def _with_stack(stack: Stack, fn: Callable[[Stack], Any]) -> Any:
-    await stack.start()
-    try:
-        return await fn(stack)
-    finally:
-        await stack.stop()
-
-
-async def _compare(args: argparse.Namespace) -> int:
-    t_start = time.monotonic()
-    dyn_py = ensure_dynamo()
-    root = Path.cwd()
-    traces = root / "benchmarks" / "traces"
-    if not (traces / ROUTING_TRACE).is_file():
-        generate_traces(traces)
-    machine = report.machine_info()
-    out: dict[str, Any] = {
-        "machine": machine,
-        "dynamo_version": DYNAMO_VERSION,
-        "started": dt.datetime.now().isoformat(),
-        "overhead": {},
-        "routing": {},
-    }
-    systems: list[tuple[str, Callable[..., Stack]]] = [
-        ("commutator", lambda **kw: CommutatorStack(**kw)),
-        ("dynamo", lambda **kw: DynamoStack(dyn_py, **kw)),
-    ]
-    samples: dict[str, list[RequestResult]] = {}
-
-    if args.only in (None, "overhead"):
-        for rep in range(args.reps):
-            order = systems if rep % 2 == 0 else systems[::-1]  # alternate who goes first
-            for name, make in order:
-
-                async def overhead(stack: Stack, name: str = name, rep: int = rep) -> None:
-                    for conc in OVERHEAD_CONCURRENCY:
-                        wl = ChatWorkload(isl=1000, osl=64, prefix_groups=32, prefix_ratio=0.75, seed=rep)
-                        m = await measure(
-                            stack.base_url,
-                            MODEL_NAME,
-                            wl,
-                            concurrency=conc,
-                            duration_s=args.overhead_duration,
-                            warmup_s=2.0,
-                            frontend_pid=stack.frontend.pid if stack.frontend else None,
-                            worker_pids=stack.worker_pids(),
-                            desc=f"{name} c={conc}",
-                        )
-                        out["overhead"].setdefault(f"{name}/c{conc}", []).append(m.as_dict())
-                        if conc == 16:
-                            samples.setdefault(f"overhead {name} c=16", []).extend(m.results)
-                        print(
-                            f"  overhead rep {rep + 1} {name:<10} c={conc:<3} {m.summary.requests_per_s:7.1f} req/s "
-                            f"TTFT p50 {m.summary.ttft_ms['p50']:6.1f} ms  FE CPU/req "
-                            f"{m.frontend_cpu_ms_per_req or 0:5.2f} ms",
-                            flush=True,
-                        )
-
-                await _with_stack(make(speedup=OVERHEAD_SPEEDUP, router_mode="kv"), overhead)
-
-    if args.only in (None, "routing"):
-        for rep in range(args.reps):
-            for mode in ("kv", "round-robin"):
-                order = systems if rep % 2 == 0 else systems[::-1]
-                for name, make in order:
-
-                    async def routing(stack: Stack, name: str = name, mode: str = mode, rep: int = rep) -> None:
-                        wl = TraceWorkload(
-                            traces / ROUTING_TRACE,
-                            length_scale=ROUTING_LENGTH_SCALE,
-                            max_duration_s=args.routing_duration,
-                        )
-                        m = await measure(
-                            stack.base_url,
-                            MODEL_NAME,
-                            wl,
-                            warmup_s=0,
-                            frontend_pid=stack.frontend.pid if stack.frontend else None,
-                            worker_pids=stack.worker_pids(),
-                            desc=f"{name} {mode}",
-                        )
-                        out["routing"].setdefault(f"{name}/{mode}", []).append(m.as_dict())
-                        if rep == 0:
-                            samples.setdefault(f"routing {name} {mode}", []).extend(m.results)
-                        print(
-                            f"  routing  rep {rep + 1} {name:<10} {mode:<11} TTFT p50 "
-                            f"{m.summary.ttft_ms['p50']:7.1f} ms p99 {m.summary.ttft_ms['p99']:7.1f} ms "
-                            f"cached {m.summary.cached_share:5.1%}",
-                            flush=True,
-                        )
-
-                    stack = make(speedup=1.0, router_mode=mode, num_blocks=ROUTING_NUM_BLOCKS)
-                    await _with_stack(stack, routing)
-
-    out["finished"] = dt.datetime.now().isoformat()
-    out["wall_s"] = time.monotonic() - t_start
-    machine["loadavg_after"] = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.write_json(args.out / "compare.json", out)
-    plots = _plots(args.out, samples)
-    page = _page(out, plots, args)
-    (args.out / "compare.md").write_text(page)
-    args.docs.parent.mkdir(parents=True, exist_ok=True)
-    args.docs.write_text(page)
-    docs_plots = args.docs.parent / "benchmarks"
-    docs_plots.mkdir(parents=True, exist_ok=True)
-    for p in plots:
-        (docs_plots / p.name).write_bytes(p.read_bytes())
-    print(page)
-    print(f"wrote {args.out}/compare.json, {args.out}/compare.md, {args.docs} ({out['wall_s'] / 60:.1f} min)")
-    return 0
-
-
-def _med(runs: list[dict[str, Any]], getter: Callable[[dict[str, Any]], float | None]) -> tuple[float, float, float]:
-    return report.median_spread([getter(r) for r in runs])  # type: ignore[misc]
-
-
-def _cell(m: tuple[float, float, float], digits: int = 1, unit: str = "") -> str:
-    med, lo, hi = m
-    if med != med:  # nan
-        return "-"
-    return f"{med:,.{digits}f}{unit} [{lo:,.{digits}f}-{hi:,.{digits}f}]"
-
-
-def _ratio(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
-    if a[0] != a[0] or b[0] != b[0] or not b[0]:
-        return "-"
-    return f"{a[0] / b[0]:.2f}"
-
-
-Getter = Callable[[dict[str, Any]], "float | None"]
-_RPS: Getter = lambda r: r["summary"]["requests_per_s"]  # noqa: E731
-_TTFT50: Getter = lambda r: r["summary"]["ttft_ms"]["p50"]  # noqa: E731
-_TTFT99: Getter = lambda r: r["summary"]["ttft_ms"]["p99"]  # noqa: E731
-_ITL50: Getter = lambda r: r["summary"]["itl_ms"]["p50"]  # noqa: E731
-_FE_CPU: Getter = lambda r: r["frontend_cpu_ms_per_req"]  # noqa: E731
-_CACHED: Getter = lambda r: r["summary"]["cached_share"]  # noqa: E731
-
-
-def _ratios(a: list[dict[str, Any]], b: list[dict[str, Any]], getter: Getter) -> str:
-    """Median of ours over median of theirs."""
-    return _ratio(_med(a, getter), _med(b, getter))
-
-
-def _plots(out_dir: Path, samples: dict[str, list[RequestResult]]) -> list[Path]:
-    paths = []
-    over = {
-        k.replace("overhead ", ""): [r.ttft_s * 1000 for r in v if r.ok and r.ttft_s is not None]
-        for k, v in samples.items()
-        if k.startswith("overhead")
-    }
-    if over:
-        p = out_dir / "overhead_ttft_c16.png"
-        report.plot_latency_cdf(p, over, "TTFT, overhead workload, concurrency 16 (all repetitions)", "ms")
-        paths.append(p)
-    rout = {
-        k.replace("routing ", ""): [r.ttft_s * 1000 for r in v if r.ok and r.ttft_s is not None]
-        for k, v in samples.items()
-        if k.startswith("routing")
-    }
-    if rout:
-        p = out_dir / "routing_ttft.png"
-        report.plot_latency_cdf(p, rout, "TTFT, prefix-heavy trace at speed-up 1 (first repetition)", "ms")
-        paths.append(p)
-        p = out_dir / "routing_throughput.png"
-        report.plot_over_time(
-            p,
-            {k.replace("routing ", ""): v for k, v in samples.items() if k.startswith("routing")},
-            "Output tokens per second, prefix-heavy trace (first repetition)",
-        )
-        paths.append(p)
-    return paths
-
-
-def _page(out: dict[str, Any], plots: list[Path], args: argparse.Namespace) -> str:
-    m = out["machine"]
-    lines = [
-        "# Benchmarks: Commutator vs NVIDIA Dynamo",
-        "",
-        f"Regenerated by `make bench-compare` (`commutator bench compare`) on {out['started'][:16].replace('T', ' ')}; "
-        f"took {out['wall_s'] / 60:.1f} min. Medians of {args.reps} repetitions, each on freshly started stacks, "
-        "with [min-max] across repetitions; ratios are ours / theirs from this same run.",
-        "",
-        "## Machine and versions",
-        "",
-        f"- {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}",
-        f"- Commutator (this repository), NVIDIA Dynamo {out['dynamo_version']} (`ai-dynamo`, `ai-dynamo-runtime` "
-        "from PyPI, in `build/dynamo-venv`)",
-        f"- {m['nats_server']}; {m['etcd']}",
-        f"- load average before {tuple(round(x, 2) for x in m['loadavg_before'])}, after "
-        f"{tuple(round(x, 2) for x in m.get('loadavg_after', ()))}",
-        "",
-        "Both stacks: one frontend process and two mocker worker processes on this machine, the tiny model, "
-        "block size 64, 256 sequences and 8192 batched tokens per pass, the same timing model. Commutator: "
-        "etcd + nats-server, KV router embedded in the frontend. Dynamo: file discovery, its Rust frontend and "
-        "mocker. The load generator runs on the same 2 cores; its CPU is reported.",
-        "",
-    ]
-    if out["overhead"]:
-        lines += [
-            "## Overhead",
-            "",
-            f"Mocker speed-up {OVERHEAD_SPEEDUP:g} (Dynamo's speed-up 0 behaves like 1), streaming chat requests of "
-            "about 1,000 prompt tokens (75% a prefix shared within 32 groups), 64 output tokens, closed loop, "
-            f"keep-alive connections, {args.overhead_duration:g} s per level after a 2 s warm-up. Closed loop: the "
-            "faster stack also loads its workers more, so TTFT at concurrency 16 and 64 is compared at different "
-            "throughputs. Commutator's workers coalesce tokens made less than 2 ms apart into one message "
-            '(`--stream-interval-ms`, its default); Dynamo sends a message per token. "Other CPU" is everything '
-            "else on the machine (for Commutator: etcd and nats-server).",
-            "",
-            "| system | conc | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | frontend CPU ms/req "
-            "| load-gen CPU % | other CPU % |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for conc in OVERHEAD_CONCURRENCY:
-            for name in ("commutator", "dynamo"):
-                runs = out["overhead"].get(f"{name}/c{conc}", [])
-                if not runs:
-                    continue
-                lines.append(
-                    f"| {name} | {conc} | {_cell(_med(runs, lambda r: r['summary']['requests_per_s']))} "
-                    f"| {_cell(_med(runs, lambda r: r['summary']['output_tokens_per_s']), 0)} "
-                    f"| {_cell(_med(runs, lambda r: r['summary']['ttft_ms']['p50']))} "
-                    f"| {_cell(_med(runs, lambda r: r['summary']['ttft_ms']['p99']))} "
-                    f"| {_cell(_med(runs, lambda r: r['summary']['itl_ms']['p50']), 2)} "
-                    f"| {_cell(_med(runs, lambda r: r['frontend_cpu_ms_per_req']), 2)} "
-                    f"| {_cell(_med(runs, lambda r: r['loadgen_cpu_pct']), 0)} "
-                    f"| {_cell(_med(runs, lambda r: r['other_cpu_pct']), 0)} |"
-                )
-        lines += [
-            "",
-            "Ratios, Commutator / Dynamo (medians):",
-            "",
-            "| conc | req/s | TTFT p50 | TTFT p99 | ITL p50 | frontend CPU/req | cached share |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for conc in OVERHEAD_CONCURRENCY:
-            a, b = out["overhead"].get(f"commutator/c{conc}", []), out["overhead"].get(f"dynamo/c{conc}", [])
-            if not a or not b:
-                continue
-            cells = [_ratios(a, b, g) for g in (_RPS, _TTFT50, _TTFT99, _ITL50, _FE_CPU, _CACHED)]
-            lines.append(f"| {conc} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if out["routing"]:
-        lines += [
-            "## Routing quality",
-            "",
-            f"The shipped prefix-heavy trace (`benchmarks/traces/{ROUTING_TRACE}`, Mooncake format, 120 shared "
-            f"prefixes of 3-8 blocks with Zipf-like popularity, 20 requests/s) replayed open-loop for "
-            f"{args.routing_duration:g} s at its "
-            f"own pace, lengths divided by {ROUTING_LENGTH_SCALE:g} (about 750-token prompts), mocker speed-up 1, "
-            f"a KV cache of {ROUTING_NUM_BLOCKS} blocks per worker so that placement matters; kv routing vs "
-            "round-robin on both systems. Both start with empty caches (fresh stacks, no warm-up: the cold start "
-            "is part of the workload).",
-            "",
-            "| system | router | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | cached share | frontend CPU ms/req |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for mode in ("kv", "round-robin"):
-            for name in ("commutator", "dynamo"):
-                runs = out["routing"].get(f"{name}/{mode}", [])
-                if not runs:
-                    continue
-                lines.append(
-                    f"| {name} | {mode} | {_cell(_med(runs, lambda r: r['summary']['requests_per_s']))} "
-                    f"| {_cell(_med(runs, lambda r: r['summary']['ttft_ms']['p50']))} "
-                    f"| {_cell(_med(runs, lambda r: r['summary']['ttft_ms']['p99']))} "
-                    f"| {_cell(_med(runs, lambda r: r['summary']['itl_ms']['p50']), 2)} "
-                    f"| {_cell(_med(runs, lambda r: 100 * r['summary']['cached_share']), 1, '%')} "
-                    f"| {_cell(_med(runs, lambda r: r['frontend_cpu_ms_per_req']), 2)} |"
-                )
-        lines += [
-            "",
-            "Ratios, Commutator / Dynamo (medians):",
-            "",
-            "| router | req/s | TTFT p50 | TTFT p99 | ITL p50 | frontend CPU/req | cached share |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for mode in ("kv", "round-robin"):
-            a, b = out["routing"].get(f"commutator/{mode}", []), out["routing"].get(f"dynamo/{mode}", [])
-            if not a or not b:
-                continue
-            cells = [_ratios(a, b, g) for g in (_RPS, _TTFT50, _TTFT99, _ITL50, _FE_CPU, _CACHED)]
-            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p.stem}](benchmarks/{p.name})" for p in plots] + [""]
-    lines += [
-        "## Reproduce",
-        "",
-        "```bash",
-        "make bench-compare          # both comparisons, 3 repetitions (about 8 minutes on 2 cores)",
-        "commutator bench compare --only overhead --reps 5",
-        "commutator bench run --launch commutator --workload trace --trace benchmarks/traces/prefix_heavy.jsonl",
-        "```",
-        "",
-        "Raw per-repetition figures: `build/bench-compare/compare.json`.",
-        "",
-    ]
-    return "\n".join(lines)

@@ -6,7 +6,8 @@ trace) or as a Poisson process at a given rate, however many are in flight.
 Per request it records the time to the first content chunk (TTFT), the
 gaps between chunks, the per-token decode time (TPOT: time after the first
 chunk over the remaining tokens), the tokens and cached tokens from ``usage``,
-and errors by kind. Connections are kept alive.
+and errors by kind. Connections are kept alive; ``ClientCounters``, when
+given, counts connections opened and reused, SSE events and bytes read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,42 @@ import aiohttp
 import orjson
 from commutator.cli.workloads import ConversationWorkload, RequestSpec
 
-__all__ = ["RequestResult", "Summary", "run_closed_loop", "run_conversations", "run_open_loop", "summarize"]
+__all__ = [
+    "ClientCounters",
+    "RequestResult",
+    "Summary",
+    "arrival_offsets",
+    "run_closed_loop",
+    "run_conversations",
+    "run_open_loop",
+    "summarize",
+]
+
+
+@dataclass(slots=True)
+class ClientCounters:
+    """What the client did on the wire: connections opened and reused, SSE data lines, bytes of lines."""
+
+    connections_opened: int = 0
+    connections_reused: int = 0
+    sse_events: int = 0
+    bytes_read: int = 0
+
+    def trace_config(self) -> aiohttp.TraceConfig:
+        tc = aiohttp.TraceConfig()
+
+        async def opened(*_: Any) -> None:
+            self.connections_opened += 1
+
+        async def reused(*_: Any) -> None:
+            self.connections_reused += 1
+
+        tc.on_connection_create_end.append(opened)
+        tc.on_connection_reuseconn.append(reused)
+        return tc
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 @dataclass(slots=True)
@@ -38,6 +74,7 @@ class RequestResult:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    send_lag_s: float = 0.0  # open loop: how late the client sent it
 
     @property
     def tpot_s(self) -> float | None:
@@ -59,6 +96,8 @@ class Summary:
     chunk_ms: dict[str, float]
     cached_share: float
     goodput_per_s: float | None = None
+    prompt_tokens_per_req: float = 0.0
+    send_lag_ms: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,10 +148,14 @@ def summarize(
         chunk_ms=_dist(gaps),
         cached_share=sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
         goodput_per_s=goodput,
+        prompt_tokens_per_req=prompt / len(ok) if ok else 0.0,
+        send_lag_ms=_dist([r.send_lag_s * 1000 for r in results]),
     )
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> RequestResult:
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], counters: ClientCounters | None = None
+) -> RequestResult:
     start = time.perf_counter()
     result = RequestResult(ok=False, start=start, end=start)
     try:
@@ -123,8 +166,12 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
                 return result
             last = None
             async for line in resp.content:
+                if counters is not None:
+                    counters.bytes_read += len(line)
                 if not line.startswith(b"data: "):
                     continue
+                if counters is not None:
+                    counters.sse_events += 1
                 payload = line[6:].strip()
                 if payload == b"[DONE]":
                     break
@@ -155,9 +202,13 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
     return result
 
 
-def _session(limit: int) -> aiohttp.ClientSession:
+def _session(limit: int, counters: ClientCounters | None = None) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=True)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=600))
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
+        trace_configs=[counters.trace_config()] if counters is not None else None,
+    )
 
 
 def _body(spec: RequestSpec, model: str) -> dict[str, Any]:
@@ -173,6 +224,7 @@ async def run_closed_loop(
     duration_s: float | None = None,
     max_requests: int | None = None,
     on_result: Callable[[RequestResult], None] | None = None,
+    counters: ClientCounters | None = None,
 ) -> tuple[list[RequestResult], float]:
     """``concurrency`` clients until ``duration_s`` or ``max_requests``. Returns the results and the wall time."""
     base = base_url.rstrip("/")
@@ -180,7 +232,7 @@ async def run_closed_loop(
     sent = 0
     t0 = time.perf_counter()
     stop_at = t0 + duration_s if duration_s else None
-    async with _session(concurrency) as session:
+    async with _session(concurrency, counters) as session:
 
         async def client() -> None:
             nonlocal sent
@@ -190,13 +242,31 @@ async def run_closed_loop(
                     spec = next(specs)
                 except StopIteration:
                     return
-                r = await _one(session, base + spec.path, _body(spec, model))
+                r = await _one(session, base + spec.path, _body(spec, model), counters)
                 results.append(r)
                 if on_result is not None:
                     on_result(r)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
     return results, time.perf_counter() - t0
+
+
+def arrival_offsets(
+    specs: Iterable[RequestSpec], *, rate: float | None, duration_s: float | None, seed: int = 0
+) -> Iterator[tuple[float, RequestSpec]]:
+    """When to send each request, in seconds from the start: its own ``at_s`` (a trace), else a Poisson
+    process of ``rate`` per second (exponential gaps from ``random.Random(seed)``: the same seed gives the
+    same offsets), else all at once. Stops before the first offset past ``duration_s``."""
+    rng = random.Random(seed)
+    at = 0.0
+    for spec in specs:
+        if spec.at_s is not None:
+            at = spec.at_s
+        elif rate:
+            at += rng.expovariate(rate)
+        if duration_s is not None and at > duration_s:
+            return
+        yield at, spec
 
 
 async def run_open_loop(
@@ -208,36 +278,32 @@ async def run_open_loop(
     duration_s: float | None = None,
     seed: int = 0,
     on_result: Callable[[RequestResult], None] | None = None,
+    counters: ClientCounters | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Send each request at its ``at_s`` (a trace), or as a Poisson process of ``rate`` per second.
+    """Send each request at its offset from ``arrival_offsets``, however many are in flight.
 
-    Returns when every sent request has finished.
+    Returns when every sent request has finished. A request sent later than its offset (the client
+    itself short of CPU) carries the delay in ``RequestResult.send_lag_s``.
     """
     base = base_url.rstrip("/")
     results: list[RequestResult] = []
-    rng = random.Random(seed)
     tasks: set[asyncio.Task[None]] = set()
     t0 = time.perf_counter()
-    async with _session(10_000) as session:
+    async with _session(10_000, counters) as session:
 
-        async def send(spec: RequestSpec) -> None:
-            r = await _one(session, base + spec.path, _body(spec, model))
+        async def send(spec: RequestSpec, lag_s: float) -> None:
+            r = await _one(session, base + spec.path, _body(spec, model), counters)
+            r.send_lag_s = lag_s
             results.append(r)
             if on_result is not None:
                 on_result(r)
 
-        next_at = 0.0
-        for spec in specs:
-            if spec.at_s is not None:
-                next_at = spec.at_s
-            elif rate:
-                next_at += rng.expovariate(rate)
-            if duration_s is not None and next_at > duration_s:
-                break
-            delay = t0 + next_at - time.perf_counter()
+        for at, spec in arrival_offsets(specs, rate=rate, duration_s=duration_s, seed=seed):
+            delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.get_running_loop().create_task(send(spec))
+            lag = max(0.0, time.perf_counter() - t0 - at)
+            task = asyncio.get_running_loop().create_task(send(spec, lag))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:

@@ -27,10 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+from commutator.cli.cpu import Role
 from commutator.common.local_servers import EtcdProcess, NatsProcess, free_port
 from commutator.engines.tiny_model import MODEL_NAME, ensure_tiny_model
 
-__all__ = ["DYNAMO_VERSION", "CommutatorStack", "DynamoStack", "Stack", "cpu_seconds", "ensure_dynamo"]
+__all__ = ["DYNAMO_VERSION", "CommutatorStack", "DynamoStack", "Stack", "cpu_seconds", "ensure_dynamo", "repo_root"]
 
 DYNAMO_VERSION = "1.6.1"
 MOCKER = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_batched_tokens": 8192}
@@ -43,7 +44,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _repo_root() -> Path:
+def repo_root() -> Path:
     here = Path(__file__).resolve()
     for p in here.parents:
         if (p / "uv.lock").is_file() and (p / "benchmarks").is_dir():
@@ -53,7 +54,7 @@ def _repo_root() -> Path:
 
 def ensure_dynamo(build_dir: Path | None = None, log: Callable[[str], object] = print) -> Path:
     """The python of a venv holding Dynamo, installed there first if needed."""
-    build = build_dir or _repo_root() / "build"
+    build = build_dir or repo_root() / "build"
     venv = build / "dynamo-venv"
     py = venv / "bin" / "python"
     marker = venv / f".dynamo-{DYNAMO_VERSION}"
@@ -67,7 +68,7 @@ def ensure_dynamo(build_dir: Path | None = None, log: Callable[[str], object] = 
     subprocess.run(
         [*pip, "--no-deps", f"ai-dynamo=={DYNAMO_VERSION}", f"ai-dynamo-runtime=={DYNAMO_VERSION}"], check=True
     )
-    reqs = _repo_root() / "benchmarks" / "dynamo-requirements.txt"
+    reqs = repo_root() / "benchmarks" / "dynamo-requirements.txt"
     subprocess.run([*pip, "-r", str(reqs)], check=True)
     subprocess.run([str(py), "-c", "import dynamo.frontend, dynamo.mocker"], check=True)
     marker.write_text(DYNAMO_VERSION + "\n")
@@ -129,16 +130,31 @@ class Stack:
         self.frontend: subprocess.Popen[bytes] | None = None
         self._log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
         self._logs: list[object] = []
+        self._labels: dict[int, str] = {}
 
     def _spawn(self, cmd: list[str], env: dict[str, str], label: str) -> subprocess.Popen[bytes]:
         log = open(self._log_dir / f"{label}-{len(self.procs)}.log", "wb")
         self._logs.append(log)
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
+        self._labels[p.pid] = label
         return p
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.procs if p is not self.frontend]
+
+    def roles(self) -> list[Role]:
+        """Every process of the stack, for CPU accounting: the frontend, each worker ("worker 1",
+        "prefill 1", "mocker 1": the name its log has), then the rest."""
+        out = [Role("frontend", "frontend", self.frontend.pid)] if self.frontend else []
+        seen: dict[str, int] = {}
+        for p in self.procs:
+            if p is self.frontend:
+                continue
+            label = self._labels.get(p.pid, "worker")
+            seen[label] = seen.get(label, 0) + 1
+            out.append(Role(f"{label} {seen[label]}", "worker", p.pid))
+        return out
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -214,6 +230,13 @@ class CommutatorStack(Stack):
             "frontend",
         )
         await _wait_serving(self.base_url, self.procs)
+
+    def roles(self) -> list[Role]:
+        out = super().roles()
+        for label, server in (("etcd", self.etcd), ("nats-server", self.nats)):
+            if server.proc is not None:
+                out.append(Role(label, "infra", server.proc.pid))
+        return out
 
     async def stop(self) -> None:
         await super().stop()
