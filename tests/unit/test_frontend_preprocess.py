@@ -116,3 +116,47 @@ def test_no_chat_template_is_a_clear_error(tmp_path) -> None:  # type: ignore[no
     with pytest.raises(PreprocessError, match="no chat template"):
         pre.chat_token_ids([{"role": "user", "content": "x"}])
     assert isinstance(pre.tokenizer, Tokenizer)
+
+
+# -- the chunk cache of prompt tokenization ------------------------------------------------------
+def _random_text(rng, n_words: int) -> str:  # type: ignore[no-untyped-def]
+    words = ["alpha", "Beta", "näive", "日本", "🌍", "7", "3.5", "it's", "(x)", "a_b", "--", "é", "ok.", "Über"]
+    seps = [" ", " ", "  ", "\t", " \t", "\n", "\n  ", "\n\n", " \n", ", ", "   "]  # "\n\n": paragraphs
+    return "".join(rng.choice(words) + rng.choice(seps) for _ in range(n_words))
+
+
+def test_chunked_tokenization_equals_whole_text_tokenization(tiny: Preprocessor) -> None:
+    import random
+
+    enc = tiny.encoder
+    assert enc is not None and enc.enabled  # byte-level BPE without a prefix space: cuts are exact
+    rng = random.Random(3)
+    shared = _random_text(rng, 400)
+    for i in range(120):
+        text = (shared if i % 2 else "") + _random_text(rng, rng.randrange(50, 700))
+        if i % 3 == 0:
+            text = text.replace("\n", " ")  # one-line prompts are cut at spaces
+        assert enc.encode(text) == tiny.tokenizer.encode(text, add_special_tokens=False).ids, f"text {i}"
+
+
+def test_one_line_prompts_sharing_a_prefix_share_its_chunks(tiny: Preprocessor) -> None:
+    from commutator.frontend.preprocess import ChunkedEncoder
+
+    enc = ChunkedEncoder(tiny.tokenizer)
+    prefix = " ".join(f"word{i} and, more: {i * 3}" for i in range(300))  # one line, ~7,000 characters
+    first = prefix + " then the first question?"
+    second = prefix + " then another, different question!"
+    assert enc.encode(first) == tiny.tokenizer.encode(first, add_special_tokens=False).ids
+    hits, misses = enc.hits, enc.misses
+    assert enc.encode(second) == tiny.tokenizer.encode(second, add_special_tokens=False).ids
+    assert enc.hits - hits >= 20 and enc.misses - misses <= 2  # the prefix's chunks came from the cache
+
+
+def test_a_tokenizer_whose_pieces_do_not_add_up_gets_no_cache() -> None:
+    from commutator.frontend.preprocess import ChunkedEncoder
+    from tokenizers import models, pre_tokenizers
+
+    # Byte-level, but a space starts no new piece (whole text is one pre-token): cutting changes ids.
+    tok = Tokenizer(models.BPE(vocab={chr(c): c for c in range(32, 127)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not ChunkedEncoder(tok).enabled  # a prefix space is refused up front

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -102,19 +103,44 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-_LINE_START = re.compile(r"\n(?=\S)")
+# A cut goes after a newline between two non-spaces, or before a space that a non-space precedes
+# (one-line prompts: long instructions, documents pasted without line breaks). Never after a run of
+# whitespace: at the end of a piece such a run is one pre-token, inside the text it is two.
+_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S)(?= )")
+
+
+def _self_check_text() -> str:
+    """Text with every kind of boundary a cut may meet: words, digits, punctuation, runs of spaces,
+    tabs, newlines, non-ASCII letters, symbols and emoji, contractions, code."""
+    rng = random.Random(12345)
+    words = [
+        "line", "value", "näive", "Über", "日本語", "🌍", "x", "42", "3.14", "1,000", "it's", "we'll",
+        "(call)", "a_b", "--flag", "#", "=", "don't", "URL:", "http://x.y/z?q=1", "é", "ß", "\\t", "…",
+    ]  # fmt: skip
+    seps = [" ", " ", " ", "  ", "   ", "\t", " \t ", "\n", "\n    ", "\n\n", ", ", ". "]
+    parts = []
+    for i in range(1500):
+        parts.append(rng.choice(words))
+        parts.append(rng.choice(seps))
+        if i % 97 == 0:
+            parts.append(f"def f{i}(x):\n    return x * {i}  # näive 🌍\n")
+    return "".join(parts)
 
 
 class ChunkedEncoder:
     """Tokenization with a cache of recurring text chunks (system prompts, conversation history).
 
-    Text is cut after a newline that is followed by a non-space character.
+    Text is cut into chunks of at least ``min_chunk_chars``, each cut after a
+    newline between two non-space characters, or before a space that a
+    non-space character precedes, whichever comes first; cutting from the start
+    the same way every time, two prompts that share a prefix share its chunks.
     For byte-level BPE tokenizers (GPT-2, Llama 3, Qwen and alike, with no
-    prefix space added) such a cut is a pre-tokenization boundary, so tokenizing
-    the chunks separately gives exactly the ids of the whole. That is checked
-    when the encoder is built and on a sample of requests afterwards; any
-    difference turns the cache off. Chunks not in the cache are tokenized
-    together in one batch call.
+    prefix space added) such a cut is a pre-tokenization boundary (no
+    pre-token ends in a space that follows a non-space), so tokenizing the
+    chunks separately gives exactly the ids of the whole. That is checked when
+    the encoder is built, on text with every kind of boundary cut at every
+    point, and on a sample of requests afterwards; any difference turns the
+    cache off. Chunks not in the cache are tokenized together in one batch call.
     """
 
     def __init__(
@@ -130,10 +156,27 @@ class ChunkedEncoder:
         self.hits = 0
         self.misses = 0
         if self.enabled:
-            sample = "".join(f"line {i}: value = {i * 7} # näive 🌍\n    indented({i})\n" for i in range(64))
-            if self._chunked(sample) != self._whole(sample):
-                self.enabled = False
-            self._cache.clear()
+            self.enabled = self._self_check()
+
+    def _self_check(self) -> bool:
+        """Whether chunks tokenize exactly as the whole: text cut at every possible cut, in pieces
+        of 1 to 40 cuts, and through :meth:`_chunked` as requests are."""
+        text = _self_check_text()
+        whole = self._whole(text)
+        cuts = [m.end() for m in _CUT.finditer(text)]
+        rng = random.Random(7)
+        pieces, start, i = [], 0, 0
+        while i < len(cuts):
+            i += rng.randint(1, 40)
+            end = cuts[i] if i < len(cuts) else len(text)
+            pieces.append(text[start:end])
+            start = end
+        if start < len(text):
+            pieces.append(text[start:])
+        ids = [t for enc in self._tok.encode_batch_fast(pieces, add_special_tokens=False) for t in enc.ids]
+        ok = ids == whole and self._chunked(text) == whole
+        self._cache.clear()
+        return ok
 
     def _whole(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -153,11 +196,12 @@ class ChunkedEncoder:
     def _chunked(self, text: str) -> list[int]:
         chunks: list[str] = []
         start = 0
-        for m in _LINE_START.finditer(text):
+        search = _CUT.search
+        least = max(self._min, 1)
+        while (m := search(text, start + least)) is not None:
             end = m.end()
-            if end - start >= self._min:
-                chunks.append(text[start:end])
-                start = end
+            chunks.append(text[start:end])
+            start = end
         chunks.append(text[start:])
         cache = self._cache
         missing = [c for c in chunks if c not in cache]
