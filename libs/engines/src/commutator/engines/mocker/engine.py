@@ -31,6 +31,9 @@ from commutator.engines.outputs import KvEventBuffer, OutputChannel
 
 __all__ = ["MockerEngine", "PushedRequest"]
 
+_MAX_CATCH_UP_S = 0.002
+"""How late a pass may start on the host and still count as starting when the last one ended."""
+
 
 class MockerEngine:
     """A CPU stand-in for a GPU engine (DESIGN.md 5). See :class:`commutator.engines.base.Engine`."""
@@ -231,18 +234,26 @@ class MockerEngine:
         sched = self.scheduler
         clock = self.clock
         channels = self._channels
+        ended: float | None = None  # when the last pass ended in simulated time
         while True:
             if not sched.has_work:
                 self._wake.clear()
                 await self._wake.wait()
+                ended = None
                 continue
-            started = clock.monotonic()
+            now = clock.monotonic()
+            # Passes run back to back: the next one starts when the last one ended, not when the host's
+            # timer got round to waking this loop (up to a millisecond later, the timer's resolution),
+            # so that lateness does not add up pass after pass; a longer stall is not made up for.
+            started = now if ended is None or now - ended > _MAX_CATCH_UP_S else ended
             result = sched.step()
             self.passes += 1
             events = sched.pool.take_events()
             if result.pass_ms > 0:
-                await clock.sleep(started + result.pass_ms / 1000.0 - clock.monotonic())
+                ended = started + result.pass_ms / 1000.0
+                await clock.sleep(ended - clock.monotonic())
             else:
+                ended = None
                 await asyncio.sleep(0)
             for seq, token, reason, lp in result.outputs:
                 ch = channels.get(seq.request_id)
