@@ -125,3 +125,63 @@ async def test_closing_the_stream_aborts_every_request_on_both_paths(served) -> 
         await asyncio.sleep(0.02)
     s = engine.stats()[0]
     assert (servicer.in_flight, s.running_requests, s.kv_blocks_used) == (0, 0, 0)
+
+
+async def _idle(engine: MockerEngine, servicer: WorkerServicer) -> tuple[int, int, int]:
+    for _ in range(200):
+        s = engine.stats()[0]
+        if servicer.in_flight == 0 and s.running_requests == 0 and s.kv_blocks_used == 0:
+            break
+        await asyncio.sleep(0.02)
+    s = engine.stats()[0]
+    return servicer.in_flight, s.running_requests, s.kv_blocks_used
+
+
+async def test_push_hands_each_response_to_the_sink_and_an_early_stop_cancels(served) -> None:  # type: ignore[no-untyped-def]
+    engine, mux, servicer = served
+    req = mux.open(request("whole", 30, 50, seed=1), timeout_s=60)
+    first = await req.__anext__()
+    got = list(first.token_ids)
+    finishes = []
+
+    def sink(resp: common_pb2.GenerateResponse) -> bool:
+        got.extend(resp.token_ids)
+        finishes.append(resp.finish_reason)
+        return False
+
+    await req.push(sink)  # returns once the request has finished
+    assert got == [token_at(1, i, VOCAB) for i in range(50)]
+    assert finishes[-1] == common_pb2.FINISH_REASON_LENGTH
+
+    stopped = mux.open(request("stopped", 30, 100_000, seed=2), timeout_s=60)
+    await stopped.__anext__()
+    calls = 0
+
+    def enough(resp: common_pb2.GenerateResponse) -> bool:
+        nonlocal calls
+        calls += 1
+        return calls == 3  # a stop string, say: end it here
+
+    await stopped.push(enough)
+    assert calls == 3
+    assert await _idle(engine, servicer) == (0, 0, 0)  # cancelled on the worker, its blocks freed
+
+
+async def test_a_sink_that_fails_cancels_its_request_and_its_error_comes_back(served) -> None:  # type: ignore[no-untyped-def]
+    from commutator.router.mux import SinkFailed
+
+    engine, mux, servicer = served
+    others = [mux.open(request(f"other{k}", 30, 40, seed=10 + k), timeout_s=60) for k in range(5)]
+    req = mux.open(request("doomed", 30, 100_000, seed=3), timeout_s=60)
+    await req.__anext__()
+
+    def broken(resp: common_pb2.GenerateResponse) -> bool:
+        raise ConnectionResetError("the client went away")
+
+    with pytest.raises(SinkFailed) as caught:
+        await req.push(broken)
+    assert isinstance(caught.value.original, ConnectionResetError)
+    # The stream's reader went on: the other requests on it complete.
+    for k, other in enumerate(others):
+        assert [t async for m in other for t in m.token_ids] == [token_at(10 + k, i, VOCAB) for i in range(40)]
+    assert await _idle(engine, servicer) == (0, 0, 0)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from commutator.common import metrics, tracing
 from commutator.common.errors import (
     Cancelled,
@@ -37,6 +38,7 @@ from commutator.frontend.models import ModelRegistry
 from commutator.frontend.preprocess import PreprocessError, Preprocessor
 from commutator.frontend.protocol import ApiError, RequestLimits, SamplingRequest, parse_chat, parse_completion
 from commutator.frontend.wire import generate_requests
+from commutator.router.mux import SinkFailed
 from commutator.v1 import common_pb2
 
 __all__ = ["Backend", "OpenAIApi", "error_response"]
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 _RETRIES_BEFORE_FIRST_TOKEN = 2
+_PUSH_BUFFER_LIMIT = 1 << 20  # bytes a pushed stream may leave unsent before its client counts as gone
 _RETRY_AFTER_S = 1  # on 429 and 529: a stream in flight ends, or a worker's prefill finishes, within about a second
 
 
@@ -276,6 +279,40 @@ class OpenAIApi:
             for choice, _ in opened:
                 await choice.close()
 
+    async def _push_rest(
+        self,
+        request: web.Request,
+        writer: StreamWriter,
+        choice: Choice,
+        head: bytes,
+        chat: bool,
+        s: SamplingRequest,
+        pre: Preprocessor,
+    ) -> common_pb2.GenerateResponse | None:
+        """Write the rest of ``choice`` as its messages arrive; None once it has ended, or the next
+        message when its stream cannot push (then the caller reads on)."""
+        writer.send_headers()  # before any body bytes go straight to the transport
+        transport = request.transport
+        want_logprobs = s.logprobs is not None
+        choice.chunks = 0
+
+        def sink(msg: common_pb2.GenerateResponse) -> bool:
+            text = choice.take(msg)
+            if text or choice.finish is not None or (want_logprobs and choice.logprobs):
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("the client went away")
+                data = b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n"
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # one HTTP/1.1 chunk
+                choice.chunks += 1
+                if transport.get_write_buffer_size() > _PUSH_BUFFER_LIMIT:
+                    raise ConnectionResetError(f"the client left {_PUSH_BUFFER_LIMIT} bytes unread")
+            return choice.finish is not None
+
+        try:
+            return await choice.agen.asend(sink)  # type: ignore[attr-defined]
+        except SinkFailed as exc:
+            raise exc.original from None  # the client's connection: as a failed write would
+
     async def _collect(
         self,
         rid: str,
@@ -354,7 +391,7 @@ class OpenAIApi:
         chat: bool,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=_SSE_HEADERS)
-        await resp.prepare(request)
+        writer = await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = orjson.dumps({"id": rid, "object": obj, "created": created, "model": model})[:-1] + b',"choices":['
         write = resp.write
@@ -378,9 +415,27 @@ class OpenAIApi:
             if len(opened) == 1:
                 choice, first = opened[0]
                 pending = [first] if first is not None else []
+                # After the first message, the rest are written from the worker stream's reader as they
+                # arrive (push), with no task woken per token; HTTP/1.1 chunked responses only.
+                push_to = writer if isinstance(writer, StreamWriter) and writer.chunked else None
+                if not hasattr(choice.agen, "asend"):
+                    push_to = None
                 while True:
                     if pending:
                         msg = pending.pop()
+                    elif push_to is not None:
+                        pw, push_to = push_to, None
+                        try:
+                            nxt = await self._push_rest(request, pw, choice, head, chat, s, pre)
+                        except StopAsyncIteration:
+                            nxt = None
+                        if nxt is None:  # pushed to the end
+                            chunks += choice.chunks
+                            if choice.finish is None:
+                                choice.finish = "stop"
+                                await write(b"data: " + head + piece(chat, choice, "", s, pre) + b"]}\n\n")
+                            break
+                        msg = nxt  # no push on this stream: go on reading
                     else:
                         try:
                             msg = await choice.agen.__anext__()

@@ -31,6 +31,7 @@ class Choice:
     __slots__ = (
         "agen",
         "cached",
+        "chunks",
         "completion_tokens",
         "echo",
         "finish",
@@ -45,6 +46,8 @@ class Choice:
         self.agen = agen
         self.text = text
         self.completion_tokens = 0
+        self.chunks = 0
+        """Chunks written while the choice's messages were pushed."""
         self.prompt_tokens = 0
         self.cached = 0
         self.finish: str | None = None

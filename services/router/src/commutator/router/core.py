@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from commutator.common import metrics, subjects, tracing
@@ -46,7 +46,7 @@ from commutator.common.tasks import Supervisor
 from commutator.router.config import RouterConfig
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
 from commutator.router.ingest import KvEventIngest
-from commutator.router.mux import WorkerMux
+from commutator.router.mux import MuxRequest, WorkerMux
 from commutator.router.policies import make_policy
 from commutator.router.scheduler import Outcome, RouteResult, Scheduler, WorkerView
 from commutator.router.sync import ReplicaSync
@@ -458,6 +458,12 @@ class Router:
 
         A worker that cannot be reached is inhibited; while nothing has been streamed yet the
         request is routed again (up to ``worker_retries`` times, never for a ``requested`` worker).
+
+        Push mode: a consumer that sends a callable with ``asend`` (instead of ``__anext__``) after a
+        response asks for the rest of the responses to be handed to it as they arrive, with no task
+        woken per response (see :meth:`MuxRequest.push`); ``asend`` then returns when the request has
+        ended (``StopAsyncIteration``) or raises its error. Where that is not possible (a unary
+        worker stream) ``asend`` returns the next response as ``__anext__`` would.
         """
         if not request.request_id:
             raise InvalidRequest("request_id is required")
@@ -485,7 +491,12 @@ class Router:
                         prefilling = False
                         self.prefill_done(rid)
                     streamed = True
-                    yield resp
+                    sink = yield resp
+                    if sink is not None and isinstance(stream, MuxRequest):
+                        if prefilling:
+                            sink = self._prefill_watch(rid, sink)
+                        await stream.push(sink)
+                        return
                 return
             except (Unavailable, InstanceNotFound) as exc:
                 # Not found: discovery is dropping it right now; inhibited until it is gone.
@@ -501,6 +512,21 @@ class Router:
                 if stream is not None:
                     await stream.aclose()  # type: ignore[attr-defined]
                 self.free(rid)
+
+    def _prefill_watch(
+        self, rid: str, sink: Callable[[common_pb2.GenerateResponse], bool]
+    ) -> Callable[[common_pb2.GenerateResponse], bool]:
+        """``sink``, also reporting the end of the prompt's prefill at the first tokens."""
+        prefilling = True
+
+        def watch(resp: common_pb2.GenerateResponse) -> bool:
+            nonlocal prefilling
+            if prefilling and resp.token_ids:
+                prefilling = False
+                self.prefill_done(rid)
+            return sink(resp)
+
+        return watch
 
     def _worker_stream(
         self, worker_id: int, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]

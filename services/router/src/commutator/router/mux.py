@@ -28,7 +28,7 @@ from commutator.common.errors import Cancelled, CommutatorError, DeadlineExceede
 from commutator.common.grpc import error_from_status, map_rpc_error
 from commutator.v1 import common_pb2, worker_pb2
 
-__all__ = ["MuxRequest", "WorkerMux"]
+__all__ = ["MuxRequest", "SinkFailed", "WorkerMux"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _UNSET = common_pb2.FINISH_REASON_UNSPECIFIED
 class MuxRequest:
     """One request on a :class:`WorkerMux`: iterate it for its responses, close it to cancel it."""
 
-    __slots__ = ("_done", "_error", "_finished", "_items", "_limit", "_mux", "_timer", "_waiter", "tag")
+    __slots__ = ("_done", "_error", "_finished", "_items", "_limit", "_mux", "_sink", "_timer", "_waiter", "tag")
 
     def __init__(self, mux: WorkerMux, tag: int, limit: int) -> None:
         self._mux = mux
@@ -53,6 +53,7 @@ class MuxRequest:
         self._finished = False  # the worker sent its last update (or it failed): nothing more comes
         self._done = False  # the reader has had everything
         self._timer: asyncio.TimerHandle | None = None
+        self._sink: Callable[[common_pb2.GenerateResponse], bool] | None = None
 
     def __aiter__(self) -> MuxRequest:
         return self
@@ -74,6 +75,35 @@ class MuxRequest:
                 self._waiter = None
         return items.popleft()
 
+    async def push(self, sink: Callable[[common_pb2.GenerateResponse], bool]) -> None:
+        """Hand every further response to ``sink`` as it arrives, instead of queueing it for a reader
+        task to wake up for: ``sink`` runs in the stream's reader (it must not block) and returns True
+        to end the request early (it is then cancelled on the worker). Returns when the request has
+        finished; raises its error, or what ``sink`` raised (the request is then cancelled)."""
+        items = self._items
+        try:
+            while items:
+                if sink(items.popleft()):
+                    await self.aclose()
+                    return
+        except BaseException:
+            await self.aclose()
+            raise
+        self._sink = sink
+        try:
+            while not self._finished:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._sink = None
+        self._done = True
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
     async def aclose(self) -> None:
         """Cancel the request on the worker unless it has ended (closing twice is harmless)."""
         self._done = True
@@ -86,6 +116,26 @@ class MuxRequest:
     # -- called by the mux -------------------------------------------------------------------
     def _deliver(self, resp: common_pb2.GenerateResponse) -> None:
         if self._finished:
+            return
+        sink = self._sink
+        if sink is not None:
+            try:
+                end = sink(resp)
+            except BaseException as exc:  # the reader must go on; the pusher gets it
+                self._mux._cancel(self.tag)
+                err = exc if isinstance(exc, CommutatorError) else SinkFailed(exc)
+                self._fail(err)
+                return
+            if resp.finish_reason != _UNSET:
+                self._finished = True
+                self._mux._forget(self.tag)
+                self._stop_timer()
+                self._wake()
+            elif end:
+                self._finished = True
+                self._mux._cancel(self.tag)
+                self._stop_timer()
+                self._wake()
             return
         if len(self._items) >= self._limit:
             metrics.WORKER_STREAM_OVERFLOWS.inc()
@@ -124,6 +174,14 @@ class MuxRequest:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class SinkFailed(Cancelled):
+    """What a push sink raised (e.g. its client went away): the request was cancelled."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"request cancelled: its consumer failed: {exc!r}")
+        self.original = exc
 
 
 class WorkerMux:
