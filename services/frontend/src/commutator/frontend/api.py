@@ -499,8 +499,9 @@ class OpenAIApi:
                 t.cancel()
             if readers:
                 await asyncio.gather(*readers, return_exceptions=True)
-        await write(_DONE)
-        await resp.write_eof()
+        # [DONE] and the end of the chunked body in one write: a client that stops reading at [DONE]
+        # finds the connection at a clean end, ready for its next request.
+        await resp.write_eof(_DONE)
         return resp
 
 
