@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from commutator.common.local_servers import EtcdProcess, NatsProcess
@@ -57,6 +58,22 @@ def nats_private() -> Iterator[NatsProcess]:
 def unique() -> str:
     """A short unique name for this test's namespaces, streams and buckets."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def decode_workers(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[Any]:
+    """An ``EndpointClient`` of this test's decode workers (``unique`` namespace), found on the real etcd."""
+    from commutator.common.discovery import Discovery, EtcdBackend
+    from commutator.common.grpc import EndpointClient
+    from commutator.v1 import worker_pb2_grpc
+
+    d = Discovery(EtcdBackend([etcd_server.endpoint]))
+    await d.start()
+    c = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=30)
+    await c.start()
+    yield c
+    await c.close()
+    await d.close()
 
 
 class RoleProcess:

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
 from commutator.common import subjects
-from commutator.common.discovery import Discovery, EtcdBackend
 from commutator.common.errors import InvalidRequest
 from commutator.common.events import ConsumerSpec, NatsEventPlane
 from commutator.common.grpc import EndpointClient
-from commutator.common.local_servers import EtcdProcess, NatsProcess
-from commutator.v1 import common_pb2, kv_events_pb2, worker_pb2, worker_pb2_grpc
+from commutator.common.local_servers import NatsProcess
+from commutator.v1 import common_pb2, kv_events_pb2, worker_pb2
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def client(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[EndpointClient]:
-    d = Discovery(EtcdBackend([etcd_server.endpoint]))
-    await d.start()
-    c = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=30)
-    await c.start()
-    yield c
-    await c.close()
-    await d.close()
+def client(decode_workers: EndpointClient) -> EndpointClient:
+    return decode_workers
 
 
 def gen(rid: str, n: int, max_tokens: int, start: int = 0) -> common_pb2.GenerateRequest:

@@ -9,18 +9,16 @@ import json
 import random
 import signal
 import urllib.request
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from commutator.common import metrics
-from commutator.common.discovery import Discovery, EtcdBackend
 from commutator.common.errors import Cancelled, Unavailable
 from commutator.common.grpc import EndpointClient
-from commutator.common.local_servers import EtcdProcess, free_port
+from commutator.common.local_servers import free_port
 from commutator.engines.mocker.tokens import token_at
 from commutator.router.mux import WorkerMux
-from commutator.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from commutator.v1 import common_pb2, worker_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +27,8 @@ BS = 16
 
 
 @pytest.fixture
-async def workers(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[EndpointClient]:
-    d = Discovery(EtcdBackend([etcd_server.endpoint]))
-    await d.start()
-    c = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=30)
-    await c.start()
-    yield c
-    await c.close()
-    await d.close()
+def workers(decode_workers: EndpointClient) -> EndpointClient:
+    return decode_workers
 
 
 def start_worker(spawn, *extra: str):  # type: ignore[no-untyped-def]

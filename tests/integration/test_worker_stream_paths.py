@@ -100,13 +100,8 @@ async def test_exact_tokens_usage_cancels_and_a_bad_request_on_both_paths(served
         assert msgs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert all(m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
     # Cancelled requests were aborted on the engine and their blocks freed; nothing is in flight.
-    for _ in range(200):
-        s = engine.stats()[0]
-        if servicer.in_flight == 0 and s.running_requests == 0 and s.kv_blocks_used == 0:
-            break
-        await asyncio.sleep(0.02)
-    s = engine.stats()[0]
-    assert (servicer.in_flight, s.running_requests, s.waiting_requests, s.kv_blocks_used) == (0, 0, 0, 0)
+    assert await _idle(engine, servicer) == (0, 0, 0)
+    assert engine.stats()[0].waiting_requests == 0
 
 
 async def test_closing_the_stream_aborts_every_request_on_both_paths(served) -> None:  # type: ignore[no-untyped-def]
@@ -119,12 +114,7 @@ async def test_closing_the_stream_aborts_every_request_on_both_paths(served) -> 
     on_push = len(session._pushed), len(session._tasks)
     assert on_push == ((10, 0) if isinstance(servicer.engine, MockerEngine) else (0, 10))  # the path under test
     await mux.close()  # the stream ends: the worker aborts all of them
-    for _ in range(200):
-        if servicer.in_flight == 0 and engine.stats()[0].kv_blocks_used == 0:
-            break
-        await asyncio.sleep(0.02)
-    s = engine.stats()[0]
-    assert (servicer.in_flight, s.running_requests, s.kv_blocks_used) == (0, 0, 0)
+    assert await _idle(engine, servicer) == (0, 0, 0)
 
 
 async def _idle(engine: MockerEngine, servicer: WorkerServicer) -> tuple[int, int, int]:
