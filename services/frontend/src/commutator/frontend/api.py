@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.http_writer import StreamWriter
 from commutator.common import metrics, tracing
 from commutator.common.errors import (
@@ -300,12 +301,12 @@ class OpenAIApi:
             text = choice.take(msg)
             if text or choice.finish is not None or (want_logprobs and choice.logprobs):
                 if transport is None or transport.is_closing():
-                    raise ConnectionResetError("the client went away")
+                    raise ClientConnectionResetError("the client went away")  # what aiohttp's writer raises
                 data = b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n"
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # one HTTP/1.1 chunk
                 choice.chunks += 1
                 if transport.get_write_buffer_size() > _PUSH_BUFFER_LIMIT:
-                    raise ConnectionResetError(f"the client left {_PUSH_BUFFER_LIMIT} bytes unread")
+                    raise ClientConnectionResetError(f"the client left {_PUSH_BUFFER_LIMIT} bytes unread")
             return choice.finish is not None
 
         try:
@@ -417,7 +418,9 @@ class OpenAIApi:
                 pending = [first] if first is not None else []
                 # After the first message, the rest are written from the worker stream's reader as they
                 # arrive (push), with no task woken per token; HTTP/1.1 chunked responses only.
-                push_to = writer if isinstance(writer, StreamWriter) and writer.chunked else None
+                push_to = (
+                    writer if isinstance(writer, StreamWriter) and writer.chunked and not resp.compression else None
+                )
                 if not hasattr(choice.agen, "asend"):
                     push_to = None
                 while True:
