@@ -1,7 +1,8 @@
-"""Both ways a worker runs a multiplexed request, over a real loopback gRPC server: the engine's
+"""Both ways a worker runs a multiplexed request, over a real loopback server: the engine's
 push path (the mocker's ``start_request``: no task per request) and the generic one (a task per
 request reading ``generate``, what every other engine gets; here the same mocker with its push
-path hidden). The same checks hold for both."""
+path hidden), each over both transports (plain TCP and gRPC ``GenerateMany``). The same checks
+hold for all four."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.engine import MockerEngine
 from commutator.engines.mocker.tokens import token_at
 from commutator.router.mux import WorkerMux
+from commutator.router.tcp_call import TcpCall
 from commutator.v1 import common_pb2, worker_pb2_grpc
 from commutator.worker.servicer import WorkerServicer
+from commutator.worker.tcp_stream import StreamServer
 
 pytestmark = pytest.mark.integration
 
@@ -38,19 +41,37 @@ class TaskPathOnly:
 
 
 @pytest.fixture(params=["push", "task"])
-async def served(request: pytest.FixtureRequest) -> AsyncIterator[tuple[MockerEngine, WorkerMux, WorkerServicer]]:
+def path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["tcp", "mux"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def served(path: str, transport: str) -> AsyncIterator[tuple[MockerEngine, WorkerMux, WorkerServicer]]:
     engine = MockerEngine(MockerConfig(speedup_ratio=20.0, block_size=16, num_blocks=4096), vocab_size=VOCAB)
     await engine.start()
-    servicer = WorkerServicer(engine if request.param == "push" else TaskPathOnly(engine), "w", lambda: 1, 0.002)  # type: ignore[arg-type]
+    servicer = WorkerServicer(engine if path == "push" else TaskPathOnly(engine), "w", lambda: 1, 0.002)  # type: ignore[arg-type]
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)  # type: ignore[arg-type]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = worker_pb2_grpc.WorkerStub(channel)
-    mux = WorkerMux(lambda: (stub.GenerateMany(), lambda: None, f"worker at port {port}"))
+    tcp = StreamServer(servicer, "127.0.0.1", 0)
+    await tcp.start()
+    if transport == "tcp":
+        where = f"worker stream at port {tcp.port}"
+        mux = WorkerMux(lambda: (TcpCall(f"127.0.0.1:{tcp.port}", where), lambda: None, where))
+    else:
+        mux = WorkerMux(lambda: (stub.GenerateMany(), lambda: None, f"worker at port {port}"))
+    mux.tcp_port = tcp.port  # type: ignore[attr-defined]
     yield engine, mux, servicer
     await mux.close()
+    await tcp.close()
     await channel.close()
     await server.stop(None)
     await engine.shutdown()
@@ -174,4 +195,40 @@ async def test_a_sink_that_fails_cancels_its_request_and_its_error_comes_back(se
     # The stream's reader went on: the other requests on it complete.
     for k, other in enumerate(others):
         assert [t async for m in other for t in m.token_ids] == [token_at(10 + k, i, VOCAB) for i in range(40)]
+    assert await _idle(engine, servicer) == (0, 0, 0)
+
+
+async def test_a_broken_tcp_connection_is_closed_and_the_worker_serves_on(served, caplog) -> None:  # type: ignore[no-untyped-def]
+    import struct
+
+    from commutator.common.stream_frames import MAX_FRAME_BYTES, PREAMBLE
+
+    engine, mux, servicer = served
+    port = mux.tcp_port
+    running = [mux.open(request(f"run{k}", 30, 200, seed=20 + k), timeout_s=60) for k in range(5)]
+    first = list((await running[0].__anext__()).token_ids)
+
+    async def closed_after(data: bytes) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 5) == b""  # the worker closed it, sending nothing
+        finally:
+            writer.close()
+
+    caplog.set_level("WARNING", logger="commutator.worker.tcp_stream")
+    assert await closed_after(b"HTTP/1.1\n")
+    assert await closed_after(PREAMBLE + struct.pack("<I", MAX_FRAME_BYTES + 1))
+    assert await closed_after(PREAMBLE + struct.pack("<I", 3) + b"\xff\xff\xff")  # does not parse
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("bad preamble" in m for m in messages)
+    assert any("over the 67108864-byte limit" in m for m in messages)
+    assert any("does not parse" in m for m in messages)
+    # The requests already on the worker's streams go on, and new ones are served.
+    for k, r in enumerate(running):
+        got = (first if k == 0 else []) + [t async for m in r for t in m.token_ids]
+        assert got == [token_at(20 + k, i, VOCAB) for i in range(200)]
+    fresh = mux.open(request("fresh", 30, 20, seed=9), timeout_s=60)
+    assert [t async for m in fresh for t in m.token_ids] == [token_at(9, i, VOCAB) for i in range(20)]
     assert await _idle(engine, servicer) == (0, 0, 0)
