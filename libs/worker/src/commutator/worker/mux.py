@@ -74,6 +74,8 @@ class MuxSession:
                 if self._pending or self._errors:
                     last = loop.time()
                     yield self._take_frame()
+                if self._pending or self._errors or self._ready:
+                    continue  # came in while the frame was being sent (a request's last update, say)
                 if not self._tasks and not self._pushed and (not self._reading or self._draining()):
                     return  # the client closed its side (or the worker drains) and nothing is left
         finally:

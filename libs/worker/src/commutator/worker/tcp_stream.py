@@ -41,7 +41,7 @@ class StreamServer:
         self.port = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self._host, self._want_port)
+        self._server = await asyncio.start_server(self._accept, self._host, self._want_port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("worker stream listening on %s:%d (TCP)", self._host, self.port)
 
@@ -65,10 +65,15 @@ class StreamServer:
             await self._server.wait_closed()
             self._server = None
 
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A task of our own (not asyncio's handler task): close() cancels it, and nothing logs that.
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer), name="mux-tcp-conn")
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
         peer = writer.get_extra_info("peername")
         try:
             try:
@@ -87,7 +92,6 @@ class StreamServer:
                     raise
                 # The client's side ended (closed, broke the framing): the session is over.
         finally:
-            self._connections.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

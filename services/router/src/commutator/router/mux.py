@@ -86,8 +86,10 @@ class MuxRequest:
                 if sink(items.popleft()):
                     await self.aclose()
                     return
-        except BaseException:
+        except BaseException as exc:
             await self.aclose()
+            if isinstance(exc, Exception) and not isinstance(exc, CommutatorError):
+                raise SinkFailed(exc) from exc  # as when the sink fails on a later response
             raise
         self._sink = sink
         try:
