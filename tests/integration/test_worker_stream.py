@@ -1,6 +1,7 @@
 """The multiplexed worker stream (Worker.GenerateMany, docs/worker-stream.md): mocker workers as
 separate processes on real etcd and NATS, the client side (WorkerMux, and the router and frontend
-that use it) in this process or as processes of their own."""
+that use it) in this process or as processes of their own; every check over both transports (plain
+TCP and gRPC GenerateMany)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from commutator.common.grpc import EndpointClient
 from commutator.common.local_servers import free_port
 from commutator.engines.mocker.tokens import token_at
 from commutator.router.mux import WorkerMux
+from commutator.router.tcp_call import TcpCall, open_worker_stream
 from commutator.v1 import common_pb2, worker_pb2
 
 pytestmark = pytest.mark.integration
@@ -31,6 +33,12 @@ def workers(decode_workers: EndpointClient) -> EndpointClient:
     return decode_workers
 
 
+@pytest.fixture(params=["tcp", "mux"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """How the stream travels: plain TCP (the worker's advertised stream port) or gRPC GenerateMany."""
+    return str(request.param)
+
+
 def start_worker(spawn, *extra: str):  # type: ignore[no-untyped-def]
     return spawn(
         "commutator.decode", "--vocab-size", str(VOCAB), "--block-size", str(BS), "--num-blocks", "8192", *extra
@@ -38,14 +46,16 @@ def start_worker(spawn, *extra: str):  # type: ignore[no-untyped-def]
 
 
 class Opener:
-    """Opens the worker's GenerateMany stream and counts how often."""
+    """Opens the worker's stream over ``transport`` (as the router does) and counts how often."""
 
-    def __init__(self, workers: EndpointClient, worker_id: int) -> None:
-        self.workers, self.worker_id, self.opened = workers, worker_id, 0
+    def __init__(self, workers: EndpointClient, worker_id: int, transport: str) -> None:
+        self.workers, self.worker_id, self.transport, self.opened = workers, worker_id, transport, 0
 
     def __call__(self) -> Any:
         self.opened += 1
-        return self.workers.open_bidi("GenerateMany", self.worker_id)
+        opened = open_worker_stream(self.workers, self.worker_id, self.transport)
+        assert isinstance(opened[0], TcpCall) == (self.transport == "tcp")  # the transport under test
+        return opened
 
 
 def request(rid: str, n_prompt: int, max_tokens: int, seed: int) -> common_pb2.GenerateRequest:
@@ -85,11 +95,11 @@ async def idle(workers: EndpointClient, worker_id: int, timeout_s: float = 20.0)
     await until(check, timeout_s)
 
 
-async def test_200_requests_with_random_cancels_over_one_stream(spawn, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_200_requests_with_random_cancels_over_one_stream(spawn, workers, transport) -> None:  # type: ignore[no-untyped-def]
     start_worker(spawn, "--speedup-ratio", "10")
     await workers.wait_for_instances(1, timeout_s=60)
     [wid] = workers.instances
-    opener = Opener(workers, wid)
+    opener = Opener(workers, wid, transport)
     mux = WorkerMux(opener)
     rng = random.Random(5)
 
@@ -125,13 +135,15 @@ async def test_200_requests_with_random_cancels_over_one_stream(spawn, workers) 
     await mux.close()
 
 
-async def test_a_client_that_stops_reading_is_cancelled_past_its_buffer_and_delays_no_one(spawn, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_a_client_that_stops_reading_is_cancelled_past_its_buffer_and_delays_no_one(
+    spawn, workers, transport
+) -> None:  # type: ignore[no-untyped-def]
     # Fast, but one engine pass (one frame, one update per request) at a time: the stalled request's
     # updates pile up far past the bound long before its 50,000 tokens are done.
     start_worker(spawn, "--speedup-ratio", "100", "--context-length", "100000")
     await workers.wait_for_instances(1, timeout_s=60)
     [wid] = workers.instances
-    mux = WorkerMux(Opener(workers, wid), buffer=64)
+    mux = WorkerMux(Opener(workers, wid, transport), buffer=64)
     before = metrics.WORKER_STREAM_OVERFLOWS._value.get()
     stalled = mux.open(request("stalled", 50, 50_000, seed=1), timeout_s=120)  # never read below
 
@@ -158,14 +170,14 @@ async def test_a_client_that_stops_reading_is_cancelled_past_its_buffer_and_dela
     await mux.close()
 
 
-async def test_a_killed_worker_ends_exactly_its_requests(spawn, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_a_killed_worker_ends_exactly_its_requests(spawn, workers, transport) -> None:  # type: ignore[no-untyped-def]
     doomed_proc = start_worker(spawn, "--speedup-ratio", "1")
     await workers.wait_for_instances(1, timeout_s=60)
     [doomed] = workers.instances
     start_worker(spawn, "--speedup-ratio", "1")
     await workers.wait_for_instances(2, timeout_s=60)
     [survivor] = [w for w in workers.instances if w != doomed]
-    muxes = {w: WorkerMux(Opener(workers, w)) for w in (doomed, survivor)}
+    muxes = {w: WorkerMux(Opener(workers, w, transport)) for w in (doomed, survivor)}
 
     async def run(w: int, k: int) -> Any:
         req = muxes[w].open(request(f"{w:x}-{k}", 100, 60, seed=k), timeout_s=120)
@@ -193,12 +205,14 @@ async def _running(workers: EndpointClient, w: int, n: int) -> bool:
     return (await stats(workers, w)).running_requests >= n
 
 
-async def test_a_frontend_that_goes_away_frees_all_its_requests_on_the_worker(spawn, workers) -> None:  # type: ignore[no-untyped-def]
+async def test_a_frontend_that_goes_away_frees_all_its_requests_on_the_worker(spawn, workers, transport) -> None:  # type: ignore[no-untyped-def]
     start_worker(spawn, "--speedup-ratio", "1")
     await workers.wait_for_instances(1, timeout_s=60)
     [wid] = workers.instances
     port = free_port()
-    frontend = spawn("commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1")
+    frontend = spawn(
+        "commutator.frontend", "--http-port", str(port), "--http-host", "127.0.0.1", "--worker-stream", transport
+    )
     base = f"http://127.0.0.1:{port}/v1"
 
     def models() -> list[str]:

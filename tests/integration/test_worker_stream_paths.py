@@ -1,7 +1,8 @@
-"""Both ways a worker runs a multiplexed request, over a real loopback gRPC server: the engine's
+"""Both ways a worker runs a multiplexed request, over a real loopback server: the engine's
 push path (the mocker's ``start_request``: no task per request) and the generic one (a task per
 request reading ``generate``, what every other engine gets; here the same mocker with its push
-path hidden). The same checks hold for both."""
+path hidden), each over both transports (plain TCP and gRPC ``GenerateMany``). The same checks
+hold for all four."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.engine import MockerEngine
 from commutator.engines.mocker.tokens import token_at
 from commutator.router.mux import WorkerMux
+from commutator.router.tcp_call import TcpCall
 from commutator.v1 import common_pb2, worker_pb2_grpc
 from commutator.worker.servicer import WorkerServicer
+from commutator.worker.tcp_stream import StreamServer
 
 pytestmark = pytest.mark.integration
 
@@ -38,19 +41,38 @@ class TaskPathOnly:
 
 
 @pytest.fixture(params=["push", "task"])
-async def served(request: pytest.FixtureRequest) -> AsyncIterator[tuple[MockerEngine, WorkerMux, WorkerServicer]]:
+def path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["tcp", "mux"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def served(
+    path: str, transport: str
+) -> AsyncIterator[tuple[MockerEngine, WorkerMux, WorkerServicer, StreamServer]]:
     engine = MockerEngine(MockerConfig(speedup_ratio=20.0, block_size=16, num_blocks=4096), vocab_size=VOCAB)
     await engine.start()
-    servicer = WorkerServicer(engine if request.param == "push" else TaskPathOnly(engine), "w", lambda: 1, 0.002)  # type: ignore[arg-type]
+    servicer = WorkerServicer(engine if path == "push" else TaskPathOnly(engine), "w", lambda: 1, 0.002)  # type: ignore[arg-type]
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)  # type: ignore[arg-type]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = worker_pb2_grpc.WorkerStub(channel)
-    mux = WorkerMux(lambda: (stub.GenerateMany(), lambda: None, f"worker at port {port}"))
-    yield engine, mux, servicer
+    tcp = StreamServer(servicer, "127.0.0.1", 0)
+    await tcp.start()
+    if transport == "tcp":
+        where = f"worker stream at port {tcp.port}"
+        mux = WorkerMux(lambda: (TcpCall(f"127.0.0.1:{tcp.port}", where), lambda: None, where))
+    else:
+        mux = WorkerMux(lambda: (stub.GenerateMany(), lambda: None, f"worker at port {port}"))
+    yield engine, mux, servicer, tcp  # the TCP server runs beside gRPC whichever transport the mux uses
     await mux.close()
+    await tcp.close()
     await channel.close()
     await server.stop(None)
     await engine.shutdown()
@@ -70,7 +92,7 @@ def request(rid: str, n_prompt: int, max_tokens: int, seed: int, bad: bool = Fal
 
 
 async def test_exact_tokens_usage_cancels_and_a_bad_request_on_both_paths(served) -> None:  # type: ignore[no-untyped-def]
-    engine, mux, servicer = served
+    engine, mux, servicer, _ = served
     rng = random.Random(7)
 
     async def one(k: int) -> tuple[str, Any]:
@@ -105,7 +127,7 @@ async def test_exact_tokens_usage_cancels_and_a_bad_request_on_both_paths(served
 
 
 async def test_closing_the_stream_aborts_every_request_on_both_paths(served) -> None:  # type: ignore[no-untyped-def]
-    engine, mux, servicer = served
+    engine, mux, servicer, _ = served
     reqs = [mux.open(request(f"long{k}", 50, 100_000, seed=k), timeout_s=60) for k in range(10)]
     for r in reqs:
         await r.__anext__()  # each is running on the engine
@@ -128,7 +150,7 @@ async def _idle(engine: MockerEngine, servicer: WorkerServicer) -> tuple[int, in
 
 
 async def test_push_hands_each_response_to_the_sink_and_an_early_stop_cancels(served) -> None:  # type: ignore[no-untyped-def]
-    engine, mux, servicer = served
+    engine, mux, servicer, _ = served
     req = mux.open(request("whole", 30, 50, seed=1), timeout_s=60)
     first = await req.__anext__()
     got = list(first.token_ids)
@@ -160,7 +182,7 @@ async def test_push_hands_each_response_to_the_sink_and_an_early_stop_cancels(se
 async def test_a_sink_that_fails_cancels_its_request_and_its_error_comes_back(served) -> None:  # type: ignore[no-untyped-def]
     from commutator.router.mux import SinkFailed
 
-    engine, mux, servicer = served
+    engine, mux, servicer, _ = served
     others = [mux.open(request(f"other{k}", 30, 40, seed=10 + k), timeout_s=60) for k in range(5)]
     req = mux.open(request("doomed", 30, 100_000, seed=3), timeout_s=60)
     await req.__anext__()
@@ -174,4 +196,70 @@ async def test_a_sink_that_fails_cancels_its_request_and_its_error_comes_back(se
     # The stream's reader went on: the other requests on it complete.
     for k, other in enumerate(others):
         assert [t async for m in other for t in m.token_ids] == [token_at(10 + k, i, VOCAB) for i in range(40)]
+    assert await _idle(engine, servicer) == (0, 0, 0)
+
+
+async def test_a_broken_tcp_connection_is_closed_and_the_worker_serves_on(served, caplog) -> None:  # type: ignore[no-untyped-def]
+    import struct
+
+    from commutator.common.stream_frames import MAX_FRAME_BYTES, PREAMBLE
+
+    engine, mux, servicer, tcp = served
+    port = tcp.port
+    running = [mux.open(request(f"run{k}", 30, 200, seed=20 + k), timeout_s=60) for k in range(5)]
+    first = list((await running[0].__anext__()).token_ids)
+
+    async def closed_after(data: bytes) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 5) == b""  # the worker closed it, sending nothing
+        finally:
+            writer.close()
+
+    caplog.set_level("WARNING", logger="commutator.worker.tcp_stream")
+    assert await closed_after(b"HTTP/1.1\n")
+    assert await closed_after(PREAMBLE + struct.pack("<I", MAX_FRAME_BYTES + 1))
+    assert await closed_after(PREAMBLE + struct.pack("<I", 3) + b"\xff\xff\xff")  # does not parse
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("bad preamble" in m for m in messages)
+    assert any("over the 67108864-byte limit" in m for m in messages)
+    assert any("does not parse" in m for m in messages)
+    # The requests already on the worker's streams go on, and new ones are served.
+    for k, r in enumerate(running):
+        got = (first if k == 0 else []) + [t async for m in r for t in m.token_ids]
+        assert got == [token_at(20 + k, i, VOCAB) for i in range(200)]
+    fresh = mux.open(request("fresh", 30, 20, seed=9), timeout_s=60)
+    assert [t async for m in fresh for t in m.token_ids] == [token_at(9, i, VOCAB) for i in range(20)]
+    assert await _idle(engine, servicer) == (0, 0, 0)
+
+
+async def test_a_draining_worker_refuses_new_requests_finishes_running_ones_then_ends_the_stream(
+    served, transport
+) -> None:  # type: ignore[no-untyped-def]
+    from commutator.common.errors import Unavailable
+
+    engine, mux, servicer, tcp = served
+    running = mux.open(request("running", 30, 100, seed=4), timeout_s=60)
+    got = list((await running.__anext__()).token_ids)
+    servicer.start_drain()
+    tcp_drain = None
+    if transport == "tcp":
+        tcp_drain = asyncio.ensure_future(tcp.drain(10.0))
+    refused = mux.open(request("refused", 30, 10, seed=5), timeout_s=60)
+    with pytest.raises(Unavailable, match="draining"):
+        await refused.__anext__()
+    got += [t async for m in running for t in m.token_ids]
+    assert got == [token_at(4, i, VOCAB) for i in range(100)]
+    for _ in range(100):  # the worker ends the stream once its requests are done
+        if mux._call is None:
+            break
+        await asyncio.sleep(0.02)
+    assert mux._call is None and not servicer._sessions
+    if tcp_drain is not None:
+        await asyncio.wait_for(tcp_drain, 5)  # every session ended: the drain returns before its grace
+        late = mux.open(request("late", 30, 10, seed=6), timeout_s=60)  # no longer accepting
+        with pytest.raises(Unavailable, match="cannot connect"):
+            await late.__anext__()
     assert await _idle(engine, servicer) == (0, 0, 0)

@@ -56,6 +56,9 @@ def test_instance_and_card_json_round_trip_and_tolerate_extra_fields() -> None:
     )
     assert InstanceInfo.from_json(info.to_json()) == info
     assert InstanceInfo.from_json(b'{"address": "a:1", "future_field": 3}') == InstanceInfo(address="a:1")
+    streaming = InstanceInfo(address="10.0.0.1:7000", stream_port=7001)  # the worker stream over TCP
+    assert InstanceInfo.from_json(streaming.to_json()) == streaming
+    assert (streaming.stream_address, info.stream_address) == ("10.0.0.1:7001", "")
     inst = Instance.from_kv("/services/ns/decode/generate-ff", info.to_json())
     assert (inst.instance_id, inst.info) == (0xFF, info)
     card = ModelCard(name="org/m", block_size=16, context_length=8192, eos_token_ids=(1, 2), artifacts={"t": "o"})

@@ -36,3 +36,8 @@ class WorkerConfig:
         "Least time between two messages of a Generate stream after the first: tokens produced closer together "
         "go out in one message (0: a message per engine output). Engines decoding slower than this are unaffected.",
     )
+    stream_port: int = option(
+        0,
+        "TCP port of the worker stream (docs/worker-stream.md, Transports), on the gRPC server's host and "
+        "advertised in discovery (0: a free port; -1: no TCP stream, clients use GenerateMany over gRPC)",
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from commutator.common import tracing
 from commutator.engines.base import EngineOutput
@@ -53,7 +53,7 @@ class MuxSession:
 
     async def frames(
         self, requests: AsyncIterator[worker_pb2.MuxClientFrame]
-    ) -> AsyncIterator[worker_pb2.MuxServerFrame]:
+    ) -> AsyncGenerator[worker_pb2.MuxServerFrame, None]:
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(requests), name="mux-read")
         interval = self._s.stream_interval_s
@@ -74,6 +74,8 @@ class MuxSession:
                 if self._pending or self._errors:
                     last = loop.time()
                     yield self._take_frame()
+                if self._pending or self._errors or self._ready:
+                    continue  # came in while the frame was being sent (a request's last update, say)
                 if not self._tasks and not self._pushed and (not self._reading or self._draining()):
                     return  # the client closed its side (or the worker drains) and nothing is left
         finally:

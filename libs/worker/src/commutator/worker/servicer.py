@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -80,6 +81,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for session in list(self._sessions):
             session.wake()
 
+    async def mux_frames(
+        self, client_frames: AsyncIterator[worker_pb2.MuxClientFrame]
+    ) -> AsyncGenerator[worker_pb2.MuxServerFrame, None]:
+        """One multiplexed stream, whatever carries it (GenerateMany, or a TCP connection of
+        :mod:`commutator.worker.tcp_stream`): the frames for the client's ``client_frames``. The
+        session is known to :meth:`start_drain` while it lives."""
+        session = MuxSession(self, lambda: self.draining)
+        self._sessions.add(session)
+        try:
+            async with contextlib.aclosing(session.frames(client_frames)) as frames:
+                async for frame in frames:
+                    yield frame
+        finally:
+            self._sessions.discard(session)
+
     # -- RPCs ------------------------------------------------------------------------------
     async def Generate(
         self, request: common_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -125,13 +141,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def GenerateMany(
         self, request_iterator: AsyncIterator[worker_pb2.MuxClientFrame], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.MuxServerFrame]:
-        session = MuxSession(self, lambda: self.draining)
-        self._sessions.add(session)
-        try:
-            async for frame in session.frames(request_iterator):
+        async with contextlib.aclosing(self.mux_frames(request_iterator)) as frames:
+            async for frame in frames:
                 yield frame
-        finally:
-            self._sessions.discard(session)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext

@@ -4,7 +4,7 @@ Start order: the model folder and the engine are checked first (an unusable
 model, an engine that is not installed, or engine arguments the engine refuses
 end the process with one line and exit status 1 before it connects anywhere);
 then the runtime (discovery, event plane, status server), the engine is loaded,
-the gRPC server, the KV-event and load publishers, then the registration
+the gRPC server and the worker stream's TCP server, the KV-event and load publishers, then the registration
 (nobody is routed here before the worker can serve) and last the model card
 (frontends list a model once a worker for it is registered, so its first request
 finds one). Drain reverses it: deregister, stop taking calls and let in-flight
@@ -35,6 +35,7 @@ from commutator.worker.config import WorkerConfig
 from commutator.worker.model import resolve_model
 from commutator.worker.publishers import KvEventPublisher, LoadPublisher
 from commutator.worker.servicer import WorkerServicer
+from commutator.worker.tcp_stream import StreamServer
 
 __all__ = ["Worker", "WorkerRoleConfig"]
 
@@ -87,6 +88,7 @@ class Worker:
         self.engine: Engine | None = None
         self.server: GrpcServer | None = None
         self.servicer: WorkerServicer | None = None
+        self.stream_server: StreamServer | None = None
         self.kv_publisher: KvEventPublisher | None = None
         self.load_publisher: LoadPublisher | None = None
         self.registration: Registration | None = None
@@ -154,6 +156,10 @@ class Worker:
         self.add_services(self.server)
         await self.server.start()
         rt.on_close(self.server.stop)
+        if wc.stream_port >= 0:
+            self.stream_server = StreamServer(self.servicer, self.config.grpc.grpc_host, wc.stream_port)
+            await self.stream_server.start()
+            rt.on_close(self.stream_server.close)
 
         ns = rt.namespace
         self.kv_publisher = KvEventPublisher(
@@ -187,6 +193,7 @@ class Worker:
                 kv_capacity_blocks=cap.total_blocks,
                 dp_size=cap.dp_size,
                 metadata={"engine": wc.engine},
+                stream_port=self.stream_server.port if self.stream_server else 0,
             ),
         )
         if self.publishes_model_card:
@@ -208,6 +215,7 @@ class Worker:
             extra=fields(
                 model=self.model_name,
                 address=self.server.address,
+                stream_port=self.stream_server.port if self.stream_server else None,
                 instance_id=f"{self.instance_id:x}",
                 engine=wc.engine,
                 role=self.role,
@@ -242,7 +250,10 @@ class Worker:
         log.info("draining", extra=fields(in_flight=in_flight))
         if self.servicer is not None:
             self.servicer.start_drain()  # multiplexed streams end once their requests are done
-        if self.server is not None:
-            await self.server.drain(grace_s)
+        grace = self.config.grpc.drain_grace_s if grace_s is None else grace_s
+        draining = [self.server.drain(grace)] if self.server is not None else []
+        if self.stream_server is not None:
+            draining.append(self.stream_server.drain(grace))  # stops accepting, sessions end as GenerateMany's
+        await asyncio.gather(*draining)
         await rt.close()
         log.info("stopped")

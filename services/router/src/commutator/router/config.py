@@ -37,14 +37,15 @@ class RouterConfig:
     router_block_size: int = option(0, "Block size for hashing prompts (0: the workers' registered block size)")
     generate_timeout_s: float = option(3600.0, "Deadline of a proxied Generate stream")
     worker_stream: str = option(
-        "mux",
-        "How requests reach a worker: mux (all of this process's requests to it over one GenerateMany stream) "
-        "or unary (one Generate call per request)",
-        choices=("mux", "unary"),
+        "tcp",
+        "How requests reach a worker: tcp (all of this process's requests to it over one stream on a plain TCP "
+        "connection; a worker that advertises no stream port is reached as with mux), mux (the same stream as "
+        "one gRPC GenerateMany call) or unary (one gRPC Generate call per request)",
+        choices=("tcp", "mux", "unary"),
     )
     worker_stream_buffer: int = option(
         4096,
-        "mux: updates one request may have waiting unread before it is cancelled (its client stopped reading);"
+        "tcp, mux: updates one request may have waiting unread before it is cancelled (its client stopped reading);"
         " the other requests on the stream never wait for it",
     )
     worker_retries: int = option(

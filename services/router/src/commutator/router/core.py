@@ -50,6 +50,7 @@ from commutator.router.mux import MuxRequest, WorkerMux
 from commutator.router.policies import make_policy
 from commutator.router.scheduler import Outcome, RouteResult, Scheduler, WorkerView
 from commutator.router.sync import ReplicaSync
+from commutator.router.tcp_call import open_worker_stream
 from commutator.v1 import common_pb2, router_pb2, worker_pb2, worker_pb2_grpc
 
 __all__ = ["Router"]
@@ -540,6 +541,7 @@ class Router:
         mux = self._muxes.get(worker_id)
         if mux is None:
             mux = self._muxes[worker_id] = WorkerMux(
-                lambda: self.workers.open_bidi("GenerateMany", worker_id), buffer=self.config.worker_stream_buffer
+                lambda: open_worker_stream(self.workers, worker_id, self.config.worker_stream),
+                buffer=self.config.worker_stream_buffer,
             )
         return mux.open(request, timeout_s, tracing.inject_metadata(metadata))

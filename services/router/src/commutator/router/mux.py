@@ -1,5 +1,5 @@
 """The client side of ``Worker.GenerateMany``: one stream per worker for every request this process
-sends it (docs/worker-stream.md).
+sends it (docs/worker-stream.md), over gRPC or over plain TCP (:mod:`commutator.router.tcp_call`).
 
 :meth:`WorkerMux.open` starts a request on the worker's stream (opening the stream on first use,
 and again after it ended) and returns a :class:`MuxRequest`, an async iterator of the request's
@@ -86,8 +86,10 @@ class MuxRequest:
                 if sink(items.popleft()):
                     await self.aclose()
                     return
-        except BaseException:
+        except BaseException as exc:
             await self.aclose()
+            if isinstance(exc, Exception) and not isinstance(exc, CommutatorError):
+                raise SinkFailed(exc) from exc  # as when the sink fails on a later response
             raise
         self._sink = sink
         try:
@@ -263,7 +265,7 @@ class WorkerMux:
     async def _write(self, call: Any, frame: worker_pb2.MuxClientFrame) -> None:
         try:
             await call.write(frame)
-        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as exc:
+        except (grpc.RpcError, CommutatorError, asyncio.InvalidStateError, RuntimeError) as exc:
             # The stream is failing: the reader reports it to every request.
             log.debug("%s: a frame was not sent: %s", self.where, exc)
             return
@@ -289,8 +291,9 @@ class WorkerMux:
                     req = requests.pop(e.tag, None)
                     if req is not None:
                         req._fail(error_from_status(e.code, e.message, where))
-        except grpc.RpcError as err:
-            error = map_rpc_error(err, where)
+        except (grpc.RpcError, CommutatorError) as err:
+            # A TCP stream's call raises the typed error (Unavailable) itself.
+            error = err if isinstance(err, CommutatorError) else map_rpc_error(err, where)
             if isinstance(error, Cancelled) and self.closing:
                 error = Unavailable(f"{where}: the worker left discovery")
         except asyncio.CancelledError:

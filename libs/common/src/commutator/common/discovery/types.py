@@ -97,6 +97,16 @@ class InstanceInfo:
     kv_capacity_blocks: int = 0
     dp_size: int = 1
     metadata: dict[str, Any] = field(default_factory=dict)
+    stream_port: int = 0
+    """TCP port of the worker stream on the host of ``address`` (0: none; docs/worker-stream.md)."""
+
+    @property
+    def stream_address(self) -> str:
+        """``host:port`` of the worker stream over TCP, or "" when the instance offers none."""
+        if self.stream_port <= 0:
+            return ""
+        host = self.address.rsplit(":", 1)[0]
+        return f"{host}:{self.stream_port}"
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -108,7 +118,16 @@ class InstanceInfo:
             raise ValueError("instance value must be a JSON object with an address")
         known = {
             k: obj[k]
-            for k in ("address", "role", "model", "block_size", "kv_capacity_blocks", "dp_size", "metadata")
+            for k in (
+                "address",
+                "role",
+                "model",
+                "block_size",
+                "kv_capacity_blocks",
+                "dp_size",
+                "metadata",
+                "stream_port",
+            )
             if k in obj
         }
         return cls(**known)

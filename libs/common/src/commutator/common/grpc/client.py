@@ -117,6 +117,11 @@ class EndpointClient(Generic[StubT]):
         self._retired: dict[int, grpc.aio.Channel] = {}  # left discovery, closed when idle
 
     @property
+    def target(self) -> str:
+        """``namespace/component/endpoint``: how errors name this endpoint."""
+        return self._target
+
+    @property
     def instances(self) -> dict[int, Instance]:
         return self.instance_set.instances
 
