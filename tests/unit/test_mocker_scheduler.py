@@ -83,6 +83,22 @@ def test_two_prompts_arriving_together_share_one_pass() -> None:
     assert sorted(seq.request_id for seq, *_ in r.outputs) == ["a", "b"]
 
 
+def test_a_prefix_planned_earlier_in_the_same_pass_is_a_cache_hit() -> None:
+    """As vLLM's v1 scheduler: blocks are cached when a pass is planned, so a request admitted later
+    in the same pass reuses the blocks an earlier one is computing in it."""
+    s = make()
+    s.add(req("a", 1000))
+    s.add(EngineRequest("b", [*range(1000), *range(7000, 7100)], stop=StopParams(max_tokens=4)))  # a's 1000, then 100
+    r = s.step()
+    assert r.admitted == 2
+    cached = 1000 // 64 * 64  # a's 15 full blocks
+    assert s.by_id["b"].cached_tokens == cached
+    assert r.prefill_tokens == 1000 + (1100 - cached)
+    assert r.pass_ms == pytest.approx(prefill_ms(1000 + 1100 - cached))
+    stored = [ev.data for ev in s.pool.take_events()]
+    assert sum(len(d.blocks) for d in stored if isinstance(d, KvStored)) == 1100 // 64  # the shared 15 stored once
+
+
 def test_chunked_prefill_respects_the_token_budget_and_decodes_ride_along() -> None:
     s = make(max_batched_tokens=1024)
     s.add(req("short", 100, max_tokens=10))

@@ -15,9 +15,11 @@ scheduler does it:
    longest cached prefix of its blocks (at most all but the last token, which
    must be computed to sample from), then a chunk of the rest.
 
-At the end of the pass every sequence whose tokens are all computed samples
-one token (the first token ends its prefill); full blocks are registered in
-the prefix cache (KV events). :attr:`StepResult.pass_ms` is the pass's
+Blocks that a pass fills are registered in the prefix cache (KV events) when
+the pass is planned, as vLLM's v1 scheduler caches them when it allocates them:
+a sequence admitted later in the same pass already finds them (a same-pass
+hit). At the end of the pass every sequence whose tokens are all computed
+samples one token (the first token ends its prefill). :attr:`StepResult.pass_ms` is the pass's
 simulated duration from the timing model.
 
 A pass is two calls, so that a real engine can run its model in between:
@@ -259,7 +261,7 @@ class Scheduler:
             raise ValueError(f"first token {first_token} is outside the vocabulary")
         seq.num_computed = seq.num_prompt
         seq.cached_tokens = 0
-        self._register_full_blocks(seq)
+        self._register_full_blocks(seq, seq.num_computed)
         seq.tokens.append(first_token)
         seq.num_output = 1
         reason = self._finish_reason(seq, first_token)
@@ -360,6 +362,8 @@ class Scheduler:
                 if blocks is None:
                     break  # this sequence preempted itself; every later one is gone too
                 seq.blocks.extend(blocks)
+            if (seq.num_computed + num_new) // bs > seq.num_registered:
+                self._register_full_blocks(seq, seq.num_computed + num_new)
             scheduled.append((seq, num_new))
             budget -= num_new
             if seq.num_computed < seq.prefill_end:
@@ -387,6 +391,8 @@ class Scheduler:
                 seq.num_registered = len(hits)
                 if seq.cached_tokens < 0:
                     seq.cached_tokens = num_cached
+                if (num_cached + num_new) // bs > seq.num_registered:
+                    self._register_full_blocks(seq, num_cached + num_new)
                 running.append(seq)
                 scheduled.append((seq, num_new))
                 budget -= num_new
@@ -416,14 +422,11 @@ class Scheduler:
             preempted=batch.preempted,
             admitted=batch.admitted,
         )
-        bs = self.block_size
         outputs = result.outputs
         finished: list[Seq] = []
         k = 0
         for seq, num_new in batch.scheduled:
-            seq.num_computed += num_new
-            if seq.num_computed // bs > seq.num_registered:
-                self._register_full_blocks(seq)
+            seq.num_computed += num_new  # its full blocks were registered when it was scheduled
             if seq.num_computed < len(seq.tokens):
                 continue  # a prefill chunk that does not finish the prompt
             token, lp = sampled[k]
@@ -448,9 +451,10 @@ class Scheduler:
             return FinishReason.LENGTH
         return None
 
-    def _register_full_blocks(self, seq: Seq) -> None:
+    def _register_full_blocks(self, seq: Seq, num_tokens: int) -> None:
+        """Register the blocks of ``seq`` that its first ``num_tokens`` tokens fill (KV events)."""
         bs = self.block_size
-        full = min(seq.num_computed // bs, len(seq.blocks))
+        full = min(num_tokens // bs, len(seq.blocks))
         k = seq.num_registered
         if full <= k:
             return
