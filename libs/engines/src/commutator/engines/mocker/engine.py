@@ -4,7 +4,9 @@ Each pass runs :meth:`Scheduler.step`, then waits the pass's simulated
 duration on the injected clock (measured from the start of the pass, so the
 scheduler's own CPU time is part of it), then delivers the pass's tokens and
 KV events. With ``speedup_ratio`` 0 passes follow each other with no delay
-(yielding to the event loop in between).
+(yielding to the event loop in between). Without an injected clock the wait is
+a :class:`~commutator.common.clock.PreciseClock` sleep: the event loop's own
+timers end up to a millisecond late, which would lengthen every pass.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
-from commutator.common.clock import Clock, SystemClock
+from commutator.common.clock import Clock, PreciseClock
 from commutator.engines.base import (
     EngineCapacity,
     EngineOutput,
@@ -54,7 +56,10 @@ class MockerEngine:
         been moved to the decode worker."""
         config.validate()
         self.config = config
-        self.clock = clock or SystemClock()
+        self._own_clock: PreciseClock | None = None
+        if clock is None:  # passes end on time, not up to a millisecond late on the event loop's timers
+            clock = self._own_clock = PreciseClock()
+        self.clock = clock
         salt = engine_salt if engine_salt is not None else random.getrandbits(64)
         self.scheduler = Scheduler(
             config,
@@ -107,6 +112,8 @@ class MockerEngine:
         for rid, ch in list(self._channels.items()):
             self.scheduler.abort(rid)
             ch.close(FinishReason.ABORT)
+        if self._own_clock is not None:
+            self._own_clock.close()
 
     # -- requests -----------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
