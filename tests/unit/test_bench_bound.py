@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 from commutator.cli import bound
+from commutator.cli.main import main as cli_main
 from commutator.cli.workloads import RequestSpec, TraceWorkload
 from commutator.common.hashing import local_block_hashes, sequence_hashes
 from commutator.engines.base import EngineRequest, StopParams
@@ -156,3 +158,20 @@ def test_the_bound_beats_round_robin_and_random_on_the_prefix_heavy_trace() -> N
     assert res.bound.hit_share > res.random.hit_share + 0.1
     assert res.bound.hit_share <= res.infinite_cache_share
     assert sum(res.bound.per_worker_requests) == 402
+
+
+def test_the_bound_command_prints_the_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.jsonl"
+    lines = [{"timestamp": 1000 * i, "input_length": 1000, "output_length": 16, "hash_ids": [1, 2]} for i in range(4)]
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "bound.json"
+    argv = ["bench", "bound", "--trace", str(trace), "--workers", "2", "--length-scale", "8"]
+    assert cli_main([*argv, "--window-s", "2", "--measured", "kv=50%", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    # 125-token prompts: one block cacheable (124 // 64); three repeats of four hit 64 of 125 tokens.
+    assert "| affinity bound | 38.4% | 1.00 |" in text and "| round-robin replay | 25.6% | 0.67 |" in text
+    assert "| measured: kv | 50.0% | 1.30 |" in text
+    doc = json.loads(out.read_text())
+    assert doc["bound"]["cached_tokens"] == 3 * 64 and doc["bound"]["prompt_tokens"] == 500
+    assert [w["requests"] for w in doc["bound"]["windows"]] == [2, 2]
+    assert doc["measured"][0]["share_of_bound"] == pytest.approx(0.5 / 0.384)
