@@ -124,6 +124,19 @@ def test_ties_go_to_the_worker_that_has_gone_longest_without_a_request() -> None
     assert res.cached_tokens == 8
 
 
+def test_affinity_ignoring_load_collapses_onto_one_worker_when_every_prompt_shares_a_first_block() -> None:
+    shared = blk(1)
+    x1, x2 = [*shared, *blk(2), 1], [*shared, *blk(3), 1]  # 9 tokens: 3 blocks, 2 of them cacheable
+    specs = [spec(x1), spec(x2), spec(x1), spec(x2)]
+    aff = run(specs, bound.AffinityPlacement(), workers=2, num_blocks=3)
+    assert aff.per_worker_requests == (4, 0)  # worker 0 always holds the shared block: the longest prefix
+    assert aff.cached_tokens == 3 * 4  # x1 and x2 evict each other's own block there: only the shared one hits
+    rr = run(specs, bound.RoundRobinPlacement(), workers=2, num_blocks=3)
+    assert rr.cached_tokens == 2 * 8  # one prompt per worker: both repeats hit in full
+    pooled = run(specs, bound.AffinityPlacement(), workers=1, num_blocks=6)
+    assert pooled.cached_tokens == 4 + 8 + 8  # one pool of both workers' blocks holds everything once
+
+
 def test_prompts_over_the_context_are_refused_and_output_is_capped() -> None:
     specs = [spec(list(range(1, 20)), 50), spec(list(range(1, 31)), 5), spec(list(range(1, 40)), 5)]
     prepared, refused = bound.prepare(specs, block_size=BS, context_length=30)
@@ -156,6 +169,7 @@ def test_the_bound_beats_round_robin_and_random_on_the_prefix_heavy_trace() -> N
     assert res.round_robin.prompt_tokens == res.bound.prompt_tokens == res.random.prompt_tokens
     assert res.bound.hit_share > res.round_robin.hit_share + 0.1
     assert res.bound.hit_share > res.random.hit_share + 0.1
+    assert res.round_robin.hit_share < res.pooled.hit_share <= res.infinite_cache_share
     assert res.bound.hit_share <= res.infinite_cache_share
     assert sum(res.bound.per_worker_requests) == 402
 
@@ -169,8 +183,9 @@ def test_the_bound_command_prints_the_table_and_writes_json(tmp_path: Path, caps
     assert cli_main([*argv, "--window-s", "2", "--measured", "kv=50%", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     # 125-token prompts: one block cacheable (124 // 64); three repeats of four hit 64 of 125 tokens.
-    assert "| affinity bound | 38.4% | 1.00 |" in text and "| round-robin replay | 25.6% | 0.67 |" in text
-    assert "| measured: kv | 50.0% | 1.30 |" in text
+    assert "| affinity bound | 38.4% | 1.00 | 1.00 |" in text and "| pooled cache | 38.4% | 1.00 | 1.00 |" in text
+    assert "| round-robin replay | 25.6% | 0.67 | 0.67 |" in text
+    assert "| measured: kv | 50.0% | 1.30 | 1.30 |" in text
     doc = json.loads(out.read_text())
     assert doc["bound"]["cached_tokens"] == 3 * 64 and doc["bound"]["prompt_tokens"] == 500
     assert [w["requests"] for w in doc["bound"]["windows"]] == [2, 2]
