@@ -4,17 +4,19 @@ commutator bench run --url http://host:8000/v1 --model M [workload] [--concurren
 commutator bench run --launch commutator --speedup-ratio 100 ...      # starts a stack first
 commutator bench compare                                              # Commutator vs Dynamo 1.6.1
 commutator bench gen-traces [DIR]                                     # the shipped workload set
+commutator bench bound --trace T [--workers 4 --num-blocks 1024 ...]  # the affinity bound of a trace (offline)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from commutator.cli import compare, report
+from commutator.cli import bound, compare, report
 from commutator.cli.measure import Measured, measure
 from commutator.cli.stacks import CommutatorStack, DynamoStack, Stack, ensure_dynamo
 from commutator.cli.workloads import (
@@ -25,7 +27,7 @@ from commutator.cli.workloads import (
     TraceWorkload,
     generate_traces,
 )
-from commutator.engines.tiny_model import MODEL_NAME
+from commutator.engines.tiny_model import CONTEXT_LENGTH, MODEL_NAME
 
 __all__ = ["Measured", "add_parser", "main", "measure"]
 
@@ -80,17 +82,90 @@ def add_parser(sub: Any) -> None:
     gen = bsub.add_parser("gen-traces", help="write the shipped workload set (Mooncake format)")
     gen.add_argument("out", nargs="?", type=Path, default=Path("benchmarks/traces"))
 
+    bnd = bsub.add_parser(
+        "bound", help="offline: the cache hit share of perfect cache affinity on a trace, with the same capacity"
+    )
+    bnd.add_argument("--trace", type=Path, required=True, help="Mooncake-format JSONL")
+    bnd.add_argument("--workers", type=int, default=4, help="mocker workers")
+    bnd.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per worker")
+    bnd.add_argument("--block-size", type=int, default=64, help="tokens per KV block")
+    bnd.add_argument("--length-scale", type=float, default=8.0, help="divide the trace's lengths by this")
+    bnd.add_argument("--block-tokens", type=int, default=512, help="prompt tokens per hash id in the trace")
+    bnd.add_argument("--speedup", type=float, default=1.0, help="divide the trace's clock by this")
+    bnd.add_argument("--max-duration-s", type=float, help="keep the requests sent within this (after --speedup)")
+    bnd.add_argument("--context-length", type=int, default=CONTEXT_LENGTH, help="the model's context")
+    bnd.add_argument("--window-s", type=float, default=5.0, help="width of the hit-share time series windows")
+    bnd.add_argument("--seed", type=int, default=0, help="seed of the random placement")
+    bnd.add_argument(
+        "--measured",
+        action="append",
+        default=[],
+        metavar="LABEL=SHARE",
+        help="a router's measured cached share (0.24 or 24%%), reported as a share of the bound (repeatable)",
+    )
+    bnd.add_argument("--json", type=Path, help="write the result (time series included) here")
+
 
 def main(args: argparse.Namespace) -> int:
     if args.bench_command == "gen-traces":
         for p in generate_traces(args.out):
             print(p)
         return 0
+    if args.bench_command == "bound":
+        return _bound(args)
     import uvloop
 
     if args.bench_command == "run":
         return uvloop.run(_run(args))
     return uvloop.run(compare.run_compare(args))
+
+
+# -- the affinity bound ----------------------------------------------------------------------------
+def _measured(items: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for item in items:
+        label, sep, value = item.rpartition("=")
+        try:
+            share = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+        except ValueError:
+            share = -1.0
+        if not sep or not label or share < 0:
+            raise SystemExit(f"--measured {item!r}: expected LABEL=SHARE, e.g. kv=0.24 or kv=24%")
+        out.append((label, share))
+    return out
+
+
+def _bound(args: argparse.Namespace) -> int:
+    measured = _measured(args.measured)
+    wl = TraceWorkload(
+        args.trace,
+        speedup=args.speedup,
+        block_tokens=args.block_tokens,
+        length_scale=args.length_scale,
+        max_duration_s=args.max_duration_s,
+    )
+    res = bound.affinity_bound(
+        wl,
+        workers=args.workers,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        context_length=args.context_length,
+        window_s=args.window_s,
+        seed=args.seed,
+    )
+    b = res.bound
+    print(
+        f"{args.trace.name}: {b.requests} requests ({res.refused} refused: prompt over the context),"
+        f" {b.prompt_tokens} prompt tokens; {args.workers} workers x {args.num_blocks} blocks of {args.block_size}"
+    )
+    print(bound.format_table(res, measured))
+    print("affinity placement, requests per worker: " + ", ".join(map(str, b.per_worker_requests)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"args": {k: str(v) for k, v in vars(args).items()}, **res.as_dict()}
+        doc["measured"] = [{"label": k, "hit_share": v, "share_of_bound": res.share_of_bound(v)} for k, v in measured]
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
 
 
 # -- one run --------------------------------------------------------------------------------------
