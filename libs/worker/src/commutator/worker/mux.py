@@ -61,8 +61,11 @@ class MuxSession:
         try:
             while True:
                 await self._wake.wait()
-                # Every request the same engine pass woke adds its output before the frame is built.
-                await asyncio.sleep(0)
+                if self._tasks:
+                    # Every request task the same engine pass woke adds its output before the frame is
+                    # built. Pushed requests need no turn: the pass put theirs in before this ran, and a
+                    # turn here would let the KV-event publisher the pass also woke go first.
+                    await asyncio.sleep(0)
                 if interval and not self._urgent:
                     wait = last + interval - loop.time()
                     if wait > 0:
