@@ -152,6 +152,10 @@ bench: setup servers ## Load test a freshly launched Commutator stack (BENCH_ARG
 bench-compare: setup servers ## Commutator vs Dynamo 1.6.1: open/closed loop, slow streams, two clients, routing (~12 min; BENCH_ARGS=--quick: 2-min smoke)
 	$(VENV)/bin/commutator bench compare $(BENCH_ARGS)
 
+.PHONY: bench-routing
+bench-routing: setup servers ## Routing quality: ours (kv, round-robin, random, least-loaded) vs Dynamo kv, Mooncake + prefix-heavy traces, offline bounds (~10 min; build/bench-routing)
+	$(VENV)/bin/commutator bench compare --only routing --no-docs --out build/bench-routing $(BENCH_ARGS)
+
 .PHONY: bench-hashing
 bench-hashing: setup ## Block hashing of a 4096-token prompt
 	$(PY) benchmarks/bench_hashing.py

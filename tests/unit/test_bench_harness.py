@@ -138,3 +138,37 @@ def test_offsets_follow_a_trace_or_go_all_at_once_and_stop_when_specs_do() -> No
     assert [t for t, _ in got] == [0.0, 0.5, 1.5] and [s.body["n"] for _, s in got] == [0, 1, 2]
     assert [t for t, _ in arrival_offsets(specs(3), rate=None, duration_s=None)] == [0.0, 0.0, 0.0]
     assert len(list(arrival_offsets(specs(5), rate=1000.0, duration_s=None))) == 5
+
+
+def test_a_trace_replay_cuts_long_prompts_keeping_their_start(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps(o)
+            for o in (
+                {"timestamp": 0, "input_length": 2048, "output_length": 10, "hash_ids": [1, 2, 3, 4]},
+                {"timestamp": 5, "input_length": 700, "output_length": 10, "hash_ids": [1, 9]},
+            )
+        )
+    )
+    full = list(TraceWorkload(path))
+    wl = TraceWorkload(path, max_prompt_tokens=1000)
+    cut = list(wl)
+    assert wl.cut_prompts == 1
+    assert cut[0].body["prompt"] == full[0].body["prompt"][:1000] and cut[0].prompt_tokens == 1000
+    assert cut[1].body["prompt"] == full[1].body["prompt"]  # within the cap: unchanged
+    assert list(wl) == cut and wl.cut_prompts == 1  # counted per pass, not accumulated
+
+
+def test_hit_share_windows_group_by_send_time() -> None:
+    from commutator.cli.report import hit_share_windows
+
+    def r(start: float, prompt: int, cached: int, ok: bool = True) -> RequestResult:
+        return RequestResult(ok=ok, start=start, end=start + 1, prompt_tokens=prompt, cached_tokens=cached)
+
+    results = [r(100.0, 100, 50), r(101.0, 100, 0), r(106.0, 200, 150), r(107.0, 100, 100, ok=False)]
+    assert hit_share_windows(results, 5.0) == [
+        {"start_s": 0.0, "requests": 2, "hit_share": 0.25},
+        {"start_s": 5.0, "requests": 1, "hit_share": 0.75},
+    ]
+    assert hit_share_windows([], 5.0) == []

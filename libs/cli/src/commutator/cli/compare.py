@@ -12,7 +12,12 @@ with Dynamo, whose figures set the open-loop rates both stacks get.
   (and with ``--slow-open-fraction`` an open loop after it).
 - ``clients``: (d) the overhead workload at concurrency 64, closed loop, driven in turn by the
   harness's client and by ``benchmarks/independent_client.py`` on the same stack.
-- ``routing``: the prefix-heavy trace replayed at speed-up 1, kv vs round-robin routing.
+- ``routing``: routing quality (issue 13). Traces replayed open loop at speed-up 1 on 4 workers
+  with a small KV cache each (1,024 blocks), so that placement decides the hits: the Mooncake
+  production trace of ``../shared/traces`` and the shipped prefix-heavy one. Ours with kv,
+  round-robin, random and least-loaded routing, Dynamo with kv, in the same run; beside them
+  the offline affinity bound and pooled cache of the same requests (:mod:`commutator.cli.bound`).
+  Cached share, TTFT, inter-token latency, goodput at an SLA, and the hit share over time.
 
 Every measurement reads the CPU of every process of the stack, of the client and of the machine
 over its window (``measure``). Figures go to ``compare.json`` and ``compare.md`` under ``--out``,
@@ -33,6 +38,7 @@ from typing import Any
 
 from commutator.cli import compare_page, report
 from commutator.cli import compare_stats as stats
+from commutator.cli.bound import affinity_bound
 from commutator.cli.independent import measure_independent
 from commutator.cli.loadgen import RequestResult
 from commutator.cli.measure import Measured, measure
@@ -49,10 +55,60 @@ OVERHEAD_ISL, OVERHEAD_OSL = 1000, 64
 SLOW_ISL, SLOW_OSL, SLOW_CONCURRENCY = 200, 256, 32
 CLIENTS_CONCURRENCY = 64
 CHAT_LINE_WORDS = 40  # words per line of the harness's chat prompts (workloads.ChatWorkload)
-ROUTING_TRACE = "prefix_heavy.jsonl"
-ROUTING_LENGTH_SCALE = 4.0  # 512-token blocks become 128 tokens: about 750-token prompts
+ROUTING_WORKERS = 4
 ROUTING_NUM_BLOCKS = 1024  # a small KV cache per worker, so that where a prefix lands matters
+ROUTING_MAX_PROMPT = 3584  # the tiny model's context is 4096: longer prompts are cut here (outputs capped below)
+ROUTING_MAX_OUTPUT = 256
+ROUTING_WINDOW_S = 5.0  # hit share over time, per window of send time
+ROUTING_MODES = ("kv", "round-robin", "random", "least-loaded")
+SHARED_TRACES = Path("../shared/traces")
 WARMUP_S = 2.0
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """A trace of the routing section and how it is replayed: ``length_scale`` divides its lengths,
+    ``speedup`` its clock; ``duration_s`` of (scaled) trace time by default."""
+
+    key: str
+    path: Path
+    length_scale: float
+    speedup: float
+    duration_s: float
+    about: str
+
+
+def routing_traces(shared: Path, shipped: Path) -> dict[str, RoutingTrace]:
+    return {
+        t.key: t
+        for t in (
+            RoutingTrace(
+                "mooncake",
+                shared / "mooncake_conversation_trace.jsonl",
+                8.0,
+                10.0,
+                60.0,
+                "Mooncake conversation trace (production, kvcache-ai/Mooncake FAST'25): lengths divided by 8 "
+                "(64 tokens per hash id, the block size), its clock sped up 10 times",
+            ),
+            RoutingTrace(
+                "prefix-heavy",
+                shipped / "prefix_heavy.jsonl",
+                4.0,
+                1.0,
+                20.0,
+                "shipped prefix-heavy trace (120 shared prefixes, Zipf popularity): lengths divided by 4, its own pace",
+            ),
+            RoutingTrace(
+                "conversation",
+                shipped / "conversation.jsonl",
+                4.0,
+                1.0,
+                60.0,
+                "shipped conversation trace (60 sessions of 3-8 turns): lengths divided by 4, its own pace",
+            ),
+        )
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,9 +152,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=("chat",),
         help="chat (text prompts), completions (token-id prompts), comma-separated",
     )
-    g = p.add_argument_group("routing (speed-up 1)")
-    g.add_argument("--routing-reps", type=int, default=2, help="repetitions of the routing replay")
-    g.add_argument("--routing-duration", type=float, default=20.0, help="seconds of trace replayed")
+    g = p.add_argument_group("routing (speed-up 1, 4 workers x 1,024 KV blocks)")
+    g.add_argument("--routing-reps", type=int, default=1, help="repetitions of the routing replay")
+    g.add_argument(
+        "--routing-duration", type=float, default=0.0, help="seconds of (scaled) trace replayed (0: each trace's own)"
+    )
+    g.add_argument(
+        "--routing-traces",
+        type=_names,
+        default=("mooncake", "prefix-heavy"),
+        help="mooncake (../shared/traces), prefix-heavy, conversation (shipped), comma-separated",
+    )
+    g.add_argument(
+        "--routing-modes", type=_names, default=ROUTING_MODES, help="Commutator's router modes, comma-separated"
+    )
+    g.add_argument("--routing-dynamo-modes", type=_names, default=("kv",), help="Dynamo's router modes")
+    g.add_argument(
+        "--shared-traces", type=Path, default=SHARED_TRACES, help="folder of the Mooncake trace (../shared/traces)"
+    )
+    g.add_argument("--ttft-slo-ms", type=float, default=250.0, help="goodput: TTFT target of the routing replay")
+    g.add_argument(
+        "--itl-slo-ms", type=float, default=40.0, help="goodput: mean inter-token time target of the routing replay"
+    )
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -108,9 +183,13 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.reps = args.client_reps = args.routing_reps = 1
     args.warmup = 1.0
     args.overhead_duration = args.open_duration = args.slow_duration = args.clients_duration = 2.0
-    args.routing_duration = 4.0
+    args.routing_duration = 6.0
     args.probe_concurrency = min(args.probe_concurrency, 96)
     args.no_docs = True
+
+
+def _names(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
 def _fractions(s: str) -> tuple[float, ...]:
@@ -318,25 +397,73 @@ async def _clients(run: Run) -> None:
             await _with_stack(make(speedup=OVERHEAD_SPEEDUP, router_mode="kv"), each)
 
 
-async def _routing(run: Run, traces: Path) -> None:
+async def _routing(run: Run, shipped: Path) -> None:
     args, ro = run.args, run.out["routing"]
-    ro.update(trace=ROUTING_TRACE, length_scale=ROUTING_LENGTH_SCALE, num_blocks=ROUTING_NUM_BLOCKS)
-    for rep in range(args.routing_reps):
-        for mode in ("kv", "round-robin"):
+    specs = routing_traces(args.shared_traces, shipped)
+    unknown = [k for k in args.routing_traces if k not in specs]
+    if unknown:
+        raise SystemExit(f"unknown routing trace(s) {unknown}; choose from {sorted(specs)}")
+    ro.update(
+        workers=ROUTING_WORKERS,
+        num_blocks=ROUTING_NUM_BLOCKS,
+        max_prompt_tokens=ROUTING_MAX_PROMPT,
+        max_output=ROUTING_MAX_OUTPUT,
+        ttft_slo_ms=args.ttft_slo_ms,
+        itl_slo_ms=args.itl_slo_ms,
+        window_s=ROUTING_WINDOW_S,
+        traces={},
+    )
+    for key in args.routing_traces:
+        spec = specs[key]
+        if not spec.path.is_file():
+            print(f"routing: {spec.path} is missing; trace {key} skipped", flush=True)
+            continue
+        duration = args.routing_duration or spec.duration_s
+
+        def workload(spec: RoutingTrace = spec, duration: float = duration) -> TraceWorkload:
+            return TraceWorkload(
+                spec.path,
+                speedup=spec.speedup,
+                length_scale=spec.length_scale,
+                max_duration_s=duration,
+                max_output=ROUTING_MAX_OUTPUT,
+                max_prompt_tokens=ROUTING_MAX_PROMPT,
+            )
+
+        wl = workload()
+        bound = affinity_bound(wl, workers=ROUTING_WORKERS, num_blocks=ROUTING_NUM_BLOCKS, window_s=ROUTING_WINDOW_S)
+        tr = ro["traces"][key] = {
+            "path": str(spec.path),
+            "about": spec.about,
+            "duration_s": duration,
+            "requests": bound.bound.requests + bound.refused,
+            "cut_prompts": wl.cut_prompts,
+            "bound": bound.as_dict(),
+        }
+        print(
+            f"routing {key}: {tr['requests']} requests ({wl.cut_prompts} prompts cut to {ROUTING_MAX_PROMPT} tokens); "
+            f"offline: affinity bound {bound.bound.hit_share:.1%}, pooled cache {bound.pooled.hit_share:.1%}, "
+            f"round-robin {bound.round_robin.hit_share:.1%}",
+            flush=True,
+        )
+        for rep in range(args.routing_reps):
             for name, make in run.systems(rep):
+                for mode in args.routing_modes if name == "commutator" else args.routing_dynamo_modes:
 
-                async def replay(stack: Stack, name: str = name, mode: str = mode, rep: int = rep) -> None:
-                    wl = TraceWorkload(
-                        traces / ROUTING_TRACE, length_scale=ROUTING_LENGTH_SCALE, max_duration_s=args.routing_duration
-                    )
-                    m = await run.measure(stack, wl, warmup_s=0)
-                    if rep == 0:
-                        run.sample(f"routing {name} {mode}", m.results)
-                    d = run.record("routing", f"{name}/{mode}", m)
-                    _print("routing", rep, name, f"{mode} cached {m.summary.cached_share:.0%}", d)
+                    async def replay(
+                        stack: Stack, name: str = name, mode: str = mode, rep: int = rep, key: str = key
+                    ) -> None:
+                        m = await run.measure(
+                            stack, workload(), warmup_s=0, ttft_slo_ms=args.ttft_slo_ms, itl_slo_ms=args.itl_slo_ms
+                        )
+                        if rep == 0:
+                            run.sample(f"routing {key} {name} {mode}", m.results)
+                        d = run.record("routing", f"{key}/{name}/{mode}", m)
+                        d["hit_share_windows"] = report.hit_share_windows(m.results, ROUTING_WINDOW_S)
+                        _print("routing", rep, name, f"{key} {mode} cached {m.summary.cached_share:.1%}", d)
 
-                stack = make(speedup=1.0, router_mode=mode, num_blocks=ROUTING_NUM_BLOCKS)
-                await _with_stack(stack, replay)
+                    stack = make(speedup=1.0, router_mode=mode, workers=ROUTING_WORKERS, num_blocks=ROUTING_NUM_BLOCKS)
+                    await _with_stack(stack, replay)
 
 
 HEADLINE: list[tuple[str, stats.Getter]] = [
@@ -375,7 +502,7 @@ async def run_compare(args: argparse.Namespace) -> int:
     sections = args.only or list(SECTIONS)
     dyn_py = ensure_dynamo()
     traces = Path.cwd() / "benchmarks" / "traces"
-    if "routing" in sections and not (traces / ROUTING_TRACE).is_file():
+    if "routing" in sections and not (traces / "prefix_heavy.jsonl").is_file():
         generate_traces(traces)
     machine = report.machine_info()
     out: dict[str, Any] = {
@@ -410,7 +537,7 @@ async def run_compare(args: argparse.Namespace) -> int:
     machine["loadavg_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(args.out / "compare.json", out)
-    plot_paths = compare_page.plots(args.out, run.samples)
+    plot_paths = compare_page.plots(args.out, run.samples, out)
     figures = compare_page.page(out, plot_paths)
     (args.out / "compare.md").write_text(figures + "\n")
     print()

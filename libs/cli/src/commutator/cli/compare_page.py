@@ -340,41 +340,88 @@ def _clients_lines(out: dict[str, Any]) -> list[str]:
     ]
 
 
+def _share_of(bound: float) -> Getter:
+    """A run's cached share as a fraction of ``bound`` (None when the bound is 0)."""
+
+    def g(r: RunRecord) -> float | None:
+        return (get(r, "summary", "cached_share") or 0.0) / bound if bound else None
+
+    return g
+
+
 def _routing_lines(out: dict[str, Any]) -> list[str]:
     ro, st = out["routing"], out["settings"]
     if not ro.get("runs"):
         return []
-    modes = ("kv", "round-robin")
     cols: list[Col] = [
-        ("req/s", rps, 1),
+        ("cached share %", lambda r: 100 * (get(r, "summary", "cached_share") or 0.0), 1),
         ("TTFT p50 ms", latency("ttft_ms", "p50"), 1),
         ("TTFT p99 ms", latency("ttft_ms", "p99"), 1),
         ("ITL p50 ms", latency("itl_ms", "p50"), 2),
-        ("cached share %", lambda r: 100 * (get(r, "summary", "cached_share") or 0.0), 1),
+        ("ITL p99 ms", latency("itl_ms", "p99"), 2),
+        ("goodput req/s", lambda r: get(r, "summary", "goodput_per_s"), 2),
+        ("req/s", rps, 2),
+        ("errors", errors, 0),
         ("frontend CPU ms/req", FE_MS, 2),
-        ("stack CPU ms/req", STACK_MS, 2),
     ]
-    return [
+    lines = [
         "### Routing quality, speed-up 1",
         "",
-        f"`benchmarks/traces/{ro.get('trace')}` replayed for {st['routing_duration']:g} s at its own pace, lengths "
-        f"divided by {ro.get('length_scale'):g}, {ro.get('num_blocks')} KV blocks per worker, fresh stacks.",
-        "",
-        *_table(["router", "system"], cols, [([m, n], _runs(ro, f"{n}/{m}")) for m in modes for n in SYSTEMS]),
-        "",
-        *_ratio_table(
-            "router",
-            [
-                ("TTFT p50", latency("ttft_ms", "p50")),
-                ("TTFT p99", latency("ttft_ms", "p99")),
-                ("ITL p50", latency("itl_ms", "p50")),
-                ("frontend CPU/req", FE_MS),
-                ("cached share", lambda r: get(r, "summary", "cached_share")),
-            ],
-            [(m, _runs(ro, f"commutator/{m}"), _runs(ro, f"dynamo/{m}")) for m in modes],
-        ),
+        f"{ro['workers']} mocker workers of {ro['num_blocks']} KV blocks (64 tokens) each, fresh stacks, open loop "
+        f"at the trace's send times, {st['routing_reps']} repetition(s). Prompts longer than "
+        f"{ro['max_prompt_tokens']} tokens are cut to it and outputs capped at {ro['max_output']} (the tiny "
+        f"model's context is 4,096). Goodput: requests per second with TTFT at most {ro['ttft_slo_ms']:g} ms and "
+        f"a mean inter-token time at most {ro['itl_slo_ms']:g} ms. *Share of bound*: the cached share as a "
+        "fraction of the pooled cache's (one cache of every worker's blocks, each prefix held once) and of the "
+        "affinity bound's (each request on the worker holding its longest prefix, load ignored), both replayed "
+        "offline over the same requests through the mocker's block pool (`commutator bench bound`).",
         "",
     ]
+    for key, tr in ro.get("traces", {}).items():
+        b = tr["bound"]
+        pooled, affinity = b["pooled"]["hit_share"], b["bound"]["hit_share"]
+        rows = []
+        for system in SYSTEMS:
+            for mode in ("kv", "round-robin", "random", "least-loaded"):
+                runs = _runs(ro, f"{key}/{system}/{mode}")
+                if runs:
+                    rows.append(([mode, system], runs))
+        lines += [
+            f"#### {key}",
+            "",
+            f"{tr['about']}; {tr['duration_s']:g} s replayed, {tr['requests']} requests ({tr['cut_prompts']} "
+            f"prompts cut). Offline, same requests: pooled cache **{100 * pooled:.1f}%**, affinity bound "
+            f"{100 * affinity:.1f}%, round-robin {100 * b['round_robin']['hit_share']:.1f}%, random "
+            f"{100 * b['random']['hit_share']:.1f}%, infinite cache {100 * b['infinite_cache_share']:.1f}%.",
+            "",
+            *_table(
+                ["router", "system"],
+                [
+                    *cols[:1],
+                    ("share of pooled", _share_of(pooled), 2),
+                    ("share of affinity bound", _share_of(affinity), 2),
+                    *cols[1:],
+                ],
+                rows,
+            ),
+            "",
+            *_ratio_table(
+                "router",
+                [
+                    ("cached share", lambda r: get(r, "summary", "cached_share")),
+                    ("TTFT p50", latency("ttft_ms", "p50")),
+                    ("TTFT p99", latency("ttft_ms", "p99")),
+                    ("ITL p50", latency("itl_ms", "p50")),
+                    ("goodput", lambda r: get(r, "summary", "goodput_per_s")),
+                ],
+                [
+                    (f"ours {m} / Dynamo kv", _runs(ro, f"{key}/commutator/{m}"), _runs(ro, f"{key}/dynamo/kv"))
+                    for m in ("kv", "round-robin", "random", "least-loaded")
+                ],
+            ),
+            "",
+        ]
+    return lines
 
 
 def _machine_lines(out: dict[str, Any]) -> list[str]:
@@ -431,9 +478,10 @@ def splice(doc: str, figures: str) -> str:
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def plots(out_dir: Path, samples: dict[str, list[RequestResult]]) -> list[Path]:
-    """TTFT CDFs of the open loop at its highest rate, of the slow stream, and of the routing replay;
-    the routing replay's throughput over time. ``samples``: "<section> <system> [<what>]" -> results."""
+def plots(out_dir: Path, samples: dict[str, list[RequestResult]], out: dict[str, Any] | None = None) -> list[Path]:
+    """TTFT CDFs of the open loop at its highest rate, of the slow stream, and of each routing trace;
+    each routing trace's hit share over time beside its offline bounds. ``samples``: "<section> <system>
+    [<what>]" -> results ("routing <trace> <system> <mode>" for the routing section)."""
 
     def ms(results: list[RequestResult]) -> list[float]:
         return [r.ttft_s * 1000 for r in results if r.ok and r.ttft_s is not None]
@@ -443,15 +491,24 @@ def plots(out_dir: Path, samples: dict[str, list[RequestResult]]) -> list[Path]:
         ("open", "open_loop_ttft.png", "TTFT, open loop at the highest offered rate (all repetitions)"),
         ("closed", "closed_loop_ttft_c16.png", "TTFT, closed loop at concurrency 16 (all repetitions)"),
         ("slow", "slow_stream_ttft.png", "TTFT, slow stream, closed loop (all repetitions)"),
-        ("routing", "routing_ttft.png", "TTFT, prefix-heavy trace at speed-up 1 (first repetition)"),
     ):
         series = {k.split(" ", 1)[1]: ms(v) for k, v in samples.items() if k.split(" ", 1)[0] == section}
         if series:
             report.plot_latency_cdf(out_dir / name, series, title, "ms")
             paths.append(out_dir / name)
-    routing = {k.split(" ", 1)[1]: v for k, v in samples.items() if k.startswith("routing ")}
-    if routing:
-        p = out_dir / "routing_throughput.png"
-        report.plot_over_time(p, routing, "Output tokens per second, prefix-heavy trace (first repetition)")
+    traces = (out or {}).get("routing", {}).get("traces", {})
+    for key, tr in traces.items():
+        runs = {k.split(" ", 2)[2]: v for k, v in samples.items() if k.startswith(f"routing {key} ")}
+        if not runs:
+            continue
+        p = out_dir / f"routing_{key}_ttft.png"
+        report.plot_latency_cdf(p, {k: ms(v) for k, v in runs.items()}, f"TTFT, {key} trace, speed-up 1", "ms")
+        paths.append(p)
+        window = (out or {})["routing"]["window_s"]
+        shares = {k: report.hit_share_windows(v, window) for k, v in runs.items()}
+        shares["pooled cache (offline)"] = tr["bound"]["pooled"]["windows"]
+        shares["affinity bound (offline)"] = tr["bound"]["bound"]["windows"]
+        p = out_dir / f"routing_{key}_hit_share.png"
+        report.plot_hit_share(p, shares, f"Cached share over time, {key} trace ({window:g} s windows)")
         paths.append(p)
     return paths

@@ -124,6 +124,53 @@ def plot_over_time(path: Path, series: dict[str, list[RequestResult]], title: st
     plt.close(fig)
 
 
+def hit_share_windows(results: Sequence[RequestResult], window_s: float) -> list[dict[str, float]]:
+    """Cached share of the prompt tokens of the requests sent in each ``window_s`` of the run (by
+    send time, from the first request), the answered ones only: ``[{start_s, requests, hit_share}]``."""
+    if not results:
+        return []
+    t0 = min(r.start for r in results)
+    sums: dict[int, list[int]] = {}
+    for r in results:
+        if r.ok and r.prompt_tokens:
+            w = sums.setdefault(int((r.start - t0) / window_s), [0, 0, 0])
+            w[0] += 1
+            w[1] += r.prompt_tokens
+            w[2] += r.cached_tokens
+    return [
+        {"start_s": k * window_s, "requests": n, "hit_share": cached / prompt}
+        for k, (n, prompt, cached) in sorted(sums.items())
+    ]
+
+
+def plot_hit_share(path: Path, series: dict[str, list[dict[str, float]]], title: str) -> None:
+    """Hit share over time: one line per series of :func:`hit_share_windows`-style windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, windows in series.items():
+        if windows:
+            dashed = label.startswith("bound") or label.startswith("pooled")
+            ax.plot(
+                [w["start_s"] for w in windows],
+                [100 * w["hit_share"] for w in windows],
+                label=label,
+                linestyle="--" if dashed else "-",
+            )
+    ax.set_xlabel("seconds into the replay (send time)")
+    ax.set_ylabel("cached share of prompt tokens, %")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]

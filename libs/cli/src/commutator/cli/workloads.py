@@ -251,6 +251,9 @@ class TraceWorkload:
     ``speedup`` divides the trace's clock; ``length_scale`` divides lengths
     (and so the tokens per hash id), to fit a large trace on a small machine.
     ``max_duration_s`` keeps the requests whose scaled send time is within it.
+    ``max_prompt_tokens`` cuts longer (scaled) prompts to that many tokens, keeping
+    their start, so that every request fits the model's context (a model with a
+    short context would refuse them; :attr:`cut_prompts` counts them).
     """
 
     def __init__(
@@ -263,6 +266,7 @@ class TraceWorkload:
         max_duration_s: float | None = None,
         max_requests: int | None = None,
         max_output: int | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self.requests = read_trace(path, limit=max_requests)
         self.speedup = speedup
@@ -270,14 +274,20 @@ class TraceWorkload:
         self.cache = _BlockCache(max(1, round(block_tokens / length_scale)))
         self.max_duration_s = max_duration_s
         self.max_output = max_output
+        self.max_prompt_tokens = max_prompt_tokens
+        self.cut_prompts = 0
 
     def __iter__(self) -> Iterator[RequestSpec]:
+        self.cut_prompts = 0
         t0 = self.requests[0].timestamp_ms if self.requests else 0.0
         for r in self.requests:
             at = (r.timestamp_ms - t0) / 1000.0 / self.speedup
             if self.max_duration_s is not None and at > self.max_duration_s:
                 return
             isl = max(1, round(r.input_length / self.scale))
+            if self.max_prompt_tokens is not None and isl > self.max_prompt_tokens:
+                isl = self.max_prompt_tokens
+                self.cut_prompts += 1
             osl = max(1, round(r.output_length / self.scale))
             if self.max_output:
                 osl = min(osl, self.max_output)
