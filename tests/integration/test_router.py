@@ -386,3 +386,34 @@ async def test_the_kv_stream_is_bounded_by_the_index_it_feeds(spawn, clients, na
 
     await until(sized, 15)
     await plane.close()
+
+
+async def test_adaptive_routing_measures_its_arms_and_confirms_the_index(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+    """--router-adaptive on a real router service: every request's first token is an observation of
+    its arm, and the workers' cached tokens confirm what the index predicted."""
+    routers, workers = clients
+    start_workers(spawn, 2)
+    port = free_port()
+    spawn(
+        "commutator.router",
+        "--router-adaptive",
+        "--adaptive-weights",
+        "0.5,2",
+        "--adaptive-explore",
+        "0.5",
+        "--metrics-port",
+        str(port),
+    )
+    await routers.wait_for_instances(1, 60)
+    await router_sees(routers, workers, 2)
+    for group in range(4):  # each group's prefix is cached somewhere by its first request
+        assert await generate(routers, f"a{group}-0", prompt(group, suffix=1)) == 4
+        await until(lambda g=group: _has_full(routers, prompt(g)))
+    for i in range(40):
+        assert await generate(routers, f"a{i % 4}-{i + 1}", prompt(i % 4, suffix=i + 2)) == 4
+    weight = await router_metric(port, 'commutator_router_adaptive{kind="overlap_weight"}')
+    accuracy = await router_metric(port, 'commutator_router_adaptive{kind="index_accuracy"}')
+    assert weight in (0.5, 2.0)  # an arm's weight, the index fully trusted
+    overlap = await router_metric(port, 'commutator_router_prompt_blocks_total{kind="overlap"}')
+    assert overlap >= 40 * (160 // BS - 1)  # the index predicted hits for the repeats...
+    assert accuracy == 1.0  # ...and every one was a hit: one request at a time, the index up to date

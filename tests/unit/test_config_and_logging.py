@@ -49,6 +49,21 @@ def test_defaults_env_and_flags_in_that_order() -> None:
         c.http_port = 1  # type: ignore[misc]
 
 
+@dataclass(frozen=True, slots=True)
+class Lists:
+    eos_token_ids: tuple[int, ...] = option((), "ids")
+    weights: tuple[float, ...] = option((1.0,), "weights")
+
+
+def test_tuple_items_are_read_as_their_element_type(capsys: pytest.CaptureFixture[str]) -> None:
+    c = load(Lists, ["--eos-token-ids", "2, 0x10", "--weights", "0.5,2"], env={})
+    assert c.eos_token_ids == (2, 16) and c.weights == (0.5, 2.0)
+    assert load(Lists, [], env={"COMMUTATOR_WEIGHTS": "3"}).weights == (3.0,)
+    with pytest.raises(SystemExit):
+        load(Lists, ["--weights", "1,x"], env={})
+    assert "cannot read 'x'" in capsys.readouterr().err
+
+
 def test_bad_values_exit_with_a_message_naming_flag_and_variable(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         load(Service, [], env={"COMMUTATOR_HTTP_PORT": "eighty"})

@@ -98,3 +98,25 @@ async def test_unreadable_worker_stats_and_replica_events_are_counted_and_logged
     await router.close()
     await plane.close()
     await d.close()
+
+
+async def test_adaptive_routing_needs_kv_mode_and_starts_from_its_default_arm() -> None:
+    store = MemoryStore(VirtualClock())
+    d = Discovery(MemoryBackend(store))
+    with pytest.raises(ValueError, match="needs --router-mode kv"):
+        Router(RouterConfig(router_mode="round-robin", router_adaptive=True), d, None, "ns")
+    router = Router(
+        RouterConfig(
+            router_adaptive=True,
+            overlap_weight=2.0,
+            adaptive_weights=(0.5, 1.5, 3.0),
+            adaptive_temperatures=(0.0, 0.2),
+        ),
+        d,
+        None,
+        "ns",
+    )
+    assert router.adaptive is not None
+    policy = router.scheduler.policy
+    assert (policy.overlap_weight, policy.temperature) == (1.5, 0.0)  # type: ignore[attr-defined]
+    assert len(router.adaptive.arms) == 6

@@ -15,7 +15,8 @@ with Dynamo, whose figures set the open-loop rates both stacks get.
 - ``routing``: routing quality (issue 13). Traces replayed open loop at speed-up 1 on 4 workers
   with a small KV cache each (1,024 blocks), so that placement decides the hits: the Mooncake
   production trace of ``../shared/traces`` and the shipped prefix-heavy one. Ours with kv,
-  round-robin, random and least-loaded routing, Dynamo with kv, in the same run; beside them
+  kv with ``--router-adaptive``, round-robin, random and least-loaded routing, Dynamo with kv,
+  in the same run; beside them
   the offline affinity bound and pooled cache of the same requests (:mod:`commutator.cli.bound`).
   Cached share, TTFT, inter-token latency, goodput at an SLA, and the hit share over time.
 
@@ -60,7 +61,8 @@ ROUTING_NUM_BLOCKS = 1024  # a small KV cache per worker, so that where a prefix
 ROUTING_MAX_PROMPT = 3584  # the tiny model's context is 4096: longer prompts are cut here (outputs capped below)
 ROUTING_MAX_OUTPUT = 256
 ROUTING_WINDOW_S = 5.0  # hit share over time, per window of send time
-ROUTING_MODES = ("kv", "round-robin", "random", "least-loaded")
+ROUTING_MODES = ("kv", "kv-adaptive", "round-robin", "random", "least-loaded")
+"""Commutator's router modes in the routing section; kv-adaptive: kv with ``--router-adaptive``."""
 SHARED_TRACES = Path("../shared/traces")
 WARMUP_S = 2.0
 
@@ -462,7 +464,14 @@ async def _routing(run: Run, shipped: Path) -> None:
                         d["hit_share_windows"] = report.hit_share_windows(m.results, ROUTING_WINDOW_S)
                         _print("routing", rep, name, f"{key} {mode} cached {m.summary.cached_share:.1%}", d)
 
-                    stack = make(speedup=1.0, router_mode=mode, workers=ROUTING_WORKERS, num_blocks=ROUTING_NUM_BLOCKS)
+                    adaptive = mode == "kv-adaptive"
+                    stack = make(
+                        speedup=1.0,
+                        router_mode="kv" if adaptive else mode,
+                        workers=ROUTING_WORKERS,
+                        num_blocks=ROUTING_NUM_BLOCKS,
+                        frontend_args=("--router-adaptive",) if adaptive else (),
+                    )
                     await _with_stack(stack, replay)
 
 

@@ -382,7 +382,7 @@ def _routing_lines(out: dict[str, Any]) -> list[str]:
         pooled, affinity = b["pooled"]["hit_share"], b["bound"]["hit_share"]
         rows = []
         for system in SYSTEMS:
-            for mode in ("kv", "round-robin", "random", "least-loaded"):
+            for mode in ("kv", "kv-adaptive", "round-robin", "random", "least-loaded"):
                 runs = _runs(ro, f"{key}/{system}/{mode}")
                 if runs:
                     rows.append(([mode, system], runs))
@@ -416,7 +416,7 @@ def _routing_lines(out: dict[str, Any]) -> list[str]:
                 ],
                 [
                     (f"ours {m} / Dynamo kv", _runs(ro, f"{key}/commutator/{m}"), _runs(ro, f"{key}/dynamo/kv"))
-                    for m in ("kv", "round-robin", "random", "least-loaded")
+                    for m in ("kv", "kv-adaptive", "round-robin", "random", "least-loaded")
                 ],
             ),
             "",

@@ -114,7 +114,9 @@ def _convert(raw: str, tp: Any, source: str) -> Any:
         if base is str:
             return raw
         if typing.get_origin(base) is tuple:
-            return tuple(s.strip() for s in raw.split(",") if s.strip())
+            # tuple[int, ...] and the like: comma-separated, each item read as the element type.
+            elem = (typing.get_args(base) or (str,))[0]
+            return tuple(_convert(s.strip(), elem, source) for s in raw.split(",") if s.strip())
     except ValueError as exc:
         raise ConfigError(f"{source}: cannot read {raw!r}: {exc}") from None
     raise TypeError(f"unsupported config type {tp!r}")

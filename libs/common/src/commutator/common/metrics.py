@@ -276,6 +276,13 @@ ROUTER_WORKER_LOAD = Gauge(
     ["worker", "kind"],
     registry=REGISTRY,
 )
+ROUTER_ADAPTIVE = Gauge(
+    _NS + "_router_adaptive",
+    "--router-adaptive: the overlap weight in use (the best arm's, times the trust in the index) and the "
+    "index's accuracy (cached blocks the workers found per block it predicted)",
+    ["kind"],
+    registry=REGISTRY,
+)
 ROUTER_INHIBITIONS = Counter(
     _NS + "_router_worker_inhibitions",
     "Workers kept out of routing after a connection failure (inhibited), and let back in (lifted)",

@@ -19,6 +19,18 @@ class RouterConfig:
     router_mode: str = option("kv", "How a worker is chosen", choices=tuple(POLICIES))
     overlap_weight: float = option(1.0, "Weight of cached prompt blocks in the kv cost (0: pure load balancing)")
     router_temperature: float = option(0.0, "0: lowest cost wins; > 0: softmax sampling over costs")
+    router_adaptive: bool = option(
+        False,
+        "kv mode: tune the overlap weight and temperature online, among --adaptive-weights x "
+        "--adaptive-temperatures, from the TTFT of the requests routed with each and how many predicted "
+        "cache hits the workers confirm (docs/routing.md); off: --overlap-weight and --router-temperature",
+    )
+    adaptive_weights: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0), "--router-adaptive: overlap weights tried")
+    adaptive_temperatures: tuple[float, ...] = option((0.0,), "--router-adaptive: temperatures tried")
+    adaptive_explore: float = option(0.1, "--router-adaptive: share of requests routed with an arm drawn at random")
+    adaptive_half_life: float = option(
+        200.0, "--router-adaptive: requests after which an observation counts half in an arm's mean TTFT"
+    )
     kv_events: bool = option(
         True, "Index workers' KV events; --no-kv-events: approximate mode (remember own decisions)"
     )

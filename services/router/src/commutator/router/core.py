@@ -43,11 +43,12 @@ from commutator.common.events import EventPlane, EventPlaneError, Subscription
 from commutator.common.grpc import EndpointClient
 from commutator.common.logging import Throttle
 from commutator.common.tasks import Supervisor
+from commutator.router.adaptive import AdaptiveTuner
 from commutator.router.config import RouterConfig
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
 from commutator.router.ingest import KvEventIngest
 from commutator.router.mux import MuxRequest, WorkerMux
-from commutator.router.policies import make_policy
+from commutator.router.policies import KvPolicy, make_policy
 from commutator.router.scheduler import Outcome, RouteResult, Scheduler, WorkerView
 from commutator.router.sync import ReplicaSync
 from commutator.router.tcp_call import open_worker_stream
@@ -84,6 +85,21 @@ class Router:
         policy = make_policy(
             config.router_mode, overlap_weight=config.overlap_weight, temperature=config.router_temperature, rng=rng
         )
+        self.adaptive: AdaptiveTuner | None = None
+        if config.router_adaptive:
+            if not isinstance(policy, KvPolicy):
+                raise ValueError("--router-adaptive tunes the kv cost: it needs --router-mode kv")
+            self.adaptive = AdaptiveTuner(
+                config.adaptive_weights,
+                config.adaptive_temperatures,
+                explore=config.adaptive_explore,
+                half_life=config.adaptive_half_life,
+                start=(config.overlap_weight, config.router_temperature),
+                rng=rng,
+            )
+            policy.overlap_weight, policy.temperature = self.adaptive.params(self.adaptive.best)
+        # Adaptive routing: request -> (arm, when routed, predicted cached blocks, block size).
+        self._arms: dict[str, tuple[int, float, int, int]] = {}
         self.scheduler = Scheduler(
             policy,
             indexer,
@@ -118,6 +134,8 @@ class Router:
         self._decisions = {o: metrics.ROUTER_DECISIONS.labels(o.value) for o in Outcome}
         self._prompt_blocks = metrics.ROUTER_PROMPT_BLOCKS.labels("prompt")
         self._overlap_blocks = metrics.ROUTER_PROMPT_BLOCKS.labels("overlap")
+        self._adaptive_weight = metrics.ROUTER_ADAPTIVE.labels("overlap_weight")
+        self._adaptive_accuracy = metrics.ROUTER_ADAPTIVE.labels("index_accuracy")
 
     @property
     def router_id(self) -> int:
@@ -414,7 +432,31 @@ class Router:
             self.sync.added(request_id, result.worker.key, result.prefill_tokens, total, result.seq_hashes)
         return added
 
-    def prefill_done(self, request_id: str) -> bool:
+    def _pick_arm(self) -> int | None:
+        """Adaptive routing: set the kv policy to the arm this request is routed with."""
+        tuner = self.adaptive
+        if tuner is None:
+            return None
+        arm = tuner.pick()
+        policy = self.scheduler.policy
+        assert isinstance(policy, KvPolicy)
+        policy.overlap_weight, policy.temperature = tuner.params(arm)
+        return arm
+
+    def prefill_done(self, request_id: str, first: common_pb2.GenerateResponse | None = None) -> bool:
+        """The request's prompt is computed (its first tokens came, in ``first``)."""
+        tuner = self.adaptive
+        if tuner is not None:
+            picked = self._arms.pop(request_id, None)
+            if picked is not None and first is not None:
+                arm, routed_at, predicted, bs = picked
+                cached = first.cached_prompt_tokens // bs if bs else 0
+                tuner.observe(arm, time.perf_counter() - routed_at, predicted, cached)
+                policy = self.scheduler.policy
+                assert isinstance(policy, KvPolicy)
+                policy.overlap_weight, policy.temperature = tuner.params(tuner.best)
+                self._adaptive_weight.set(policy.overlap_weight)
+                self._adaptive_accuracy.set(tuner.accuracy)
         known = self.scheduler.load.prefill_done(request_id)
         if known and self.sync is not None:
             self.sync.prefill_done(request_id)
@@ -471,6 +513,7 @@ class Router:
         rid = request.request_id
         attempt = 0
         while True:
+            arm = self._pick_arm() if requested is None else None
             result = self.route_or_raise(
                 request.model,
                 request.token_ids,
@@ -482,6 +525,12 @@ class Router:
             worker_id, rank = result.worker.key
             request.dp_rank = rank
             self.track(rid, result)
+            if arm is not None:
+                # An engine computes a prompt's last token whatever it has cached: at most all but the last
+                # block can be a hit (what it reports as cached prompt tokens).
+                bs = result.block_size
+                predicted = min(result.overlap_blocks, (result.isl - 1) // bs) if bs and result.isl else 0
+                self._arms[rid] = (arm, time.perf_counter(), predicted, bs)
             streamed = False
             stream: AsyncIterator[common_pb2.GenerateResponse] | None = None
             try:
@@ -490,7 +539,7 @@ class Router:
                 async for resp in stream:
                     if prefilling and resp.token_ids:
                         prefilling = False
-                        self.prefill_done(rid)
+                        self.prefill_done(rid, resp)
                     streamed = True
                     sink = yield resp
                     if sink is not None and isinstance(stream, MuxRequest):
@@ -512,6 +561,7 @@ class Router:
             finally:
                 if stream is not None:
                     await stream.aclose()  # type: ignore[attr-defined]
+                self._arms.pop(rid, None)  # ended (or failed) before its first token: no observation
                 self.free(rid)
 
     def _prefill_watch(
@@ -524,7 +574,7 @@ class Router:
             nonlocal prefilling
             if prefilling and resp.token_ids:
                 prefilling = False
-                self.prefill_done(rid)
+                self.prefill_done(rid, resp)
             return sink(resp)
 
         return watch
