@@ -4,6 +4,7 @@ and on a real nats-server with JetStream (integration)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -76,6 +77,20 @@ async def test_publish_and_consume_in_order(make_plane, unique: str) -> None:  #
     got = await drain(c, 300)
     assert got == [(i + 1, str(i).encode()) for i in range(300)]
     assert await c.fetch(10, 0.2) == []
+    await c.close()
+
+
+async def test_a_consumed_message_says_when_the_stream_stored_it(make_plane, unique: str) -> None:  # type: ignore[no-untyped-def]
+    plane = await make_plane()
+    await stream(plane, unique)
+    before = time.time()
+    await publish_n(plane, unique, 3)
+    after = time.time()
+    c = await plane.pull_consumer(ConsumerSpec(stream=unique, durable="router-0"))
+    msgs = await c.fetch(3, 2.0)
+    assert len(msgs) == 3
+    for m in msgs:  # the router's KV-event lag metric is measured from it
+        assert before - 0.05 <= m.stored_at <= after + 0.05
     await c.close()
 
 

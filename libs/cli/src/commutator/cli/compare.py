@@ -462,6 +462,9 @@ async def _routing(run: Run, shipped: Path) -> None:
                             run.sample(f"routing {key} {name} {mode}", m.results)
                         d = run.record("routing", f"{key}/{name}/{mode}", m)
                         d["hit_share_windows"] = report.hit_share_windows(m.results, ROUTING_WINDOW_S)
+                        if name == "commutator":
+                            d["router"] = await _router_figures(stack)
+                            print(f"    router: {d['router']}", flush=True)
                         _print("routing", rep, name, f"{key} {mode} cached {m.summary.cached_share:.1%}", d)
 
                     adaptive = mode == "kv-adaptive"
@@ -473,6 +476,46 @@ async def _routing(run: Run, shipped: Path) -> None:
                         frontend_args=("--router-adaptive",) if adaptive else (),
                     )
                     await _with_stack(stack, replay)
+
+
+async def _router_figures(stack: Stack) -> dict[str, float | None]:
+    """From the stack's metrics: the share of prompt blocks the embedded router predicted cached on the
+    chosen worker, how late KV events reached its index (mean, and the share applied within 10 ms),
+    and the mean TTFT as the frontend and the workers measured it (the client's minus these is
+    the stack's own part)."""
+    import aiohttp
+
+    root = stack.base_url.rsplit("/v1", 1)[0]
+    values: dict[str, float] = {}
+    async with aiohttp.ClientSession() as s:
+        for url in [root + "/metrics", *(f"http://127.0.0.1:{p}/metrics" for p in stack.metrics_ports["decode"])]:
+            async with s.get(url) as r:
+                text = await r.text()
+            for line in text.splitlines():
+                if line.startswith(("commutator_router_", "commutator_frontend_ttft", "commutator_worker_ttft")):
+                    series, _, v = line.rpartition(" ")
+                    series = series.split("{")[0] if "_ttft_seconds_" in series else series
+                    values[series] = values.get(series, 0.0) + float(v)
+    prompt = values.get('commutator_router_prompt_blocks_total{kind="prompt"}', 0.0)
+    overlap = values.get('commutator_router_prompt_blocks_total{kind="overlap"}', 0.0)
+    n = values.get("commutator_router_kv_event_lag_seconds_count", 0.0)
+    lag_sum = values.get("commutator_router_kv_event_lag_seconds_sum", 0.0)
+    within = values.get('commutator_router_kv_event_lag_seconds_bucket{le="0.01"}', 0.0)
+
+    def mean_ms(hist: str) -> float | None:
+        n = values.get(hist + "_count", 0.0)
+        return 1000 * values.get(hist + "_sum", 0.0) / n if n else None
+
+    return {
+        "frontend_ttft_mean_ms": mean_ms("commutator_frontend_ttft_seconds"),
+        "worker_ttft_mean_ms": mean_ms("commutator_worker_ttft_seconds"),
+        "predicted_share": overlap / prompt if prompt else None,
+        "event_lag_mean_ms": 1000 * lag_sum / n if n else None,
+        "event_lag_within_10ms": within / n if n else None,
+        "event_batches": n,
+        "adaptive_weight": values.get('commutator_router_adaptive{kind="overlap_weight"}'),
+        "adaptive_accuracy": values.get('commutator_router_adaptive{kind="index_accuracy"}'),
+    }
 
 
 HEADLINE: list[tuple[str, stats.Getter]] = [

@@ -264,6 +264,12 @@ ROUTER_KV_EVENTS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+ROUTER_KV_EVENT_LAG = Histogram(
+    _NS + "_router_kv_event_lag_seconds",
+    "From the event plane storing a batch of KV events to this router's index applying it",
+    buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
 ROUTER_INDEX = Gauge(
     _NS + "_router_index",
     "Size of the KV index: nodes (distinct blocks), entries ((block, worker) pairs), workers",

@@ -112,6 +112,7 @@ class KvEventIngest:
         self.stats = IngestStats()
         self._last_snapshot_seq = 0
         self._counters = {o: metrics.ROUTER_KV_EVENTS.labels(o.value) for o in ApplyOutcome}
+        self._lag = metrics.ROUTER_KV_EVENT_LAG
         self._buffered = metrics.ROUTER_KV_EVENTS.labels("buffered_for_recovery")
         self._departed_events = metrics.ROUTER_KV_EVENTS.labels("dropped_departed_worker")
         self._bad = metrics.BAD_MESSAGES.labels("kv_events")
@@ -206,6 +207,10 @@ class KvEventIngest:
                     self._bad_message(m, exc)
             self.stats.messages += len(msgs)
             self.stats.applied_seq = msgs[-1].seq
+        now = time.time()
+        for m in msgs:
+            if m.stored_at:
+                self._lag.observe(max(0.0, now - m.stored_at))
         await msgs[-1].ack()  # the consumer acks everything up to here, bad messages included
         return len(msgs)
 

@@ -97,6 +97,11 @@ class Message(Protocol):
         """How many times this message has been delivered (1 the first time)."""
         ...
 
+    @property
+    def stored_at(self) -> float:
+        """Unix time at which the stream stored it (0: not known, e.g. a core message)."""
+        ...
+
     async def ack(self) -> None: ...
 
     async def nak(self, delay_s: float = 0.0) -> None:

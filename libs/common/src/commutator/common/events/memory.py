@@ -38,6 +38,7 @@ class _Stored:
     subject: str
     data: bytes
     at: float
+    wall: float  # Unix time, for Message.stored_at
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ class _Stream:
         if msg_id is not None and msg_id in self.dedup:
             return self.dedup[msg_id][0]
         self.last_seq += 1
-        self.msgs[self.last_seq] = _Stored(self.last_seq, subject, data, now)
+        self.msgs[self.last_seq] = _Stored(self.last_seq, subject, data, now, time.time())
         self.bytes += len(data)
         if msg_id is not None:
             self.dedup[msg_id] = (self.last_seq, now)
@@ -134,7 +135,7 @@ class MemoryBroker:
 
 
 class _MemoryMessage:
-    __slots__ = ("_consumer", "_stream", "data", "delivered", "seq", "subject")
+    __slots__ = ("_consumer", "_stream", "data", "delivered", "seq", "stored_at", "subject")
 
     def __init__(
         self,
@@ -144,11 +145,13 @@ class _MemoryMessage:
         delivered: int = 1,
         stream: _Stream | None = None,
         consumer: _Consumer | None = None,
+        stored_at: float = 0.0,
     ) -> None:
         self.subject = subject
         self.data = data
         self.seq = seq
         self.delivered = delivered
+        self.stored_at = stored_at
         self._stream = stream
         self._consumer = consumer
 
@@ -226,7 +229,7 @@ class _MemoryPullConsumer:
                 continue
             c.pending[seq] = now + c.spec.ack_wait_s
             c.deliveries[seq] = c.deliveries.get(seq, 1) + 1
-            out.append(_MemoryMessage(m.subject, m.data, seq, c.deliveries[seq], s, c))
+            out.append(_MemoryMessage(m.subject, m.data, seq, c.deliveries[seq], s, c, m.wall))
         if c.next_seq < s.first_seq():
             c.next_seq = s.first_seq()
         while len(out) < batch and c.next_seq <= s.last_seq and len(c.pending) < c.spec.max_ack_pending:
@@ -237,7 +240,7 @@ class _MemoryPullConsumer:
                 continue
             c.pending[seq] = now + c.spec.ack_wait_s
             c.deliveries[seq] = 1
-            out.append(_MemoryMessage(m.subject, m.data, seq, 1, s, c))
+            out.append(_MemoryMessage(m.subject, m.data, seq, 1, s, c, m.wall))
         return out
 
     async def fetch(self, batch: int = 256, timeout_s: float = 1.0) -> list[Message]:

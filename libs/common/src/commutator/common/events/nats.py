@@ -65,12 +65,13 @@ _TRANSIENT = (
 class _NatsMessage:
     """A JetStream (or core) message as the contract's :class:`Message`."""
 
-    __slots__ = ("_msg", "delivered", "seq")
+    __slots__ = ("_msg", "delivered", "seq", "stored_at")
 
-    def __init__(self, msg: Msg, seq: int = 0, delivered: int = 1) -> None:
+    def __init__(self, msg: Msg, seq: int = 0, delivered: int = 1, stored_at: float = 0.0) -> None:
         self._msg = msg
         self.seq = seq
         self.delivered = delivered
+        self.stored_at = stored_at
 
     @property
     def subject(self) -> str:
@@ -363,7 +364,8 @@ class _NatsPullConsumer:
                 if seq <= self._last_seq:
                     continue  # already processed; its ack was lost
                 self._last_seq = seq
-            out.append(_NatsMessage(m, seq, meta.num_delivered))
+            stamp = meta.timestamp
+            out.append(_NatsMessage(m, seq, meta.num_delivered, stamp.timestamp() if stamp is not None else 0.0))
         if out:
             self._consumed.inc(len(out))
         return out
