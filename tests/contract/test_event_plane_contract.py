@@ -4,9 +4,9 @@ and on a real nats-server with JetStream (integration)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 
 import pytest
