@@ -4,8 +4,9 @@ sends it (docs/worker-stream.md), over gRPC or over plain TCP (:mod:`commutator.
 :meth:`WorkerMux.open` starts a request on the worker's stream (opening the stream on first use,
 and again after it ended) and returns a :class:`MuxRequest`, an async iterator of the request's
 ``GenerateResponse`` messages, exactly as a ``Generate`` call would yield them; closing it early
-cancels the request on the worker, which frees its blocks. Starts and cancels made in the same
-turn of the event loop leave in one frame. One reader task takes the worker's frames and hands
+cancels the request on the worker, which frees its blocks. On a call that can write without
+waiting (``try_write``: TCP) a start or cancel leaves at once; otherwise the starts and cancels
+made in the same turn of the event loop leave in one frame. One reader task takes the worker's frames and hands
 each update to its request without ever waiting for a reader: a request that has more than
 ``buffer`` updates waiting unread (its client stopped reading) is cancelled, with a metric, so it
 cannot hold up the others. A request past its deadline is cancelled with ``DeadlineExceeded``.
@@ -248,9 +249,20 @@ class WorkerMux:
         task.add_done_callback(self._tasks.discard)
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._flush_scheduled:
+            return
+        call = self._call
+        try_write = getattr(call, "try_write", None)
+        if try_write is not None and not self._writing:
+            # A transport that can write without waiting (TCP) sends the frame from this turn: no
+            # callback and no task to wait for behind the event loop's other work (under load each
+            # is a queue of its own). Starts made in one turn still leave together when it cannot.
+            frame = worker_pb2.MuxClientFrame(starts=self._starts, cancels=self._cancels)
+            if try_write(frame):
+                self._starts, self._cancels = [], []
+                return
+        self._flush_scheduled = True
+        asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         """Send what was queued in this turn of the loop as one frame (one write at a time)."""

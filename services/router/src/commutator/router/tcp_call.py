@@ -25,6 +25,9 @@ from commutator.v1 import worker_pb2
 
 __all__ = ["TcpCall", "open_worker_stream"]
 
+_WRITE_NOW_LIMIT = 64 * 1024
+"""Bytes waiting in a connection's buffer beyond which a frame is not written at once."""
+
 
 class TcpCall:
     """One worker-stream connection to ``address`` (``host:port``); ``where`` names it in errors."""
@@ -66,6 +69,17 @@ class TcpCall:
             if self._cancelled:
                 raise asyncio.CancelledError from None
             raise Unavailable(f"{self._where}: connection lost: {exc or type(exc).__name__}") from None
+
+    def try_write(self, frame: worker_pb2.MuxClientFrame) -> bool:
+        """Send ``frame`` now, from the caller's turn of the event loop, if the connection is up and
+        its buffer is not full; False (nothing sent) otherwise: then :meth:`write` it."""
+        w = self._writer
+        if w is None or self._cancelled or w.transport.is_closing():
+            return False
+        if w.transport.get_write_buffer_size() > _WRITE_NOW_LIMIT:
+            return False  # the peer is slow to read: let write() wait for the drain
+        w.write(pack(frame))
+        return True
 
     async def read(self) -> Any:
         """The worker's next frame, or ``grpc.aio.EOF`` when it ended the stream."""
