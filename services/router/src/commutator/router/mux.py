@@ -288,7 +288,11 @@ class WorkerMux:
 
     async def _read(self, call: Any) -> None:
         where = self.where
-        error: CommutatorError = Unavailable(f"{where}: the worker ended the stream (it is draining)")
+        # A draining worker ends its stream only once the requests on it are done, so requests that are
+        # still on it when it ends were cut off: the worker exited or was killed (a TCP FIN looks the same).
+        error: CommutatorError = Unavailable(
+            f"{where}: the worker ended the stream before these requests finished (it exited or was killed)"
+        )
         try:
             requests = self._requests
             while True:
