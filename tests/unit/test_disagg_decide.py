@@ -70,3 +70,34 @@ def test_always_never_and_what_is_never_sent() -> None:
     unset, inner = engine(remote_prefill="always")
     inner.kv_handoff = ""  # the engine is not set up for disaggregation (vLLM without a connector)
     assert unset.decide(req(50_000)) == "local"
+
+
+async def test_a_push_start_declined_for_a_remote_prefill_is_not_decided_again_by_generate() -> None:
+    """The worker stream asks start_request first; a remote prefill makes it decline, and the request
+    then goes through generate(), which must take that decision rather than make it again (the rule
+    looks up the prompt's cached prefix, hashing it)."""
+    eng, inner = engine()
+    started, reserved = [], []
+    inner.start_request = lambda request, notify: started.append(request.request_id)  # type: ignore[attr-defined]
+    # No room to import the KV: the remote path falls back to prefilling here, which ends the test quickly.
+    inner.reserve_import = lambda request: reserved.append(request.request_id)  # type: ignore[attr-defined]
+
+    async def local(request: EngineRequest):  # type: ignore[no-untyped-def]
+        yield "first output"
+
+    inner.generate = local  # type: ignore[attr-defined]
+    decided = []
+    decide = eng.decide
+
+    def counted(request: EngineRequest) -> str:
+        decided.append(request.request_id)
+        return decide(request)
+
+    eng.decide = counted  # type: ignore[method-assign]
+    assert eng.start_request(req(5000), lambda: None) is None and started == []
+    assert [x async for x in eng.generate(req(5000))] == ["first output"]
+    assert decided == ["r"]  # once, by start_request
+    assert reserved == ["r"]  # generate took the remote path it had decided
+    assert eng._remote_decided == set()
+    eng.start_request(req(10), lambda: None)  # local: started on the inner engine, nothing remembered
+    assert started == ["r"] and eng._remote_decided == set()

@@ -56,6 +56,9 @@ __all__ = ["DisaggConfig", "DisaggEngine", "Reservations"]
 
 log = logging.getLogger(__name__)
 
+_REMEMBERED_DECISIONS = 4096
+"""Remote-prefill decisions kept from start_request for the generate() that follows it."""
+
 
 @dataclass(frozen=True, slots=True)
 class DisaggConfig:
@@ -182,6 +185,8 @@ class DisaggEngine:
         self._grpc_address = grpc_address
         self.reservations = Reservations(inner.release_import)
         self._waiting: dict[str, _Pending] = {}
+        # start_request found these go to a prefill worker; generate(), called next, need not decide again.
+        self._remote_decided: set[str] = set()
         self._tasks = Supervisor()
         self._prefill: InstanceSet | None = None
         self._publisher: Publisher | None = None
@@ -314,7 +319,12 @@ class DisaggEngine:
         """The inner engine's :meth:`start_request` for a request prefilled here; None (use
         :meth:`generate`) when the inner engine has none or the prefill goes to a prefill worker."""
         start = getattr(self.inner, "start_request", None)
-        if start is None or self.decide(request) != "local":
+        if start is None:
+            return None
+        if self.decide(request) != "local":
+            if len(self._remote_decided) >= _REMEMBERED_DECISIONS:
+                self._remote_decided.clear()  # ids whose generate() never came (cancelled first): decide again
+            self._remote_decided.add(request.request_id)
             return None
         pushed = start(request, notify)
         self._where["local"].inc()
@@ -322,7 +332,13 @@ class DisaggEngine:
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         # Every stream below is closed with this one (aclosing): an abandoned request stops at once.
-        if self.decide(request) == "remote":
+        rid = request.request_id
+        if rid in self._remote_decided:
+            self._remote_decided.discard(rid)
+            where = "remote"
+        else:
+            where = self.decide(request)
+        if where == "remote":
             handoff = self.inner.kv_handoff
             blocks: tuple[int, ...] | None = ()
             if handoff == "push":
