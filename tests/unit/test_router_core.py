@@ -120,3 +120,27 @@ async def test_adaptive_routing_needs_kv_mode_and_starts_from_its_default_arm() 
     policy = router.scheduler.policy
     assert (policy.overlap_weight, policy.temperature) == (1.5, 0.0)  # type: ignore[attr-defined]
     assert len(router.adaptive.arms) == 6
+
+
+async def test_an_explored_arm_is_used_for_its_own_request_only() -> None:
+    """The arm drawn for a request routes that request; every other decision (the Route RPC, a
+    request that fails to route) sees the best arm's weight."""
+    from commutator.common.errors import NoInstances
+    from commutator.v1 import common_pb2
+
+    d = Discovery(MemoryBackend(MemoryStore(VirtualClock())))
+    router = Router(RouterConfig(router_adaptive=True, adaptive_weights=(0.5, 4.0)), d, None, "ns")
+    assert router.adaptive is not None
+    router.adaptive.pick = lambda: 1  # type: ignore[method-assign]  # explore weight 4
+    seen = []
+    route = router.route_or_raise
+
+    def spy(*a: object, **kw: object) -> object:
+        seen.append(router.scheduler.policy.overlap_weight)  # type: ignore[attr-defined]
+        return route(*a, **kw)  # type: ignore[arg-type]
+
+    router.route_or_raise = spy  # type: ignore[method-assign,assignment]
+    with pytest.raises(NoInstances):  # no workers: it fails while routing
+        await anext(router.generate(common_pb2.GenerateRequest(request_id="x", token_ids=[1, 2, 3])))
+    assert seen == [4.0]  # routed with the explored arm
+    assert router.scheduler.policy.overlap_weight == 0.5  # type: ignore[attr-defined]  # then back to the best

@@ -443,6 +443,14 @@ class Router:
         policy.overlap_weight, policy.temperature = tuner.params(arm)
         return arm
 
+    def _use_best_arm(self) -> None:
+        tuner = self.adaptive
+        assert tuner is not None
+        policy = self.scheduler.policy
+        assert isinstance(policy, KvPolicy)
+        policy.overlap_weight, policy.temperature = tuner.params(tuner.best)
+        self._adaptive_weight.set(policy.overlap_weight)
+
     def prefill_done(self, request_id: str, first: common_pb2.GenerateResponse | None = None) -> bool:
         """The request's prompt is computed (its first tokens came, in ``first``)."""
         tuner = self.adaptive
@@ -452,10 +460,7 @@ class Router:
                 arm, routed_at, predicted, bs = picked
                 cached = first.cached_prompt_tokens // bs if bs else 0
                 tuner.observe(arm, time.perf_counter() - routed_at, predicted, cached)
-                policy = self.scheduler.policy
-                assert isinstance(policy, KvPolicy)
-                policy.overlap_weight, policy.temperature = tuner.params(tuner.best)
-                self._adaptive_weight.set(policy.overlap_weight)
+                self._use_best_arm()
                 self._adaptive_accuracy.set(tuner.accuracy)
         known = self.scheduler.load.prefill_done(request_id)
         if known and self.sync is not None:
@@ -514,13 +519,17 @@ class Router:
         attempt = 0
         while True:
             arm = self._pick_arm() if requested is None else None
-            result = self.route_or_raise(
-                request.model,
-                request.token_ids,
-                lora_name=request.lora_name,
-                cache_salt=request.cache_salt,
-                requested=requested,
-            )
+            try:
+                result = self.route_or_raise(
+                    request.model,
+                    request.token_ids,
+                    lora_name=request.lora_name,
+                    cache_salt=request.cache_salt,
+                    requested=requested,
+                )
+            finally:
+                if arm is not None:
+                    self._use_best_arm()  # other decisions (the Route RPC, say) use the best one
             assert result.worker is not None
             worker_id, rank = result.worker.key
             request.dp_rank = rank
