@@ -190,3 +190,20 @@ def test_the_bound_command_prints_the_table_and_writes_json(tmp_path: Path, caps
     assert doc["bound"]["cached_tokens"] == 3 * 64 and doc["bound"]["prompt_tokens"] == 500
     assert [w["requests"] for w in doc["bound"]["windows"]] == [2, 2]
     assert doc["measured"][0]["share_of_bound"] == pytest.approx(0.5 / 0.384)
+
+
+def test_the_bound_command_cuts_prompts_as_the_routing_benchmark_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "t.jsonl"
+    lines = [{"timestamp": 1000 * i, "input_length": 8000, "output_length": 16, "hash_ids": [1, 2]} for i in range(4)]
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "bound.json"
+    argv = ["bench", "bound", "--trace", str(trace), "--workers", "2", "--length-scale", "1", "--json", str(out)]
+    assert cli_main(argv) == 0  # 8,000-token prompts: over the 4,096-token context, all refused
+    assert json.loads(out.read_text())["refused"] == 4
+    assert cli_main([*argv, "--max-prompt-tokens", "1000", "--max-output", "4"]) == 0  # cut, then served
+    doc = json.loads(out.read_text())
+    capsys.readouterr()
+    assert doc["refused"] == 0 and doc["bound"]["prompt_tokens"] == 4 * 1000
+    assert doc["bound"]["cached_tokens"] == 3 * (999 // 64) * 64  # the three repeats hit the cut prefix

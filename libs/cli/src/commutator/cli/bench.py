@@ -64,6 +64,8 @@ def add_parser(sub: Any) -> None:
     wl.add_argument("--trace-speedup", type=float, default=1.0, help="trace: divide its clock by this")
     wl.add_argument("--length-scale", type=float, default=1.0, help="trace: divide its lengths by this")
     wl.add_argument("--block-tokens", type=int, default=512, help="trace: prompt tokens per hash id")
+    wl.add_argument("--max-prompt-tokens", type=int, help="trace: cut longer prompts to this many tokens")
+    wl.add_argument("--max-output", type=int, help="trace: cap output tokens per request")
     load = run.add_argument_group("load")
     load.add_argument("--concurrency", type=int, help="closed loop: clients in parallel")
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
@@ -93,6 +95,13 @@ def add_parser(sub: Any) -> None:
     bnd.add_argument("--block-tokens", type=int, default=512, help="prompt tokens per hash id in the trace")
     bnd.add_argument("--speedup", type=float, default=1.0, help="divide the trace's clock by this")
     bnd.add_argument("--max-duration-s", type=float, help="keep the requests sent within this (after --speedup)")
+    bnd.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="cut longer prompts to this many tokens, as the routing benchmark does (default: refuse them "
+        "when over the context, as the frontend does)",
+    )
+    bnd.add_argument("--max-output", type=int, help="cap output tokens per request (the routing benchmark: 256)")
     bnd.add_argument("--context-length", type=int, default=CONTEXT_LENGTH, help="the model's context")
     bnd.add_argument("--window-s", type=float, default=5.0, help="width of the hit-share time series windows")
     bnd.add_argument("--seed", type=int, default=0, help="seed of the random placement")
@@ -143,6 +152,8 @@ def _bound(args: argparse.Namespace) -> int:
         block_tokens=args.block_tokens,
         length_scale=args.length_scale,
         max_duration_s=args.max_duration_s,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output=args.max_output,
     )
     res = bound.affinity_bound(
         wl,
@@ -193,6 +204,8 @@ def _workload(args: argparse.Namespace) -> Iterator[RequestSpec] | ConversationW
         block_tokens=args.block_tokens,
         length_scale=args.length_scale,
         max_duration_s=args.duration,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output=args.max_output,
     )
 
 
