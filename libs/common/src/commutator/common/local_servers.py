@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,7 +44,31 @@ def find_binary(name: str) -> str:
     )
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out by itself (bind to port 0, outgoing connections)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing is bound to now, for a server started next.
+
+    Chosen below the kernel's ephemeral range where there is room: a port the kernel picked for a bind
+    to port 0 would be free again once this returns, and any process starting meanwhile (a worker
+    binding its stream port to 0, a client connecting) could be handed it before its user binds it.
+    """
+    low = _ephemeral_low()
+    if low > 11_000:
+        for _ in range(200):
+            port = random.randrange(10_000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
