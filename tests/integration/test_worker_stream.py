@@ -68,8 +68,9 @@ def request(rid: str, n_prompt: int, max_tokens: int, seed: int) -> common_pb2.G
     )
 
 
-def expected(seed: int, n: int) -> list[int]:
-    return [token_at(seed, i, VOCAB) for i in range(n)]
+def expected(seed: int, n_prompt: int, n: int) -> list[int]:
+    """The mocker's tokens: a function of the seed and the position in the whole sequence."""
+    return [token_at(seed, n_prompt + i, VOCAB) for i in range(n)]
 
 
 async def stats(workers: EndpointClient, worker_id: int) -> common_pb2.WorkerStats:
@@ -125,7 +126,7 @@ async def test_200_requests_with_random_cancels_over_one_stream(spawn, workers, 
     done = [r for kind, r in results if kind == "done"]
     assert len(done) >= 120
     for k, n_prompt, max_tokens, got, msgs in done:
-        assert got == expected(1000 + k, max_tokens), f"request {k}: wrong tokens or order"
+        assert got == expected(1000 + k, n_prompt, max_tokens), f"request {k}: wrong tokens or order"
         assert msgs[0].prompt_tokens == n_prompt, f"request {k}: wrong usage"
         assert msgs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert all(m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
@@ -155,7 +156,7 @@ async def test_a_client_that_stops_reading_is_cancelled_past_its_buffer_and_dela
             await req.aclose()
 
     got = await asyncio.wait_for(asyncio.gather(*(reader(k) for k in range(20))), 60)
-    assert got == [expected(10 + k, 300) for k in range(20)]
+    assert got == [expected(10 + k, 50, 300) for k in range(20)]
     # The stalled request is cancelled once 64 updates wait unread; reading it then says so.
 
     async def overflowed() -> bool:
@@ -198,7 +199,7 @@ async def test_a_killed_worker_ends_exactly_its_requests(spawn, workers, transpo
     assert all(isinstance(r, Unavailable) for r in results[:10])  # every request on the dead worker
     if transport == "tcp":  # the kernel closed its connection: a clean end, or a reset, never "draining"
         assert all("exited or was killed" in str(r) or "connection lost" in str(r) for r in results[:10])
-    assert results[10:] == [expected(k, 60) for k in range(10)]  # and nothing else
+    assert results[10:] == [expected(k, 100, 60) for k in range(10)]  # and nothing else
     for m in muxes.values():
         await m.close()
 

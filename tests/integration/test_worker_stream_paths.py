@@ -117,7 +117,9 @@ async def test_exact_tokens_usage_cancels_and_a_bad_request_on_both_paths(served
     done = [r for kind, r in results if kind == "done"]
     assert len(done) >= 40
     for k, n_prompt, max_tokens, msgs in done:
-        assert [t for m in msgs for t in m.token_ids] == [token_at(500 + k, i, VOCAB) for i in range(max_tokens)]
+        assert [t for m in msgs for t in m.token_ids] == [
+            token_at(500 + k, n_prompt + i, VOCAB) for i in range(max_tokens)
+        ]
         assert msgs[0].prompt_tokens == n_prompt
         assert msgs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert all(m.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
@@ -162,7 +164,7 @@ async def test_push_hands_each_response_to_the_sink_and_an_early_stop_cancels(se
         return False
 
     await req.push(sink)  # returns once the request has finished
-    assert got == [token_at(1, i, VOCAB) for i in range(50)]
+    assert got == [token_at(1, 30 + i, VOCAB) for i in range(50)]
     assert finishes[-1] == common_pb2.FINISH_REASON_LENGTH
 
     stopped = mux.open(request("stopped", 30, 100_000, seed=2), timeout_s=60)
@@ -195,7 +197,7 @@ async def test_a_sink_that_fails_cancels_its_request_and_its_error_comes_back(se
     assert isinstance(caught.value.original, ConnectionResetError)
     # The stream's reader went on: the other requests on it complete.
     for k, other in enumerate(others):
-        assert [t async for m in other for t in m.token_ids] == [token_at(10 + k, i, VOCAB) for i in range(40)]
+        assert [t async for m in other for t in m.token_ids] == [token_at(10 + k, 30 + i, VOCAB) for i in range(40)]
     assert await _idle(engine, servicer) == (0, 0, 0)
 
 
@@ -229,9 +231,9 @@ async def test_a_broken_tcp_connection_is_closed_and_the_worker_serves_on(served
     # The requests already on the worker's streams go on, and new ones are served.
     for k, r in enumerate(running):
         got = (first if k == 0 else []) + [t async for m in r for t in m.token_ids]
-        assert got == [token_at(20 + k, i, VOCAB) for i in range(200)]
+        assert got == [token_at(20 + k, 30 + i, VOCAB) for i in range(200)]
     fresh = mux.open(request("fresh", 30, 20, seed=9), timeout_s=60)
-    assert [t async for m in fresh for t in m.token_ids] == [token_at(9, i, VOCAB) for i in range(20)]
+    assert [t async for m in fresh for t in m.token_ids] == [token_at(9, 30 + i, VOCAB) for i in range(20)]
     assert await _idle(engine, servicer) == (0, 0, 0)
 
 
@@ -251,7 +253,7 @@ async def test_a_draining_worker_refuses_new_requests_finishes_running_ones_then
     with pytest.raises(Unavailable, match="draining"):
         await refused.__anext__()
     got += [t async for m in running for t in m.token_ids]
-    assert got == [token_at(4, i, VOCAB) for i in range(100)]
+    assert got == [token_at(4, 30 + i, VOCAB) for i in range(100)]
     for _ in range(100):  # the worker ends the stream once its requests are done
         if mux._call is None:
             break

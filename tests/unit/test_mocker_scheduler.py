@@ -123,7 +123,7 @@ def test_speedup_divides_and_zero_means_no_delay() -> None:
 
 def test_stop_conditions() -> None:
     seed = 1234
-    stream = [token_at(seed, i, 50_000) for i in range(20)]
+    stream = [token_at(seed, 16 + i, 50_000) for i in range(20)]  # after a 16-token prompt
     s = make()
     stop_tok = stream[5]
     s.add(
@@ -210,7 +210,7 @@ def test_preemption_when_blocks_run_out_and_recompute_after() -> None:
     seed = s.config.mocker_seed
     from commutator.engines.mocker.tokens import request_seed
 
-    assert outs["new"] == [token_at(request_seed("new", None, seed), i, 50_000) for i in range(12)]
+    assert outs["new"] == [token_at(request_seed("new", None, seed), 16 + i, 50_000) for i in range(12)]
     assert s.pool.active == 0
 
 

@@ -372,7 +372,7 @@ class HfEngine:
             top_p=p.top_p if p.top_p is not None else 1.0,
             top_k=p.top_k if p.top_k is not None and p.top_k > 0 else 0,
             seed=p.seed or 0,
-            position=position,
+            position=seq.num_prompt + position,
             logprobs=seq.logprobs,
             banned=banned,
             frequency_penalty=freq,

@@ -3,8 +3,10 @@
 - Temperature 0 or unset: greedy (``argmax``; the lowest token id wins a tie, as in
   transformers' ``generate``), so the same prompt always gives the same tokens.
 - Otherwise: penalties, then ``logits / temperature``, top-k, top-p, and one draw
-  from a generator seeded by ``(seed, output position)``: a request with a seed
-  gives the same tokens whatever it is batched with, and after a preemption.
+  from a generator seeded by ``(seed, position)``, the position in the whole
+  sequence: a request with a seed gives the same tokens whatever it is batched
+  with, after a preemption, and when it is continued elsewhere with its output so
+  far appended to its prompt (migration; penalties aside, which count the output).
 - Penalties (vLLM's and OpenAI's semantics): ``repetition_penalty`` divides the
   positive logits and multiplies the negative ones of every token in the prompt
   or the output; ``frequency_penalty * count + presence_penalty * (count > 0)`` is
@@ -50,7 +52,7 @@ def check_sampling(params: SamplingParams, logprobs: int | None) -> None:
 
 
 def draw_seed(seed: int, position: int) -> int:
-    """The generator seed of output ``position`` of a request seeded with ``seed``."""
+    """The generator seed of the token at ``position`` (in the sequence) of a request seeded with ``seed``."""
     return xxhash.xxh3_64_intdigest(_pack(seed & ((1 << 64) - 1), position), 5) & _U63
 
 
@@ -63,7 +65,7 @@ class SampleSpec:
     top_k: int = 0
     seed: int = 0
     position: int = 0
-    """Index of the token being chosen in the output (0: the first token)."""
+    """Index of the token being chosen in the whole sequence (a prompt of n tokens: n for the first output)."""
     logprobs: int | None = None
     banned: tuple[int, ...] = ()
     """Token ids that must not be chosen now (EOS and stop ids before ``min_tokens``)."""

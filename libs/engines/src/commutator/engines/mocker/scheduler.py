@@ -323,7 +323,9 @@ class Scheduler:
         vocab = self.vocab_size
         sampled: list[tuple[int, TokenLogprob | None]] = []
         for seq in batch.samples:
-            position = seq.num_output
+            # The position in the whole sequence, as a model sees it: a request continued elsewhere
+            # (migrated: its prompt is the old prompt plus the tokens streamed so far) goes on exactly.
+            position = seq.num_prompt + seq.num_output
             token = token_at(seq.seed, position, vocab)
             lp = None
             if seq.logprobs is not None:

@@ -21,7 +21,10 @@ def request_seed(request_id: str, sampling_seed: int | None, engine_seed: int) -
 
 
 def token_at(seed: int, position: int, vocab_size: int) -> int:
-    """The token a request with ``seed`` generates at output ``position`` (0-based)."""
+    """The token a request with ``seed`` generates at ``position`` (0-based, in the whole sequence: a prompt
+    of ``n`` tokens gets its first output token at ``n``). Like a model's, the output depends on where the
+    sequence is, not on how it was cut into prompt and output, so a request continued on another worker with
+    its streamed tokens appended to the prompt (migration) generates what it would have generated."""
     return _xxh3(_pack(seed, position), 7) % vocab_size
 
 
