@@ -300,6 +300,13 @@ ROUTER_RETRIES = Counter(
     "Requests routed again because their worker could not be reached before the first response",
     registry=REGISTRY,
 )
+ROUTER_MIGRATIONS = Counter(
+    _NS + "_router_migrations",
+    "Requests whose worker failed after streaming tokens: migrated (continued on another worker), or "
+    "failed because they had been migrated --migration-limit times already (limit)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 ROUTER_RECOVERIES = Counter(
     _NS + "_router_recoveries",
     "Workers rebuilt from a dump of their cache state after lost events, by result",

@@ -65,6 +65,12 @@ class RouterConfig:
         "Before a request's first response: how many times a worker that cannot be reached is excluded "
         "and the request routed to another",
     )
+    migration_limit: int = option(
+        3,
+        "After a request's first response: how many times it may be migrated when its worker fails (the prompt "
+        "and the tokens streamed so far continue on another worker; the client sees one stream). 0: off, the "
+        "request fails with UNAVAILABLE",
+    )
     health_probe_interval_s: float = option(
         1.0,
         "A worker that could not be reached gets no requests until it leaves discovery or answers a gRPC "

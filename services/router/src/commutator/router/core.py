@@ -15,7 +15,9 @@ consumer only holds back the stream's purge while it lives.
 Failover: a worker that cannot be reached (a connection failure, not an
 application error) is inhibited at once: it gets no requests until it leaves
 discovery or answers a gRPC health check again, and a request that had no
-response yet is routed to another worker (``worker_retries`` times).
+response yet is routed to another worker (``worker_retries`` times), and one
+that had streamed tokens is migrated: continued on another worker from its
+prompt plus the tokens streamed so far (``migration_limit`` times).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from commutator.common import metrics, subjects, tracing
 from commutator.common.clock import Clock, SystemClock
 from commutator.common.discovery import Discovery, InstanceEvent, InstanceInfo, InstanceSet, Registration, WatchKind
 from commutator.common.errors import (
+    DeadlineExceeded,
     InstanceNotFound,
     InvalidRequest,
     NoInstances,
@@ -47,6 +50,7 @@ from commutator.router.adaptive import AdaptiveTuner
 from commutator.router.config import RouterConfig
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
 from commutator.router.ingest import KvEventIngest
+from commutator.router.migration import Progress
 from commutator.router.mux import MuxRequest, WorkerMux
 from commutator.router.policies import KvPolicy, make_policy
 from commutator.router.scheduler import Outcome, RouteResult, Scheduler, WorkerView
@@ -504,8 +508,11 @@ class Router:
         """Route ``request`` and stream the chosen worker's responses, with exact load accounting:
         counted when routed, prompt dropped at the first token, freed at the end, on error and on cancel.
 
-        A worker that cannot be reached is inhibited; while nothing has been streamed yet the
-        request is routed again (up to ``worker_retries`` times, never for a ``requested`` worker).
+        A worker that cannot be reached is inhibited. While nothing has been streamed yet the
+        request is routed again (up to ``worker_retries`` times); once tokens have been streamed it
+        is migrated (up to ``migration_limit`` times): the prompt plus the tokens streamed so far go
+        to another worker, which continues the output where it broke off, and the consumer sees
+        one stream (see :class:`Progress`). Neither happens for a ``requested`` worker.
 
         Push mode: a consumer that sends a callable with ``asend`` (instead of ``__anext__``) after a
         response asks for the rest of the responses to be handed to it as they arrive, with no task
@@ -517,6 +524,10 @@ class Router:
             raise InvalidRequest("request_id is required")
         rid = request.request_id
         attempt = 0
+        migratable = requested is None and self.config.migration_limit > 0
+        progress = Progress(request) if migratable else None
+        sink: Callable[[common_pb2.GenerateResponse], bool] | None = None  # a push consumer, once handed over
+        deadline = time.monotonic() + self.config.generate_timeout_s
         while True:
             arm = self._pick_arm() if requested is None else None
             try:
@@ -543,24 +554,52 @@ class Router:
             streamed = False
             stream: AsyncIterator[common_pb2.GenerateResponse] | None = None
             try:
-                stream = self._worker_stream(worker_id, request, metadata)
+                stream = self._worker_stream(worker_id, request, metadata, deadline - time.monotonic())
                 prefilling = True
+                if sink is not None and isinstance(stream, MuxRequest):
+                    # Migrated while pushing: the new stream pushes to the same consumer.
+                    await stream.push(self._prefill_watch(rid, sink))
+                    return
                 async for resp in stream:
                     if prefilling and resp.token_ids:
                         prefilling = False
                         self.prefill_done(rid, resp)
                     streamed = True
+                    if progress is not None:
+                        progress.take(resp)
                     sink = yield resp
                     if sink is not None and isinstance(stream, MuxRequest):
-                        if prefilling:
-                            sink = self._prefill_watch(rid, sink)
-                        await stream.push(sink)
+                        if progress is not None:
+                            sink = progress.counting(sink)
+                        await stream.push(self._prefill_watch(rid, sink) if prefilling else sink)
                         return
                 return
             except (Unavailable, InstanceNotFound) as exc:
                 # Not found: discovery is dropping it right now; inhibited until it is gone.
                 self.inhibit(worker_id, str(exc))
-                if streamed or requested is not None or attempt >= self.config.worker_retries:
+                if requested is not None:
+                    raise
+                if progress is not None and progress.started:
+                    if progress.migrations >= self.config.migration_limit:
+                        metrics.ROUTER_MIGRATIONS.labels("limit").inc()
+                        raise Unavailable(
+                            f"{exc} (request {rid} migrated {progress.migrations} times already: "
+                            f"--migration-limit {self.config.migration_limit})"
+                        ) from None
+                    request = progress.migrate(request)
+                    metrics.ROUTER_MIGRATIONS.labels("migrated").inc()
+                    log.warning(
+                        "request %s: worker %x failed after %d tokens (%s); migrating it to another worker",
+                        rid,
+                        worker_id,
+                        len(progress.generated),
+                        exc,
+                    )
+                    if progress.done:  # every token it may generate was streamed: only the end was lost
+                        yield progress.final()
+                        return
+                    continue
+                if streamed or attempt >= self.config.worker_retries:
                     raise
                 attempt += 1
                 metrics.ROUTER_RETRIES.inc()
@@ -589,10 +628,15 @@ class Router:
         return watch
 
     def _worker_stream(
-        self, worker_id: int, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
+        self,
+        worker_id: int,
+        request: common_pb2.GenerateRequest,
+        metadata: Sequence[tuple[str, str]],
+        timeout_s: float,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """The worker's responses to ``request``: over its multiplexed stream, or a Generate call of its own."""
-        timeout_s = self.config.generate_timeout_s
+        if timeout_s <= 0:
+            raise DeadlineExceeded(f"request {request.request_id}: generate timeout reached while migrating it")
         if self.config.worker_stream == "unary":
             return self.workers.stream(
                 "Generate", request, instance_id=worker_id, timeout_s=timeout_s, metadata=metadata
