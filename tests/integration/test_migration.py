@@ -227,3 +227,47 @@ async def test_the_frontends_embedded_router_migrates_pushed_streams(spawn, clie
         assert ends == ["length"], f"request {k}: {ends}"
     migrated = re.search(r'^commutator_router_migrations_total\{outcome="migrated"\} (\S+)', metrics, re.M)
     assert migrated is not None and float(migrated.group(1)) == on_victim, metrics
+
+
+async def test_a_frontend_migrates_its_streams_when_its_router_service_dies(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+    routers, workers = clients
+    await start_workers(spawn, workers, 2)
+    router = spawn("commutator.router")
+    await routers.wait_for_instances(1, 60)
+    port, metrics_port = free_port(), free_port()
+    frontend = spawn(
+        "commutator.frontend",
+        *("--http-port", str(port), "--http-host", "127.0.0.1", "--metrics-port", str(metrics_port)),
+        *("--router-endpoint", "router"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+
+        async def serves() -> bool:
+            assert frontend.proc.poll() is None, frontend.log()[-3000:]
+            try:
+                async with http.get(f"{base}/v1/models") as r:
+                    return r.status == 200 and bool((await r.json())["data"])
+            except aiohttp.ClientError:
+                return False
+
+        await until(serves, 60)
+        reference = await asyncio.gather(*(sse(http, base, k, asyncio.Event()) for k in range(6)))
+        firsts = [asyncio.Event() for _ in range(6)]
+        runs = [asyncio.create_task(sse(http, base, k, firsts[k])) for k in range(6)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), 60)
+        router.signal(signal.SIGKILL)  # every stream in flight goes through it
+        await asyncio.to_thread(router.proc.wait)
+        await asyncio.sleep(1.0)
+        spawn("commutator.router")  # back after a while: the streams wait for it (--router-wait-s)
+        results = await asyncio.wait_for(asyncio.gather(*runs), 120)
+        async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+            metrics = await r.text()
+
+    for k, ((ref_text, ref_usage, _), (text, usage, ends)) in enumerate(zip(reference, results, strict=True)):
+        assert text == ref_text, f"request {k}: text differs from the uninterrupted run"
+        usage.pop("prompt_tokens_details")
+        ref_usage.pop("prompt_tokens_details")
+        assert usage == ref_usage and ends == ["length"], (k, usage, ends)
+    migrated = re.search(r'^commutator_frontend_router_migrations_total\{outcome="migrated"\} (\S+)', metrics, re.M)
+    assert migrated is not None and float(migrated.group(1)) == 6, metrics

@@ -307,6 +307,13 @@ ROUTER_MIGRATIONS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+FRONTEND_ROUTER_MIGRATIONS = Counter(
+    _NS + "_frontend_router_migrations",
+    "Requests whose router service failed after streaming tokens: migrated (sent to a router again with the "
+    "tokens so far), or failed because they had been migrated --migration-limit times already (limit)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 ROUTER_RECOVERIES = Counter(
     _NS + "_router_recoveries",
     "Workers rebuilt from a dump of their cache state after lost events, by result",

@@ -50,7 +50,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 _DONE = b"data: [DONE]\n\n"
 _RETRIES_BEFORE_FIRST_TOKEN = 2
 _PUSH_BUFFER_LIMIT = 1 << 20  # bytes a pushed stream may leave unsent before its client counts as gone
-_RETRY_AFTER_S = 1  # on 429 and 529: a stream in flight ends, or a worker's prefill finishes, within about a second
+_RETRY_AFTER_S = 1  # on 429, 503 and 529: a stream ends, a prefill finishes, a part restarts in about a second
 
 
 class Backend(Protocol):
@@ -82,7 +82,12 @@ def _api_error(exc: CommutatorError, model: str) -> ApiError:
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, "the request timed out", type="timeout")
     if isinstance(exc, Unavailable):
-        return ApiError(503, "the worker serving this request went away", type="service_unavailable")
+        return ApiError(
+            503,
+            "a worker or router serving this request went away; retry",
+            type="service_unavailable",
+            retry_after_s=_RETRY_AFTER_S,
+        )
     # The detail (peer addresses, an engine's traceback line) goes to the log, not to the client.
     log.warning("request for %s failed: %s", model, exc)
     return ApiError(500, "the worker failed the request", type="internal_error")

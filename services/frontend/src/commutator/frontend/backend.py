@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 
+from commutator.common import metrics
 from commutator.common.discovery import Discovery
+from commutator.common.errors import Unavailable
 from commutator.common.grpc import EndpointClient
 from commutator.router.core import Router
+from commutator.router.migration import Progress
 from commutator.v1 import common_pb2, router_pb2_grpc
 
 __all__ = ["EmbeddedRouterBackend", "RouterServiceBackend"]
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddedRouterBackend:
@@ -25,12 +33,31 @@ class EmbeddedRouterBackend:
 
 
 class RouterServiceBackend:
-    """A standalone router service (``Router.Generate``), picked round-robin among its replicas."""
+    """A standalone router service (``Router.Generate``), picked round-robin among its replicas.
 
-    def __init__(self, discovery: Discovery, namespace: str, component: str, timeout_s: float) -> None:
+    A router that fails after streaming tokens (it was killed, restarted, or lost its connection)
+    does not end the request: like the router does for a worker, the prompt plus the tokens so far
+    go to a router replica again (``migration_limit`` times; see :class:`Progress`). While no
+    router answers (the one restarting is still down), the request waits up to ``wait_s``, trying
+    again with a backoff. While no router service is registered at all, a request waits up to
+    ``wait_s`` for one. A failure before the first response is the caller's to retry.
+    """
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        namespace: str,
+        component: str,
+        timeout_s: float,
+        *,
+        migration_limit: int = 3,
+        wait_s: float = 10.0,
+    ) -> None:
         self.client: EndpointClient[router_pb2_grpc.RouterStub] = EndpointClient(
             discovery, namespace, component, "route", router_pb2_grpc.RouterStub, default_timeout_s=timeout_s
         )
+        self.migration_limit = migration_limit
+        self.wait_s = wait_s
 
     async def start(self) -> None:
         await self.client.start()
@@ -38,7 +65,58 @@ class RouterServiceBackend:
     async def close(self) -> None:
         await self.client.close()
 
-    def generate(
+    async def generate(
         self, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        return self.client.stream("Generate", request, metadata=metadata)
+        progress = Progress(request) if self.migration_limit > 0 else None
+        give_up_at = 0.0  # while no router answers: when to stop trying
+        delay = 0.1
+        while True:
+            answered = False
+            if not self.client.instances:
+                await self._wait_for_a_router(request.request_id)
+            try:
+                async for resp in self.client.stream("Generate", request, metadata=metadata):
+                    answered = True
+                    if progress is not None:
+                        progress.take(resp)
+                    yield resp
+                return
+            except Unavailable as exc:
+                if progress is None or not progress.started:
+                    raise
+                now = time.monotonic()
+                if answered:  # it broke after responses: continue from what was streamed
+                    if progress.migrations >= self.migration_limit:
+                        metrics.FRONTEND_ROUTER_MIGRATIONS.labels("limit").inc()
+                        raise Unavailable(
+                            f"{exc} (request {request.request_id} migrated {progress.migrations} times already: "
+                            f"--migration-limit {self.migration_limit})"
+                        ) from None
+                    request = progress.migrate(request)
+                    metrics.FRONTEND_ROUTER_MIGRATIONS.labels("migrated").inc()
+                    log.warning(
+                        "request %s: the router service failed after %d tokens (%s); sending it to a router again",
+                        request.request_id,
+                        len(progress.generated),
+                        exc,
+                    )
+                    if progress.done:
+                        yield progress.final()
+                        return
+                    give_up_at, delay = now + self.wait_s, 0.1
+                elif now >= give_up_at:
+                    raise Unavailable(f"no router service answered for {self.wait_s:g} s: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+    async def _wait_for_a_router(self, rid: str) -> None:
+        """No router service is registered (one restarting, say): wait for one, up to ``wait_s``."""
+        deadline = time.monotonic() + self.wait_s
+        while not self.client.instances:
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"request {rid}: no router service has been registered under {self.client.target!r} "
+                    f"for {self.wait_s:g} s"
+                )
+            await asyncio.sleep(0.1)

@@ -30,6 +30,11 @@ class FrontendConfig:
     router_endpoint: str = option(
         "", "Discovery component of a standalone router service to send requests to (empty: route in-process)"
     )
+    router_wait_s: float = option(
+        10.0,
+        "With --router-endpoint: how long a request waits for a router service when none is registered, or when "
+        "its router failed mid-stream (it is then sent on with the tokens so far, --migration-limit times at most)",
+    )
     drain_grace_s: float = option(30.0, "On SIGTERM, how long in-flight requests may take to finish")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest accepted request body; larger ones get 413")
     max_prompts_per_request: int = option(

@@ -104,7 +104,12 @@ class Frontend:
         backend: Backend
         if self.config.router_endpoint:
             remote = RouterServiceBackend(
-                rt.discovery, rt.namespace, self.config.router_endpoint, self.config.router.generate_timeout_s
+                rt.discovery,
+                rt.namespace,
+                self.config.router_endpoint,
+                self.config.router.generate_timeout_s,
+                migration_limit=self.config.router.migration_limit,
+                wait_s=self.config.router_wait_s,
             )
             await remote.start()
             rt.on_close(remote.close)
