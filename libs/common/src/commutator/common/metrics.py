@@ -302,8 +302,16 @@ ROUTER_RETRIES = Counter(
 )
 ROUTER_RECOVERIES = Counter(
     _NS + "_router_recoveries",
-    "Workers rebuilt from a dump of their cache state after lost events, by result",
+    "Workers rebuilt from a dump of their cache state after lost events, by result (ok, failed, stale_epoch: "
+    "the dump predates an engine restart already seen)",
     ["result"],
+    registry=REGISTRY,
+)
+ROUTER_EPOCH_RESETS = Counter(
+    _NS + "_router_epoch_resets",
+    "Worker ranks whose index entries were dropped because their engine restarted (a newer epoch), "
+    "by what carried the new epoch (event, stats, dump)",
+    ["source"],
     registry=REGISTRY,
 )
 ROUTER_SNAPSHOTS = Counter(

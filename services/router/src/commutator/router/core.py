@@ -46,7 +46,7 @@ from commutator.common.tasks import Supervisor
 from commutator.router.adaptive import AdaptiveTuner
 from commutator.router.config import RouterConfig
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
-from commutator.router.ingest import KvEventIngest
+from commutator.router.ingest import KvEventIngest, WorkerDump
 from commutator.router.mux import MuxRequest, WorkerMux
 from commutator.router.policies import KvPolicy, make_policy
 from commutator.router.scheduler import Outcome, RouteResult, Scheduler, WorkerView
@@ -280,7 +280,11 @@ class Router:
                         exc,
                     )
                 continue
-            self.scheduler.update_usage((s.worker_id, s.dp_rank), s.kv_blocks_used, s.kv_blocks_total)
+            key = (s.worker_id, s.dp_rank)
+            self.scheduler.update_usage(key, s.kv_blocks_used, s.kv_blocks_total)
+            ingest = self.ingest
+            if ingest is not None and ingest.indexer.is_newer_epoch(key, s.epoch):
+                await ingest.observe_epoch(key, s.epoch)  # its engine restarted: its cache is empty
 
     # -- unreachable workers ----------------------------------------------------------------
     def inhibit(self, worker_id: int, reason: str) -> None:
@@ -306,7 +310,7 @@ class Router:
             if self._probes.get(worker_id) is asyncio.current_task():
                 del self._probes[worker_id]
 
-    async def _recover_worker(self, key: WorkerKey) -> tuple[list[tuple[int, int]], int] | None:
+    async def _recover_worker(self, key: WorkerKey) -> WorkerDump | None:
         """A worker's cache state after lost events; ``None``: keep rebuilding it from live events."""
         if key[0] not in self.workers.instances or key[0] in self._no_dump:
             return None
@@ -322,7 +326,7 @@ class Router:
             (b.block_hash, b.sequence_hash) for ev in dump.events if ev.dp_rank == key[1] for b in ev.stored.blocks
         ]
         nxt = next((w.next_event_id for w in dump.watermarks if w.dp_rank == key[1]), 0)
-        return pairs, nxt
+        return WorkerDump(pairs, nxt, dump.epoch)
 
     def _on_router(self, ev: InstanceEvent) -> None:
         if ev.kind is WatchKind.DELETE and ev.instance.instance_id != self.router_id:
