@@ -234,8 +234,6 @@ def test_load_statistics_with_a_newer_epoch_reset_the_worker() -> None:
     assert not idx.observe_epoch((1, 0), 10)  # the same epoch
     assert not idx.observe_epoch((1, 0), 5)  # an older one (stale statistics)
     assert not idx.observe_epoch((1, 0), 0)  # not stamped
-    assert not idx.observe_epoch((7, 0), 99)  # a worker without entries: its first event sets it
-    assert (7, 0) not in idx.slots
     assert idx.find_matches(a) == {(1, 0): 2} and resets == []
     assert idx.is_newer_epoch((1, 0), 30) and not idx.is_newer_epoch((1, 0), 10)
     assert idx.observe_epoch((1, 0), 30)
@@ -244,6 +242,22 @@ def test_load_statistics_with_a_newer_epoch_reset_the_worker() -> None:
     assert idx.apply_event(at(10, removed(1, 1, [1]))) is ApplyOutcome.STALE_EPOCH
     assert idx.apply_event(at(30, stored(1, 0, [(8, a[0])]))) is ApplyOutcome.APPLIED
     assert idx.find_matches(a) == {(1, 0): 1} and len(resets) == 1
+
+
+def test_an_epoch_reported_before_a_workers_first_event_fences_its_older_events() -> None:
+    idx = KvIndexer()
+    a, b = chain(0, 1), chain(100, 1)
+    assert not idx.observe_epoch((7, 0), 20)  # statistics first: nothing to drop, but remembered
+    assert (7, 0) not in idx.slots and not idx.is_newer_epoch((7, 0), 20) and idx.is_newer_epoch((7, 0), 21)
+    # Its dead engine's events, late in the stream, do not make it into the index.
+    assert idx.apply_event(at(10, stored(7, 3, [(1, a[0])]))) is ApplyOutcome.STALE_EPOCH
+    assert idx.find_matches(a) == {} and idx.epoch_of((7, 0)) == 20
+    assert idx.apply_event(at(20, stored(7, 0, [(2, b[0])]))) is ApplyOutcome.APPLIED
+    assert idx.find_matches(b) == {(7, 0): 1} and idx.stats.epoch_resets == 0
+    # A worker that leaves takes its remembered epoch with it.
+    idx.observe_epoch((8, 0), 5)
+    idx.remove_worker(8)
+    assert idx.apply_event(at(4, stored(8, 0, [(1, a[0])]))) is ApplyOutcome.APPLIED
 
 
 def test_a_dump_of_an_older_epoch_is_refused_and_a_newer_one_replaces_everything() -> None:

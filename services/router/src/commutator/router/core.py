@@ -297,7 +297,7 @@ class Router:
             key = (s.worker_id, s.dp_rank)
             self.scheduler.update_usage(key, s.kv_blocks_used, s.kv_blocks_total)
             ingest = self.ingest
-            if ingest is not None and ingest.indexer.is_newer_epoch(key, s.epoch):
+            if ingest is not None and key in self.scheduler.workers and ingest.indexer.is_newer_epoch(key, s.epoch):
                 await ingest.observe_epoch(key, s.epoch)  # its engine restarted: its cache is empty
 
     # -- unreachable workers ----------------------------------------------------------------

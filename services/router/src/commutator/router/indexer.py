@@ -205,16 +205,18 @@ class KvIndexer(_MaskTable):
         self.needs_recovery: set[WorkerKey] = set()
         self.stats = IndexStats()
         self.on_epoch_reset = on_epoch_reset
+        self._early_epochs: dict[WorkerKey, int] = {}  # epochs reported before the worker's first event
 
     def _on_new_slot(self, slot: int) -> None:
+        epoch = self._early_epochs.pop(self.slot_keys[slot], 0) if self._early_epochs else 0  # type: ignore[arg-type]
         if slot == len(self.maps):
             self.maps.append({})
             self.last_event.append(-1)
-            self.epochs.append(0)
+            self.epochs.append(epoch)
         else:
             self.maps[slot] = {}
             self.last_event[slot] = -1
-            self.epochs[slot] = 0
+            self.epochs[slot] = epoch
 
     def epoch_of(self, key: WorkerKey) -> int:
         """The newest epoch seen for a worker rank (0: none, or not stamped)."""
@@ -239,16 +241,22 @@ class KvIndexer(_MaskTable):
             self.on_epoch_reset(EpochReset(key, old, epoch, dropped, source))
 
     def is_newer_epoch(self, key: WorkerKey, epoch: int) -> bool:
-        """Whether ``epoch`` is newer than the one known for a worker rank the index holds."""
+        """Whether ``epoch`` is newer than the one known for a worker rank."""
         slot = self.slots.get(key)
-        return bool(epoch) and slot is not None and epoch > self.epochs[slot]
+        known = self.epochs[slot] if slot is not None else self._early_epochs.get(key, 0)
+        return epoch > known
 
     def observe_epoch(self, key: WorkerKey, epoch: int, source: str = "stats") -> bool:
         """A worker rank reports ``epoch`` outside its events (load statistics): a newer one than
-        known resets its entries. Returns whether it did. Unknown workers are left alone (their
-        first event sets their epoch)."""
+        known resets its entries. Returns whether it did. For a worker rank the index holds nothing
+        of yet, the epoch is kept for its first event (an older event is then dropped); the caller
+        reports only workers present in discovery (:meth:`remove_worker` forgets it)."""
         slot = self.slots.get(key)
-        if not epoch or slot is None:
+        if not epoch:
+            return False
+        if slot is None:
+            if epoch > self._early_epochs.get(key, 0):
+                self._early_epochs[key] = epoch
             return False
         known = self.epochs[slot]
         if epoch <= known:
@@ -388,6 +396,8 @@ class KvIndexer(_MaskTable):
             self.maps[slot] = None
             self._release_slot(key)
             self.needs_recovery.discard(key)
+        for key in [k for k in self._early_epochs if k[0] == worker_id]:
+            del self._early_epochs[key]
         return dropped
 
     # -- recovery, dumps and snapshots ----------------------------------------------------

@@ -263,6 +263,9 @@ class KvEventIngest:
         its engine restarted, and its entries go (under the lock, so never inside a snapshot)."""
         if not self.indexer.is_newer_epoch(key, epoch):
             return
+        if key not in self.indexer.slots:  # nothing to drop: kept for its first event, no lock needed
+            self.indexer.observe_epoch(key, epoch, "stats")
+            return
         async with self._lock:
             self.indexer.observe_epoch(key, epoch, "stats")
 
