@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from commutator.common.hashing import local_block_hashes, sequence_hashes
-from commutator.router.indexer import ApplyOutcome, ApproxIndexer, KvIndexer
+from commutator.router.indexer import ApplyOutcome, ApproxIndexer, EpochReset, KvIndexer
 from commutator.v1 import kv_events_pb2
 
 pytestmark = pytest.mark.unit
@@ -175,6 +175,124 @@ def test_dump_rebuilds_an_identical_index() -> None:
     # Continuing the stream works on the copy: ids continue, parents resolve.
     nxt = stored(2, 2, [(22, a[2])], parent=21)
     assert copy.apply_event(nxt) is ApplyOutcome.APPLIED and copy.find_matches(a)[(2, 0)] == 3
+
+
+def at(epoch: int, ev: kv_events_pb2.KvEvent) -> kv_events_pb2.KvEvent:
+    ev.epoch = epoch
+    return ev
+
+
+def test_a_newer_epoch_resets_the_worker_whatever_the_event_id() -> None:
+    resets: list[EpochReset] = []
+    idx = KvIndexer(on_epoch_reset=resets.append)
+    a, b = chain(0, 3), chain(100, 2)
+    idx.apply_event(at(10, stored(1, 0, [(1, a[0]), (2, a[1]), (3, a[2])])))
+    idx.apply_event(at(10, stored(1, 1, [(9, b[0])])))
+    idx.apply_event(at(10, stored(2, 0, [(1, a[0])])))  # another worker, untouched throughout
+    # The restarted engine's first event has id 0 (a lower id than the last one): applied after a reset.
+    assert idx.apply_event(at(20, stored(1, 0, [(5, b[0]), (6, b[1])]))) is ApplyOutcome.EPOCH_RESET
+    assert idx.find_matches(a) == {(2, 0): 1}  # none of worker 1's old blocks is left
+    assert idx.find_matches(b) == {(1, 0): 2}
+    assert resets == [EpochReset((1, 0), 10, 20, 4, "event")]
+    assert idx.epoch_of((1, 0)) == 20 and idx.stats.epoch_resets == 1 and idx.stats.restarts == 0
+    # The next event of the new epoch continues from there.
+    assert idx.apply_event(at(20, removed(1, 1, [6]))) is ApplyOutcome.APPLIED
+    assert idx.find_matches(b) == {(1, 0): 1}
+
+
+def test_a_newer_epoch_whose_ids_look_like_the_next_ones_still_resets() -> None:
+    """Event ids alone cannot see this restart: the new engine's ids happen to continue the old ones."""
+    idx = KvIndexer()
+    a, b = chain(0, 2), chain(100, 1)
+    idx.apply_event(at(10, stored(1, 0, [(1, a[0]), (2, a[1])])))
+    # Id 1 follows id 0, but it is the new engine's: its ids 0 were lost. Reset, and recover from a dump.
+    assert idx.apply_event(at(11, stored(1, 1, [(3, b[0])]))) is ApplyOutcome.GAP
+    assert idx.find_matches(a) == {} and idx.needs_recovery == {(1, 0)}
+    assert idx.stats.epoch_resets == 1
+
+
+def test_an_older_epochs_late_event_is_dropped_and_resurrects_nothing() -> None:
+    idx = KvIndexer()
+    a, b = chain(0, 2), chain(100, 2)
+    idx.apply_event(at(10, stored(1, 0, [(1, a[0])])))
+    idx.apply_event(at(20, stored(1, 0, [(5, b[0])])))
+    # The dead engine's next event arrives late (its ids continue its own): dropped, counted.
+    assert idx.apply_event(at(10, stored(1, 1, [(2, a[1])], parent=1))) is ApplyOutcome.STALE_EPOCH
+    assert idx.apply_event(at(10, stored(1, 0, [(1, a[0])]))) is ApplyOutcome.STALE_EPOCH
+    assert idx.find_matches(a) == {} and idx.find_matches(b) == {(1, 0): 1}
+    assert idx.stats.events_stale_epoch == 2 and idx.epoch_of((1, 0)) == 20
+    # The new epoch's ids are not disturbed by them.
+    assert idx.apply_event(at(20, stored(1, 1, [(6, b[1])], parent=5))) is ApplyOutcome.APPLIED
+    assert idx.find_matches(b) == {(1, 0): 2}
+
+
+def test_load_statistics_with_a_newer_epoch_reset_the_worker() -> None:
+    resets: list[EpochReset] = []
+    idx = KvIndexer(on_epoch_reset=resets.append)
+    a = chain(0, 2)
+    idx.apply_event(at(10, stored(1, 0, [(1, a[0]), (2, a[1])])))
+    assert not idx.observe_epoch((1, 0), 10)  # the same epoch
+    assert not idx.observe_epoch((1, 0), 5)  # an older one (stale statistics)
+    assert not idx.observe_epoch((1, 0), 0)  # not stamped
+    assert idx.find_matches(a) == {(1, 0): 2} and resets == []
+    assert idx.is_newer_epoch((1, 0), 30) and not idx.is_newer_epoch((1, 0), 10)
+    assert idx.observe_epoch((1, 0), 30)
+    assert idx.find_matches(a) == {} and resets == [EpochReset((1, 0), 10, 30, 2, "stats")]
+    # The dead engine's events that were still on their way are dropped; the new engine's apply from id 0.
+    assert idx.apply_event(at(10, removed(1, 1, [1]))) is ApplyOutcome.STALE_EPOCH
+    assert idx.apply_event(at(30, stored(1, 0, [(8, a[0])]))) is ApplyOutcome.APPLIED
+    assert idx.find_matches(a) == {(1, 0): 1} and len(resets) == 1
+
+
+def test_an_epoch_reported_before_a_workers_first_event_fences_its_older_events() -> None:
+    idx = KvIndexer()
+    a, b = chain(0, 1), chain(100, 1)
+    assert not idx.observe_epoch((7, 0), 20)  # statistics first: nothing to drop, but remembered
+    assert (7, 0) not in idx.slots and not idx.is_newer_epoch((7, 0), 20) and idx.is_newer_epoch((7, 0), 21)
+    # Its dead engine's events, late in the stream, do not make it into the index.
+    assert idx.apply_event(at(10, stored(7, 3, [(1, a[0])]))) is ApplyOutcome.STALE_EPOCH
+    assert idx.find_matches(a) == {} and idx.epoch_of((7, 0)) == 20
+    assert idx.apply_event(at(20, stored(7, 0, [(2, b[0])]))) is ApplyOutcome.APPLIED
+    assert idx.find_matches(b) == {(7, 0): 1} and idx.stats.epoch_resets == 0
+    # A worker that leaves takes its remembered epoch with it.
+    idx.observe_epoch((8, 0), 5)
+    idx.remove_worker(8)
+    assert idx.apply_event(at(4, stored(8, 0, [(1, a[0])]))) is ApplyOutcome.APPLIED
+
+
+def test_a_dump_of_an_older_epoch_is_refused_and_a_newer_one_replaces_everything() -> None:
+    idx = KvIndexer()
+    a = chain(0, 3)
+    seq = sequence_hashes(a)
+    idx.apply_event(at(20, stored(1, 0, [(1, a[0])])))
+    assert not idx.restore_worker((1, 0), [(1, seq[0]), (2, seq[1])], next_event_id=2, epoch=10)
+    assert idx.find_matches(a) == {(1, 0): 1} and idx.last_event[idx.slots[(1, 0)]] == 0
+    assert idx.restore_worker((1, 0), [(4, seq[0]), (5, seq[1]), (6, seq[2])], next_event_id=3, epoch=30)
+    assert idx.find_matches(a) == {(1, 0): 3} and idx.epoch_of((1, 0)) == 30 and idx.stats.epoch_resets == 1
+    assert idx.apply_event(at(30, removed(1, 3, [6]))) is ApplyOutcome.APPLIED
+
+
+def test_unstamped_events_follow_the_id_rules_and_the_first_epoch_is_adopted() -> None:
+    idx = KvIndexer()
+    a = chain(0, 2)
+    idx.apply_event(stored(1, 0, [(1, a[0])]))  # epoch 0: an older worker, or a snapshot without epochs
+    assert idx.apply_event(at(10, stored(1, 1, [(2, a[1])], parent=1))) is ApplyOutcome.APPLIED
+    assert idx.find_matches(a) == {(1, 0): 2} and idx.epoch_of((1, 0)) == 10 and idx.stats.epoch_resets == 0
+    assert idx.apply_event(removed(1, 2, [2])) is ApplyOutcome.APPLIED  # unstamped: no epoch check
+    assert idx.find_matches(a) == {(1, 0): 1}
+
+
+def test_dumps_carry_each_workers_epoch() -> None:
+    idx = KvIndexer()
+    a = chain(0, 2)
+    idx.apply_event(at(10, stored(1, 0, [(1, a[0]), (2, a[1])])))
+    idx.apply_event(at(20, stored(2, 4, [(3, a[0])])))
+    copy = KvIndexer()
+    for ev in idx.dump_events():
+        copy.load_dump_event(kv_events_pb2.KvEvent.FromString(ev.SerializeToString()))
+    assert copy.canonical() == idx.canonical()
+    assert (copy.epoch_of((1, 0)), copy.epoch_of((2, 0))) == (10, 20)
+    assert copy.apply_event(at(10, removed(2, 5, [3]))) is ApplyOutcome.STALE_EPOCH
 
 
 def test_long_prompts_match_across_chunks() -> None:

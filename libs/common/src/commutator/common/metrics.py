@@ -254,8 +254,18 @@ ROUTER_DECISIONS = Counter(
 )
 ROUTER_PROMPT_BLOCKS = Counter(
     _NS + "_router_prompt_blocks",
-    "Prompt blocks routed, and how many the chosen worker had cached (overlap / prompt = predicted KV hit rate)",
+    "Prompt blocks routed, and how many the chosen worker had cached (overlap / prompt = predicted KV hit rate); "
+    "of requests whose first response came: the hits predicted (overlap, at most all but the last block) and "
+    "found by the worker (found_hit / predicted_hit = how far the index's predictions hold)",
     ["kind"],
+    registry=REGISTRY,
+)
+ROUTER_CACHE_HIT_ERROR = Histogram(
+    _NS + "_router_cache_hit_error_blocks",
+    "Per routed request: prompt blocks its worker found cached (cached prompt tokens / block size) minus the "
+    "blocks the router predicted (its overlap there, at most all but the last block); below 0: predicted hits "
+    "the engine did not find (no _sum: negative buckets; sums are in commutator_router_prompt_blocks_total)",
+    buckets=(-128, -32, -8, -2, -1, 0, 1, 2, 8, 32, 128),
     registry=REGISTRY,
 )
 ROUTER_KV_EVENTS = Counter(
@@ -316,8 +326,16 @@ FRONTEND_ROUTER_MIGRATIONS = Counter(
 )
 ROUTER_RECOVERIES = Counter(
     _NS + "_router_recoveries",
-    "Workers rebuilt from a dump of their cache state after lost events, by result",
+    "Workers rebuilt from a dump of their cache state after lost events, by result (ok, failed, stale_epoch: "
+    "the dump predates an engine restart already seen)",
     ["result"],
+    registry=REGISTRY,
+)
+ROUTER_EPOCH_RESETS = Counter(
+    _NS + "_router_epoch_resets",
+    "Worker ranks whose index entries were dropped because their engine restarted (a newer epoch), "
+    "by what carried the new epoch (event, stats, dump)",
+    ["source"],
     registry=REGISTRY,
 )
 ROUTER_SNAPSHOTS = Counter(

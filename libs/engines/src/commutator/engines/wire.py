@@ -156,7 +156,8 @@ def fill_response(resp: common_pb2.GenerateResponse, out: EngineOutput) -> None:
         resp.error_message = out.error
 
 
-def stats_to_proto(stats: EngineStats, worker_id: int, timestamp_s: float) -> common_pb2.WorkerStats:
+def stats_to_proto(stats: EngineStats, worker_id: int, timestamp_s: float, epoch: int = 0) -> common_pb2.WorkerStats:
+    """``epoch``: the engine's (``KvEvent.epoch``; 0: not stamped)."""
     return common_pb2.WorkerStats(
         worker_id=worker_id,
         dp_rank=stats.dp_rank,
@@ -167,15 +168,16 @@ def stats_to_proto(stats: EngineStats, worker_id: int, timestamp_s: float) -> co
         active_decode_blocks=stats.active_decode_blocks,
         pending_prefill_tokens=stats.pending_prefill_tokens,
         timestamp_s=timestamp_s,
+        epoch=epoch,
     )
 
 
-def event_batch(records: list[KvEventRecord], worker_id: int) -> kv_events_pb2.KvEventBatch:
-    """One wire message carrying ``records`` (in order) of ``worker_id``."""
+def event_batch(records: list[KvEventRecord], worker_id: int, epoch: int = 0) -> kv_events_pb2.KvEventBatch:
+    """One wire message carrying ``records`` (in order) of ``worker_id``'s engine incarnation ``epoch``."""
     batch = kv_events_pb2.KvEventBatch()
     events = batch.events
     for r in records:
-        ev = events.add(worker_id=worker_id, dp_rank=r.dp_rank, event_id=r.event_id)
+        ev = events.add(worker_id=worker_id, dp_rank=r.dp_rank, event_id=r.event_id, epoch=epoch)
         data = r.data
         if isinstance(data, KvStored):
             stored = ev.stored

@@ -22,7 +22,8 @@ class KvEventPublisher:
     """Drains the engine's KV events and publishes them, in order, in batches.
 
     Each message is one ``KvEventBatch`` of up to ``max_batch`` events on
-    ``kv.{namespace}.{component}.{worker_id:x}``. Acks are asynchronous; the
+    ``kv.{namespace}.{component}.{worker_id:x}``, every event stamped with the
+    engine's ``epoch`` (:mod:`commutator.worker.epoch`). Acks are asynchronous; the
     publisher sends unacknowledged messages again in order after a NATS outage.
     """
 
@@ -35,8 +36,10 @@ class KvEventPublisher:
         worker_id: Callable[[], int],
         worker_label: str,
         max_batch: int = 1024,
+        epoch: int = 0,
     ) -> None:
         self._engine = engine
+        self.epoch = epoch
         self._events = events
         self._namespace = namespace
         self._component = component
@@ -62,13 +65,26 @@ class KvEventPublisher:
             records = await self._engine.kv_events()
             await self._publish(records)
 
+    async def switch_engine(self, engine: Engine, epoch: int) -> None:
+        """Publish ``engine``'s events from now on, stamped ``epoch`` (an engine restart).
+
+        Whatever the old engine emitted and was not published yet is dropped: the new epoch
+        resets this worker's entries in every router anyway. Messages already handed to the
+        event plane stay before the new epoch's in the stream.
+        """
+        await self._tasks.close()
+        self._engine = engine
+        self.epoch = epoch
+        self._tasks = Supervisor()
+        self._tasks.start("kv-event-publisher", self._run)
+
     async def _publish(self, records: list) -> None:  # type: ignore[type-arg]
         assert self._publisher is not None
         worker_id = self._worker_id()
         subject = subjects.kv_events_subject(self._namespace, self._component, worker_id)
         for i in range(0, len(records), self._max_batch):
             chunk = records[i : i + self._max_batch]
-            await self._publisher.publish(subject, event_batch(chunk, worker_id).SerializeToString())
+            await self._publisher.publish(subject, event_batch(chunk, worker_id, self.epoch).SerializeToString())
             self.events_published += len(chunk)
             self._published.inc(len(chunk))
 
@@ -102,8 +118,10 @@ class LoadPublisher:
         worker_label: str,
         interval_s: float,
         min_interval_s: float,
+        epoch: int = 0,
     ) -> None:
         self._engine = engine
+        self.epoch = epoch
         self._events = events
         self._namespace = namespace
         self._component = component
@@ -120,16 +138,23 @@ class LoadPublisher:
     async def start(self) -> None:
         self._tasks.start("load-publisher", self._run)
 
+    def switch_engine(self, engine: Engine, epoch: int) -> None:
+        """Report ``engine``'s load from now on, stamped ``epoch`` (an engine restart)."""
+        self._engine = engine
+        self.epoch = epoch
+
     async def _run(self) -> None:
         last: list[EngineStats] | None = None
+        last_epoch = 0
         last_sent = 0.0
         while True:
             await asyncio.sleep(self._min_interval)
             stats = self._engine.stats()
+            epoch = self.epoch
             now = time.monotonic()
-            if stats == last and now - last_sent < self._interval:
+            if stats == last and epoch == last_epoch and now - last_sent < self._interval:
                 continue
-            last, last_sent = stats, now
+            last, last_epoch, last_sent = stats, epoch, now
             s0 = stats[0]
             self._used.set(sum(s.kv_blocks_used for s in stats))
             self._total.set(sum(s.kv_blocks_total for s in stats))
@@ -140,7 +165,9 @@ class LoadPublisher:
             wall = time.time()
             try:
                 for s in stats:
-                    await self._events.publish_core(subject, stats_to_proto(s, worker_id, wall).SerializeToString())
+                    await self._events.publish_core(
+                        subject, stats_to_proto(s, worker_id, wall, epoch).SerializeToString()
+                    )
                 self.published += 1
             except Exception as exc:  # a NATS outage must not stop the loop
                 log.debug("load statistics not published: %s", exc)

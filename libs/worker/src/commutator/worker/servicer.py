@@ -32,8 +32,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     cancelled stream aborts the engine request, which frees its blocks.
     """
 
-    def __init__(self, engine: Engine, worker_label: str, worker_id: object, stream_interval_s: float = 0.0) -> None:
+    def __init__(
+        self, engine: Engine, worker_label: str, worker_id: object, stream_interval_s: float = 0.0, epoch: int = 0
+    ) -> None:
         self.engine = engine
+        self.epoch = epoch
+        """The engine's epoch (:mod:`commutator.worker.epoch`), stamped on stats and dumps."""
         self.stream_interval_s = stream_interval_s
         self._worker_id = worker_id  # callable returning the current instance id
         self._active = metrics.WORKER_ACTIVE_REQUESTS.labels(worker_label)
@@ -74,6 +78,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def count_message(self) -> None:
         self._messages.inc()
+
+    def switch_engine(self, engine: Engine, epoch: int) -> None:
+        """Serve ``engine`` (of epoch ``epoch``) from now on: an engine restart. Both change in one step,
+        so a dump or a stat never pairs one engine's state with the other's epoch."""
+        self.engine = engine
+        self.epoch = epoch
 
     def start_drain(self) -> None:
         """Refuse new multiplexed requests (UNAVAILABLE: routed elsewhere); end each stream once it is idle."""
@@ -156,17 +166,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.DumpKvStateRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.KvStateDump:
         state = self.engine.kv_dump()
+        epoch = self.epoch
         if state is None:
             await abort_with(context, Unsupported("this engine cannot dump its KV cache state"))
         blocks, watermarks = state
         worker_id = self._worker_id()  # type: ignore[operator]
-        dump = worker_pb2.KvStateDump()
+        dump = worker_pb2.KvStateDump(epoch=epoch)
         by_rank: dict[int, kv_events_pb2.KvEvent] = {}
         for rank, engine_hash, seq_hash in blocks:
             ev = by_rank.get(rank)
             if ev is None:
                 ev = by_rank[rank] = dump.events.add(
-                    worker_id=worker_id, dp_rank=rank, event_id=max(watermarks.get(rank, 1) - 1, 0)
+                    worker_id=worker_id, dp_rank=rank, event_id=max(watermarks.get(rank, 1) - 1, 0), epoch=epoch
                 )
                 ev.stored.SetInParent()
             ev.stored.blocks.add(block_hash=engine_hash, sequence_hash=seq_hash)
@@ -179,4 +190,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.StatsResponse:
         now = time.time()
         worker_id = self._worker_id()  # type: ignore[operator]
-        return worker_pb2.StatsResponse(ranks=[stats_to_proto(s, worker_id, now) for s in self.engine.stats()])
+        return worker_pb2.StatsResponse(
+            ranks=[stats_to_proto(s, worker_id, now, self.epoch) for s in self.engine.stats()]
+        )

@@ -10,6 +10,11 @@ the gRPC server and the worker stream's TCP server, the KV-event and load publis
 finds one). Drain reverses it: deregister, stop taking calls and let in-flight
 streams finish within the grace period, publish and flush the remaining KV
 events, stop the engine, close the runtime.
+
+Engine restarts (:meth:`Worker.restart_engine`): the worker keeps its registration and its id, and
+replaces its engine with a fresh one under a new epoch (:mod:`commutator.worker.epoch`), which every
+KV event, load statistic and cache-state dump carries from then on; routers drop the worker's old
+index entries when they see it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Protocol
 
 from commutator.common.clock import Clock
 from commutator.common.discovery import InstanceInfo, MemoryStore, Registration
+from commutator.common.errors import Unsupported
 from commutator.common.events import MemoryBroker
 from commutator.common.grpc import GrpcConfig, GrpcServer
 from commutator.common.logging import fields
@@ -32,6 +38,7 @@ from commutator.engines.model_info import ModelInfo
 from commutator.engines.registry import EngineError, EngineSpec, make_engine, split_engine_args
 from commutator.v1 import worker_pb2_grpc
 from commutator.worker.config import WorkerConfig
+from commutator.worker.epoch import next_epoch
 from commutator.worker.model import resolve_model
 from commutator.worker.publishers import KvEventPublisher, LoadPublisher
 from commutator.worker.servicer import WorkerServicer
@@ -93,6 +100,10 @@ class Worker:
         self.load_publisher: LoadPublisher | None = None
         self.registration: Registration | None = None
         self.model_name = ""
+        self.epoch = 0
+        """The running engine's epoch (:mod:`commutator.worker.epoch`); 0 before it starts."""
+        self._engine_spec: EngineSpec | None = None
+        self._restarting = False
         self._tasks = Supervisor()
 
     @property
@@ -118,6 +129,10 @@ class Worker:
     async def stop_serving(self) -> None:
         """Stop role-specific work at the start of a drain."""
 
+    def engine_restart_blocker(self) -> str | None:
+        """Why this role cannot replace its engine while it runs (:meth:`restart_engine`), or ``None``."""
+        return None
+
     async def start(self) -> None:
         wc = self.config.worker
         # Checked before anything connects or registers: one line and exit 1 when unusable.
@@ -131,6 +146,7 @@ class Worker:
             role=self.role,
         )
         engine = make_engine(wc.engine, spec)
+        self._engine_spec = spec
         info = ModelInfo.load(model_path)
 
         rt = self.runtime
@@ -138,20 +154,14 @@ class Worker:
         assert rt.discovery is not None and rt.events is not None
         component = self.component
         self.label = label = f"{component}-{rt.discovery.instance_id:x}"
-        engine = self.wrap_engine(engine)
-        try:
-            await engine.start()
-        except EngineError:
-            raise
-        except Exception as exc:
-            first = (str(exc) or type(exc).__name__).strip().splitlines()[0]
-            log.exception("the %s engine failed to start", wc.engine)
-            raise EngineError(f"the {wc.engine} engine failed to start: {first}") from exc
+        engine = await self._start_engine(engine)
         self.engine = engine
-        rt.on_close(engine.shutdown)
+        rt.on_close(self._shutdown_engine)
 
         self.server = GrpcServer(self.config.grpc)
-        self.servicer = WorkerServicer(engine, label, lambda: self.instance_id, wc.stream_interval_ms / 1000.0)
+        self.servicer = WorkerServicer(
+            engine, label, lambda: self.instance_id, wc.stream_interval_ms / 1000.0, epoch=self.epoch
+        )
         self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, "commutator.v1.Worker")
         self.add_services(self.server)
         await self.server.start()
@@ -163,7 +173,7 @@ class Worker:
 
         ns = rt.namespace
         self.kv_publisher = KvEventPublisher(
-            engine, rt.events, ns, component, lambda: self.instance_id, label, wc.kv_events_max_batch
+            engine, rt.events, ns, component, lambda: self.instance_id, label, wc.kv_events_max_batch, self.epoch
         )
         await self.kv_publisher.start()
         rt.on_close(self.kv_publisher.close)
@@ -176,6 +186,7 @@ class Worker:
             label,
             wc.stats_interval_s,
             wc.stats_min_interval_s,
+            self.epoch,
         )
         await self.load_publisher.start()
         rt.on_close(self.load_publisher.close)
@@ -222,13 +233,71 @@ class Worker:
                 block_size=cap.block_size,
                 kv_blocks=cap.total_blocks,
                 metrics_port=rt.status.port if rt.status else None,
+                epoch=self.epoch,
             ),
         )
+
+    async def _start_engine(self, engine: Engine) -> Engine:
+        """Wrap and start a new engine under a new epoch; returns the engine to serve."""
+        engine = self.wrap_engine(engine)
+        self.epoch = next_epoch(self.epoch)
+        try:
+            await engine.start()
+        except EngineError:
+            raise
+        except Exception as exc:
+            name = self.config.worker.engine
+            first = (str(exc) or type(exc).__name__).strip().splitlines()[0]
+            log.exception("the %s engine failed to start", name)
+            raise EngineError(f"the {name} engine failed to start: {first}") from exc
+        return engine
+
+    async def _shutdown_engine(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    async def restart_engine(self) -> int:
+        """Replace the engine with a fresh one (empty cache, event ids from 0) under a new epoch,
+        keeping the registration, the servers and the worker id. Returns the new epoch.
+
+        For a supervisor that re-creates an engine which failed, or an operator's reload. Requests
+        running on the old engine end with its shutdown (their clients see an error, as when a
+        worker dies); requests arriving meanwhile fail the same way. KV events the old engine
+        emitted but the worker had not published yet are dropped: the new epoch resets this
+        worker's entries in every router, whatever event ids follow. Raises ``Unsupported`` where
+        the role cannot swap its engine (:meth:`engine_restart_blocker`), ``EngineError`` if the
+        new engine does not start (the worker then fails, as an engine failure does).
+        """
+        blocker = self.engine_restart_blocker()
+        if blocker is not None:
+            raise Unsupported(f"this worker cannot restart its engine: {blocker}")
+        if self.draining or self._restarting or self._engine_spec is None or self.engine is None:
+            raise Unsupported("this worker cannot restart its engine now (starting, draining or restarting)")
+        assert self.servicer is not None and self.kv_publisher is not None and self.load_publisher is not None
+        self._restarting = True
+        old_epoch = self.epoch
+        try:
+            await self.engine.shutdown()
+            try:
+                engine = await self._start_engine(make_engine(self.config.worker.engine, self._engine_spec))
+            except EngineError as exc:
+                self.runtime.fail(str(exc))
+                raise
+            self.engine = engine
+            self.servicer.switch_engine(engine, self.epoch)
+            self.load_publisher.switch_engine(engine, self.epoch)
+            await self.kv_publisher.switch_engine(engine, self.epoch)
+        finally:
+            self._restarting = False
+        log.info("engine restarted", extra=fields(old_epoch=old_epoch, epoch=self.epoch))
+        return self.epoch
 
     async def _watch_engine(self) -> None:
         """An engine that can serve nothing more takes the worker out: deregister, drain, exit 1."""
         while True:
             await asyncio.sleep(1.0)
+            if self._restarting:
+                continue  # the old engine is going away on purpose
             reason = self.engine.failure() if self.engine is not None else None
             if reason:
                 self.runtime.fail(reason)

@@ -74,6 +74,11 @@ class DecodeWorker(Worker):
         )
         return self.disagg
 
+    def engine_restart_blocker(self) -> str | None:
+        if self.disagg is not None and self.decode_config.transfer.kv_transfer == "grpc":
+            return "its KvTransfer service (--kv-transfer grpc) serves the engine it started with"
+        return None
+
     def add_services(self, server: GrpcServer) -> None:
         if self.disagg is not None and self.decode_config.transfer.kv_transfer == "grpc":
             servicer = KvTransferServicer(self.disagg.inner, self.disagg.reservations)

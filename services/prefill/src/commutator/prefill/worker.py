@@ -53,6 +53,9 @@ class PrefillWorker(Worker):
             self.transfer.check_engine(engine, "prefill")  # it must be able to move its KV
         return engine
 
+    def engine_restart_blocker(self) -> str | None:
+        return "its prefill queue consumer and KV transfer serve the engine it started with"
+
     async def serve(self) -> None:
         rt = self.runtime
         assert self.engine is not None and self.transfer is not None and rt.events is not None

@@ -12,6 +12,12 @@ Presence: every router (service or embedded in a frontend) registers
 free its requests' load the moment it leaves, and so that its KV-event
 consumer only holds back the stream's purge while it lives.
 
+Cache-hit check: for every request it routes and tracks, the router remembers the hits it predicted
+on the chosen worker (:attr:`RouteResult.predicted_hit_blocks`); at the first response it compares
+them with the worker's ``cached_prompt_tokens`` (``commutator_router_cache_hit_error_blocks``) and
+warns, at most once a minute per worker, when a worker persistently finds far fewer than predicted
+(:mod:`commutator.router.hits`).
+
 Failover: a worker that cannot be reached (a connection failure, not an
 application error) is inhibited at once: it gets no requests until it leaves
 discovery or answers a gRPC health check again, and a request that had no
@@ -48,8 +54,9 @@ from commutator.common.logging import Throttle
 from commutator.common.tasks import Supervisor
 from commutator.router.adaptive import AdaptiveTuner
 from commutator.router.config import RouterConfig
+from commutator.router.hits import HitTracker
 from commutator.router.indexer import ApproxIndexer, KvIndexer, WorkerKey
-from commutator.router.ingest import KvEventIngest
+from commutator.router.ingest import KvEventIngest, WorkerDump
 from commutator.router.migration import Progress
 from commutator.router.mux import MuxRequest, WorkerMux
 from commutator.router.policies import KvPolicy, make_policy
@@ -102,8 +109,11 @@ class Router:
                 rng=rng,
             )
             policy.overlap_weight, policy.temperature = self.adaptive.params(self.adaptive.best)
-        # Adaptive routing: request -> (arm, when routed, predicted cached blocks, block size).
-        self._arms: dict[str, tuple[int, float, int, int]] = {}
+        # Adaptive routing: request -> (arm, when routed).
+        self._arms: dict[str, tuple[int, float]] = {}
+        # Requests routed and tracked here, until their first response: (worker, predicted hit blocks, block size).
+        self._predicted: dict[str, tuple[WorkerKey, int, int]] = {}
+        self.hits = HitTracker()
         self.scheduler = Scheduler(
             policy,
             indexer,
@@ -140,6 +150,9 @@ class Router:
         self._overlap_blocks = metrics.ROUTER_PROMPT_BLOCKS.labels("overlap")
         self._adaptive_weight = metrics.ROUTER_ADAPTIVE.labels("overlap_weight")
         self._adaptive_accuracy = metrics.ROUTER_ADAPTIVE.labels("index_accuracy")
+        self._hit_error = metrics.ROUTER_CACHE_HIT_ERROR
+        self._predicted_hits = metrics.ROUTER_PROMPT_BLOCKS.labels("predicted_hit")
+        self._found_hits = metrics.ROUTER_PROMPT_BLOCKS.labels("found_hit")
 
     @property
     def router_id(self) -> int:
@@ -251,6 +264,7 @@ class Router:
                 mux.closing = True
                 mux._maybe_close()
             self._no_dump.discard(inst.instance_id)
+            self.hits.forget(inst.instance_id)
             probe = self._probes.pop(inst.instance_id, None)
             if probe is not None:
                 probe.cancel()
@@ -284,7 +298,11 @@ class Router:
                         exc,
                     )
                 continue
-            self.scheduler.update_usage((s.worker_id, s.dp_rank), s.kv_blocks_used, s.kv_blocks_total)
+            key = (s.worker_id, s.dp_rank)
+            self.scheduler.update_usage(key, s.kv_blocks_used, s.kv_blocks_total)
+            ingest = self.ingest
+            if ingest is not None and key in self.scheduler.workers and ingest.indexer.is_newer_epoch(key, s.epoch):
+                await ingest.observe_epoch(key, s.epoch)  # its engine restarted: its cache is empty
 
     # -- unreachable workers ----------------------------------------------------------------
     def inhibit(self, worker_id: int, reason: str) -> None:
@@ -310,7 +328,7 @@ class Router:
             if self._probes.get(worker_id) is asyncio.current_task():
                 del self._probes[worker_id]
 
-    async def _recover_worker(self, key: WorkerKey) -> tuple[list[tuple[int, int]], int] | None:
+    async def _recover_worker(self, key: WorkerKey) -> WorkerDump | None:
         """A worker's cache state after lost events; ``None``: keep rebuilding it from live events."""
         if key[0] not in self.workers.instances or key[0] in self._no_dump:
             return None
@@ -326,7 +344,7 @@ class Router:
             (b.block_hash, b.sequence_hash) for ev in dump.events if ev.dp_rank == key[1] for b in ev.stored.blocks
         ]
         nxt = next((w.next_event_id for w in dump.watermarks if w.dp_rank == key[1]), 0)
-        return pairs, nxt
+        return WorkerDump(pairs, nxt, dump.epoch)
 
     def _on_router(self, ev: InstanceEvent) -> None:
         if ev.kind is WatchKind.DELETE and ev.instance.instance_id != self.router_id:
@@ -383,6 +401,8 @@ class Router:
             expired = load.expire(now, timeout_s)
             if expired:
                 log.warning("force-freed %d requests whose end was never reported", len(expired))
+            if len(self._predicted) > len(load.requests):  # ended without a word (expired, worker gone)
+                self._predicted = {r: p for r, p in self._predicted.items() if r in load.requests}
             if isinstance(self.indexer, ApproxIndexer):
                 self.indexer.expire(now)
             for worker_id, at in list(self._departed.items()):
@@ -431,6 +451,8 @@ class Router:
     def track(self, request_id: str, result: RouteResult) -> bool:
         """Count a routed request's load until :meth:`free` (or the load timeout)."""
         added = self.scheduler.track(request_id, result, self.clock.monotonic())
+        if added and result.seq_hashes and result.worker is not None:  # the route looked at the index
+            self._predicted[request_id] = (result.worker.key, result.predicted_hit_blocks, result.block_size)
         if added and self.sync is not None and result.worker is not None:
             total = -(-result.isl // result.block_size) if result.block_size else 0
             self.sync.added(request_id, result.worker.key, result.prefill_tokens, total, result.seq_hashes)
@@ -456,14 +478,18 @@ class Router:
         self._adaptive_weight.set(policy.overlap_weight)
 
     def prefill_done(self, request_id: str, first: common_pb2.GenerateResponse | None = None) -> bool:
-        """The request's prompt is computed (its first tokens came, in ``first``)."""
+        """The request's prompt is computed (its first tokens came, in ``first``, which says how much of
+        the prompt the worker found cached)."""
+        predicted = self._predicted.pop(request_id, None)
+        found = -1
+        if predicted is not None and first is not None:
+            found = self._check_hits(predicted, first.cached_prompt_tokens)
         tuner = self.adaptive
         if tuner is not None:
             picked = self._arms.pop(request_id, None)
             if picked is not None and first is not None:
-                arm, routed_at, predicted, bs = picked
-                cached = first.cached_prompt_tokens // bs if bs else 0
-                tuner.observe(arm, time.perf_counter() - routed_at, predicted, cached)
+                arm, routed_at = picked
+                tuner.observe(arm, time.perf_counter() - routed_at, predicted[1] if predicted else 0, max(found, 0))
                 self._use_best_arm()
                 self._adaptive_accuracy.set(tuner.accuracy)
         known = self.scheduler.load.prefill_done(request_id)
@@ -471,7 +497,32 @@ class Router:
             self.sync.prefill_done(request_id)
         return known
 
+    def _check_hits(self, predicted: tuple[WorkerKey, int, int], cached_tokens: int) -> int:
+        """Compare a request's predicted hits with the cached tokens its worker reported; returns the
+        blocks found cached. Warns (at most once a minute per worker) on a persistent shortfall."""
+        key, blocks, bs = predicted
+        found = cached_tokens // bs if bs else 0
+        self._hit_error.observe(found - blocks)
+        self._predicted_hits.inc(blocks)
+        self._found_hits.inc(found)
+        div = self.hits.observe(key, blocks, found, self.clock.monotonic())
+        if div is not None:
+            log.warning(
+                "worker %x rank %d found %d of the %d prompt blocks the router predicted cached over its last %d "
+                "requests (%.0f%%): is its prefix caching off, or do its block hashes differ from the router's "
+                "(block size, LoRA, cache salt), or are its KV events stale? KV routing to it falls back to load "
+                "balancing",
+                key[0],
+                key[1],
+                div.found_blocks,
+                div.predicted_blocks,
+                div.requests,
+                div.share * 100,
+            )
+        return found
+
     def free(self, request_id: str) -> bool:
+        self._predicted.pop(request_id, None)
         known = self.scheduler.load.free(request_id)
         if known and self.sync is not None:
             self.sync.freed(request_id)
@@ -546,11 +597,7 @@ class Router:
             request.dp_rank = rank
             self.track(rid, result)
             if arm is not None:
-                # An engine computes a prompt's last token whatever it has cached: at most all but the last
-                # block can be a hit (what it reports as cached prompt tokens).
-                bs = result.block_size
-                predicted = min(result.overlap_blocks, (result.isl - 1) // bs) if bs and result.isl else 0
-                self._arms[rid] = (arm, time.perf_counter(), predicted, bs)
+                self._arms[rid] = (arm, time.perf_counter())
             streamed = False
             stream: AsyncIterator[common_pb2.GenerateResponse] | None = None
             try:

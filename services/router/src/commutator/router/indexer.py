@@ -24,13 +24,24 @@ worker's entries are dropped, and after a gap the worker is marked as needing
 recovery (the shell asks it for a dump of its cache state, then
 :meth:`KvIndexer.restore_worker`). Older ids (a replay overlapping a snapshot)
 are skipped.
+
+Epochs (docs/kv-events.md): events, load statistics and dumps carry the epoch of
+the engine incarnation that produced them, which only grows within a worker.
+Per (worker, dp_rank) the index keeps the newest epoch seen. A newer one (from an
+event, :meth:`KvIndexer.observe_epoch` for statistics, or a dump) drops the
+worker's entries and forgets its event ids whatever the event id says, then
+the event is applied as the first of its epoch (an id above 0 is then a gap:
+the worker is recovered from a dump). An older epoch is a dead engine's late
+news: the event is dropped and counted, the dump refused. Epoch 0 means "not
+stamped": only the event-id rules apply, and the first stamped epoch is adopted
+without a reset.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby, repeat
 
@@ -38,7 +49,7 @@ import xxhash
 from commutator.common.hashing import BLOCK_HASH_SEED, sequence_hashes
 from commutator.v1 import kv_events_pb2
 
-__all__ = ["ApplyOutcome", "ApproxIndexer", "IndexStats", "KvIndexer", "WorkerKey", "match_masks"]
+__all__ = ["ApplyOutcome", "ApproxIndexer", "EpochReset", "IndexStats", "KvIndexer", "WorkerKey", "match_masks"]
 
 WorkerKey = tuple[int, int]
 """(worker_id, dp_rank)"""
@@ -53,6 +64,19 @@ class ApplyOutcome(enum.Enum):
     SKIPPED_OLD = "skipped_old"  # event id already covered (replay overlap)
     GAP = "gap"  # events were lost: the worker was reset and needs recovery
     RESTART = "restart"  # event id back to 0: the engine restarted; the worker was reset
+    EPOCH_RESET = "epoch_reset"  # a newer epoch: the worker was reset, then the event applied
+    STALE_EPOCH = "dropped_stale_epoch"  # an older epoch than the worker's: a dead engine's event
+
+
+@dataclass(frozen=True, slots=True)
+class EpochReset:
+    """A worker rank's entries dropped because its engine restarted (a newer epoch was seen)."""
+
+    key: WorkerKey
+    old_epoch: int
+    new_epoch: int
+    dropped_blocks: int
+    source: str  # what carried the new epoch: event, stats or dump
 
 
 @dataclass(slots=True)
@@ -66,6 +90,8 @@ class IndexStats:
     gaps: int = 0
     restarts: int = 0
     worker_resets: int = 0
+    epoch_resets: int = 0
+    events_stale_epoch: int = 0
 
 
 def match_masks(masks: Iterable[int], keys: Sequence[WorkerKey | None]) -> dict[WorkerKey, int]:
@@ -165,22 +191,78 @@ class _MaskTable:
 
 
 class KvIndexer(_MaskTable):
-    """The event-fed index. See the module docstring."""
+    """The event-fed index. See the module docstring.
 
-    def __init__(self) -> None:
+    ``on_epoch_reset`` is called (synchronously) after every reset caused by a newer epoch, for the
+    shell's log line and metric.
+    """
+
+    def __init__(self, on_epoch_reset: Callable[[EpochReset], None] | None = None) -> None:
         super().__init__()
         self.maps: list[dict[int, int] | None] = []  # per slot: engine block id -> sequence hash
         self.last_event: list[int] = []  # per slot: last applied event id, -1 for none
+        self.epochs: list[int] = []  # per slot: newest engine epoch seen, 0 for none
         self.needs_recovery: set[WorkerKey] = set()
         self.stats = IndexStats()
+        self.on_epoch_reset = on_epoch_reset
+        self._early_epochs: dict[WorkerKey, int] = {}  # epochs reported before the worker's first event
 
     def _on_new_slot(self, slot: int) -> None:
+        epoch = self._early_epochs.pop(self.slot_keys[slot], 0) if self._early_epochs else 0  # type: ignore[arg-type]
         if slot == len(self.maps):
             self.maps.append({})
             self.last_event.append(-1)
+            self.epochs.append(epoch)
         else:
             self.maps[slot] = {}
             self.last_event[slot] = -1
+            self.epochs[slot] = epoch
+
+    def epoch_of(self, key: WorkerKey) -> int:
+        """The newest epoch seen for a worker rank (0: none, or not stamped)."""
+        slot = self.slots.get(key)
+        return self.epochs[slot] if slot is not None else 0
+
+    # -- epochs -------------------------------------------------------------------------
+    def _new_epoch(self, slot: int, epoch: int, source: str) -> None:
+        """Move a slot to a newer ``epoch``: an engine restart, unless no epoch was known (adopted)."""
+        old = self.epochs[slot]
+        self.epochs[slot] = epoch
+        if not old:
+            return
+        key = self.slot_keys[slot]
+        assert key is not None
+        dropped = len(self.maps[slot] or ())
+        self._reset_slot(slot)
+        self.last_event[slot] = -1
+        self.needs_recovery.discard(key)
+        self.stats.epoch_resets += 1
+        if self.on_epoch_reset is not None:
+            self.on_epoch_reset(EpochReset(key, old, epoch, dropped, source))
+
+    def is_newer_epoch(self, key: WorkerKey, epoch: int) -> bool:
+        """Whether ``epoch`` is newer than the one known for a worker rank."""
+        slot = self.slots.get(key)
+        known = self.epochs[slot] if slot is not None else self._early_epochs.get(key, 0)
+        return epoch > known
+
+    def observe_epoch(self, key: WorkerKey, epoch: int, source: str = "stats") -> bool:
+        """A worker rank reports ``epoch`` outside its events (load statistics): a newer one than
+        known resets its entries. Returns whether it did. For a worker rank the index holds nothing
+        of yet, the epoch is kept for its first event (an older event is then dropped); the caller
+        reports only workers present in discovery (:meth:`remove_worker` forgets it)."""
+        slot = self.slots.get(key)
+        if not epoch:
+            return False
+        if slot is None:
+            if epoch > self._early_epochs.get(key, 0):
+                self._early_epochs[key] = epoch
+            return False
+        known = self.epochs[slot]
+        if epoch <= known:
+            return False
+        self._new_epoch(slot, epoch, source)
+        return bool(known)
 
     @property
     def num_entries(self) -> int:
@@ -198,9 +280,18 @@ class KvIndexer(_MaskTable):
         slot = self.slots.get(key)
         if slot is None:
             slot = self.slot_for(key)
+        outcome = ApplyOutcome.APPLIED
+        epoch = ev.epoch
+        if epoch and epoch != self.epochs[slot]:
+            known = self.epochs[slot]
+            if epoch < known:
+                self.stats.events_stale_epoch += 1
+                return ApplyOutcome.STALE_EPOCH
+            self._new_epoch(slot, epoch, "event")
+            if known:
+                outcome = ApplyOutcome.EPOCH_RESET
         last = self.last_event[slot]
         eid = ev.event_id
-        outcome = ApplyOutcome.APPLIED
         if eid != last + 1:
             if eid == 0:
                 self.stats.restarts += 1
@@ -305,13 +396,26 @@ class KvIndexer(_MaskTable):
             self.maps[slot] = None
             self._release_slot(key)
             self.needs_recovery.discard(key)
+        for key in [k for k in self._early_epochs if k[0] == worker_id]:
+            del self._early_epochs[key]
         return dropped
 
     # -- recovery, dumps and snapshots ----------------------------------------------------
-    def restore_worker(self, key: WorkerKey, pairs: Iterable[tuple[int, int]], next_event_id: int) -> None:
+    def restore_worker(
+        self, key: WorkerKey, pairs: Iterable[tuple[int, int]], next_event_id: int, epoch: int = 0
+    ) -> bool:
         """Replace a worker's entries with ``(engine block id, sequence hash)`` pairs valid as of
-        ``next_event_id`` (every event with a lower id is reflected)."""
+        ``next_event_id`` (every event with a lower id is reflected) in engine epoch ``epoch``.
+
+        Returns False, changing nothing, for a dump of an older epoch than the index knows (taken
+        before an engine restart it has seen since)."""
         slot = self.slot_for(key)
+        if epoch:
+            known = self.epochs[slot]
+            if epoch < known:
+                return False
+            if epoch > known:
+                self._new_epoch(slot, epoch, "dump")
         self._reset_slot(slot)
         wmap = self.maps[slot]
         assert wmap is not None
@@ -323,9 +427,10 @@ class KvIndexer(_MaskTable):
             table[sh] = bit if m is None else (m | bit)
         self.last_event[slot] = next_event_id - 1
         self.needs_recovery.discard(key)
+        return True
 
     def worker_pairs(self, key: WorkerKey) -> tuple[list[int], list[int], int]:
-        """A worker's (engine ids, sequence hashes, last event id), for snapshots."""
+        """A worker's (engine ids, sequence hashes, last event id), for snapshots (its epoch: :meth:`epoch_of`)."""
         slot = self.slots[key]
         wmap = self.maps[slot] or {}
         return list(wmap.keys()), list(wmap.values()), self.last_event[slot]
@@ -337,7 +442,9 @@ class KvIndexer(_MaskTable):
         out = []
         for key, slot in sorted(self.slots.items()):
             wmap = self.maps[slot] or {}
-            ev = kv_events_pb2.KvEvent(worker_id=key[0], dp_rank=key[1], event_id=max(self.last_event[slot], 0))
+            ev = kv_events_pb2.KvEvent(
+                worker_id=key[0], dp_rank=key[1], event_id=max(self.last_event[slot], 0), epoch=self.epochs[slot]
+            )
             blocks = ev.stored.blocks
             for engine_hash, sh in sorted(wmap.items()):
                 blocks.add(block_hash=engine_hash, sequence_hash=sh)
@@ -349,15 +456,17 @@ class KvIndexer(_MaskTable):
         key = (ev.worker_id, ev.dp_rank)
         pairs = [(b.block_hash, b.sequence_hash) for b in ev.stored.blocks]
         slot = self.slots.get(key)
-        if slot is not None and self.maps[slot]:
+        if slot is not None and self.maps[slot] and ev.epoch in (0, self.epochs[slot]):
             existing = list((self.maps[slot] or {}).items())
             pairs = existing + pairs
-        self.restore_worker(key, pairs, (ev.event_id if last_event_id is None else last_event_id) + 1)
+        self.restore_worker(key, pairs, (ev.event_id if last_event_id is None else last_event_id) + 1, ev.epoch)
 
-    def canonical(self) -> dict[WorkerKey, tuple[int, list[tuple[int, int]]]]:
-        """Order-independent view of the whole index, for comparing two indexes."""
+    def canonical(self) -> dict[WorkerKey, tuple[int, int, list[tuple[int, int]]]]:
+        """Order-independent view of the whole index (last event id, epoch, entries per worker rank),
+        for comparing two indexes."""
         return {
-            key: (self.last_event[slot], sorted((self.maps[slot] or {}).items())) for key, slot in self.slots.items()
+            key: (self.last_event[slot], self.epochs[slot], sorted((self.maps[slot] or {}).items()))
+            for key, slot in self.slots.items()
         }
 
 

@@ -8,6 +8,14 @@ apply every message in order; snapshot the index every
 replica has consumed and the snapshot covers; rebuild a worker from a dump of
 its cache state when its event ids show lost events.
 
+Engine epochs (docs/kv-events.md, :mod:`commutator.router.indexer`): a newer epoch, in an
+event, a worker's load statistics (:meth:`KvEventIngest.observe_epoch`) or a dump, resets
+that worker's entries (``commutator_router_epoch_resets_total{source}``, one log line each);
+events of an older epoch are dropped
+(``commutator_router_kv_events_total{result="dropped_stale_epoch"}``), and a dump of an older
+epoch is refused (``commutator_router_recoveries_total{result="stale_epoch"}``). Snapshots keep
+each worker's epoch, so a restarted router goes on where the snapshot left off.
+
 Robustness: a message that cannot be read is counted
 (``commutator_bad_messages_total{source="kv_events"}``), logged with its stream
 sequence, acknowledged with the rest and skipped; the loops run under a
@@ -36,10 +44,10 @@ from commutator.common import metrics, subjects
 from commutator.common.events import ConsumerSpec, EventPlane, EventPlaneError, Message, PullConsumer
 from commutator.common.logging import Throttle
 from commutator.common.tasks import Supervisor
-from commutator.router.indexer import ApplyOutcome, KvIndexer, WorkerKey
+from commutator.router.indexer import ApplyOutcome, EpochReset, KvIndexer, WorkerKey
 from commutator.v1 import kv_events_pb2, router_pb2
 
-__all__ = ["IngestStats", "KvEventIngest", "snapshot_bucket"]
+__all__ = ["IngestStats", "KvEventIngest", "WorkerDump", "snapshot_bucket"]
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +60,19 @@ CONSUMER_INACTIVE_S = 300.0
 SNAPSHOT_CHUNK = 32_768
 """Index entries copied per step of a snapshot (the event loop runs between steps)."""
 
-Recover = Callable[[WorkerKey], Awaitable[tuple[list[tuple[int, int]], int] | None]]
-"""Fetch a worker's cache state: ``(engine id, sequence hash)`` pairs and the next event id."""
+
+@dataclass(frozen=True, slots=True)
+class WorkerDump:
+    """A worker rank's cache state: ``(engine id, sequence hash)`` pairs, valid as of ``next_event_id``
+    in engine epoch ``epoch`` (0: not stamped)."""
+
+    pairs: list[tuple[int, int]]
+    next_event_id: int
+    epoch: int = 0
+
+
+Recover = Callable[[WorkerKey], Awaitable[WorkerDump | None]]
+"""Fetch a worker rank's cache state (``None``: it cannot be had)."""
 
 
 def snapshot_bucket(namespace: str, component: str) -> str:
@@ -117,6 +136,7 @@ class KvEventIngest:
         self._departed_events = metrics.ROUTER_KV_EVENTS.labels("dropped_departed_worker")
         self._bad = metrics.BAD_MESSAGES.labels("kv_events")
         self._bad_log = Throttle()
+        indexer.on_epoch_reset = self._epoch_reset
 
     # -- start ------------------------------------------------------------------------------
     async def start(self) -> IngestStats:
@@ -175,8 +195,9 @@ class KvEventIngest:
             engine.frombytes(w.engine_hashes)
             seqs = array.array("Q")
             seqs.frombytes(w.sequence_hashes)
+            nxt = w.next_event_id if w.HasField("next_event_id") else w.last_event_id + 1
             self.indexer.restore_worker(
-                (w.worker_id, w.dp_rank), zip(engine.tolist(), seqs.tolist(), strict=True), w.last_event_id + 1
+                (w.worker_id, w.dp_rank), zip(engine.tolist(), seqs.tolist(), strict=True), nxt, w.epoch
             )
             entries += len(engine)
         self.stats.snapshot_seq = snap.stream_seq
@@ -236,6 +257,30 @@ class KvEventIngest:
             if outcome is ApplyOutcome.GAP:
                 self._start_recovery((ev.worker_id, ev.dp_rank))
 
+    # -- epochs -----------------------------------------------------------------------------
+    async def observe_epoch(self, key: WorkerKey, epoch: int) -> None:
+        """A worker rank's load statistics carry ``epoch``: a newer one than the index knows means
+        its engine restarted, and its entries go (under the lock, so never inside a snapshot)."""
+        if not self.indexer.is_newer_epoch(key, epoch):
+            return
+        if key not in self.indexer.slots:  # nothing to drop: kept for its first event, no lock needed
+            self.indexer.observe_epoch(key, epoch, "stats")
+            return
+        async with self._lock:
+            self.indexer.observe_epoch(key, epoch, "stats")
+
+    def _epoch_reset(self, r: EpochReset) -> None:
+        metrics.ROUTER_EPOCH_RESETS.labels(r.source).inc()
+        log.info(
+            "worker %x rank %d: its engine restarted (epoch %d -> %d, seen in its %s): %d index entries dropped",
+            r.key[0],
+            r.key[1],
+            r.old_epoch,
+            r.new_epoch,
+            r.source,
+            r.dropped_blocks,
+        )
+
     def _bad_message(self, m: Message, exc: Exception) -> None:
         self.stats.bad_messages += 1
         self._bad.inc()
@@ -271,26 +316,43 @@ class KvEventIngest:
         async with self._lock:
             self._finish_recovery(key, result)
 
-    def _finish_recovery(self, key: WorkerKey, result: tuple[list[tuple[int, int]], int] | None) -> None:
+    def _finish_recovery(self, key: WorkerKey, result: WorkerDump | None) -> None:
         buffered = self._recovering.pop(key, [])
         if result is None:
             metrics.ROUTER_RECOVERIES.labels("failed").inc()
             # Keep what the live events rebuild; a later gap tries again.
-            for ev in buffered:
-                self.indexer.apply_event(ev)
+            self._replay(key, buffered)
             return
-        pairs, next_event_id = result
-        self.indexer.restore_worker(key, pairs, next_event_id)
-        for ev in buffered:  # events older than the dump are skipped by id
-            self.indexer.apply_event(ev)
+        if not self.indexer.restore_worker(key, result.pairs, result.next_event_id, result.epoch):
+            # Taken before an engine restart the index has seen since (its statistics said so):
+            # the live events of the new epoch rebuild it (a gap among them asks again).
+            metrics.ROUTER_RECOVERIES.labels("stale_epoch").inc()
+            log.info("worker %x: its cache-state dump predates its engine's restart; not used", key[0])
+            self._replay(key, buffered)
+            return
+        self._replay(key, buffered)  # events older than the dump are skipped by id (or epoch)
         metrics.ROUTER_RECOVERIES.labels("ok").inc()
         log.info(
             "worker %x rebuilt from its cache state: %d blocks as of event %d, %d events replayed",
             key[0],
-            len(pairs),
-            next_event_id,
+            len(result.pairs),
+            result.next_event_id,
             len(buffered),
         )
+
+    def _replay(self, key: WorkerKey, buffered: list[kv_events_pb2.KvEvent]) -> None:
+        """Apply the events held back while ``key`` was being recovered; a gap among them (a
+        restarted engine whose first events were lost, say) starts another recovery, which holds
+        back the rest."""
+        for i, ev in enumerate(buffered):
+            outcome = self.indexer.apply_event(ev)
+            self._counters[outcome].inc()
+            if outcome is ApplyOutcome.GAP:
+                self._start_recovery(key)
+                rest = self._recovering.get(key)
+                if rest is not None:
+                    rest.extend(buffered[i + 1 :])
+                    return
 
     # -- snapshots --------------------------------------------------------------------------
     def build_snapshot(self) -> router_pb2.IndexSnapshot:
@@ -307,6 +369,8 @@ class KvEventIngest:
                 last_event_id=max(last, 0),
                 engine_hashes=array.array("Q", engine).tobytes(),
                 sequence_hashes=array.array("Q", seqs).tobytes(),
+                epoch=self.indexer.epoch_of(key),
+                next_event_id=last + 1,
             )
         return snap
 
@@ -336,6 +400,7 @@ class KvEventIngest:
             return None  # left discovery meanwhile
         wmap = idx.maps[slot] or {}
         last = idx.last_event[slot]
+        epoch = idx.epochs[slot]
         engine = array.array("Q")
         seqs = array.array("Q")
         items = iter(wmap.items())
@@ -358,6 +423,8 @@ class KvEventIngest:
             last_event_id=max(last, 0),
             engine_hashes=engine.tobytes(),
             sequence_hashes=seqs.tobytes(),
+            epoch=epoch,
+            next_event_id=last + 1,
         )
         return one.SerializeToString()
 

@@ -62,6 +62,14 @@ class RouteResult:
         """Prompt tokens the chosen worker has to compute (its cached prefix excluded)."""
         return max(0, self.isl - self.overlap_blocks * self.block_size)
 
+    @property
+    def predicted_hit_blocks(self) -> int:
+        """Prompt blocks the chosen worker should report cached: its overlap, at most all but the last
+        block (an engine computes a prompt's last token whatever it has cached, so it never counts
+        that block as a hit)."""
+        bs = self.block_size
+        return min(self.overlap_blocks, (self.isl - 1) // bs) if bs and self.isl else 0
+
 
 class Scheduler:
     def __init__(
