@@ -188,6 +188,10 @@ bench-disagg: setup servers ## Disaggregated vs aggregated (mocker timing, long-
 bench-failover: setup servers ## A worker SIGKILLed under load (3 workers, c=16): requests completed and failed
 	$(PY) benchmarks/bench_failover.py
 
+.PHONY: chaos
+chaos: setup servers ## Chaos suite: 1,000 streams while workers, the router service, etcd and nats-server are SIGKILLed in turn (CHAOS_ARGS; ~3 min)
+	$(PY) -m commutator.cli.chaos $(CHAOS_ARGS)
+
 .PHONY: bench-events
 bench-events: setup servers ## JetStream publish rate and object-store reads
 	$(PY) benchmarks/bench_events.py
