@@ -27,6 +27,15 @@ class CommutatorError(Exception):
     """Base of every typed error. ``code`` names the gRPC status it travels as."""
 
     code = "INTERNAL"
+    unanswered = False
+    """Set on an error of a gRPC call that no server answered: the peer could not be reached or its
+    connection broke (its process died, say), as opposed to an error the server's code returned
+    (:data:`ERROR_TRAILER`)."""
+
+
+ERROR_TRAILER = "commutator-error"
+"""Trailing metadata key a Commutator server puts on every error it returns (its error class), so that
+a client can tell an answer from a broken connection (:attr:`CommutatorError.unanswered`)."""
 
 
 class InvalidRequest(CommutatorError):

@@ -39,8 +39,9 @@ class RouterServiceBackend:
     does not end the request: like the router does for a worker, the prompt plus the tokens so far
     go to a router replica again (``migration_limit`` times; see :class:`Progress`). While no
     router answers (the one restarting is still down), the request waits up to ``wait_s``, trying
-    again with a backoff. While no router service is registered at all, a request waits up to
-    ``wait_s`` for one. A failure before the first response is the caller's to retry.
+    again with a backoff. So does a request that could not reach a router before its first response,
+    and one that finds no router service registered. An error a router answered before the first
+    response (its workers failed, say) is the caller's.
     """
 
     def __init__(
@@ -71,22 +72,32 @@ class RouterServiceBackend:
         progress = Progress(request) if self.migration_limit > 0 else None
         give_up_at = 0.0  # while no router answers: when to stop trying
         delay = 0.1
+        streamed = False  # a response reached the caller (on any attempt)
         while True:
             answered = False
             if not self.client.instances:
                 await self._wait_for_a_router(request.request_id)
             try:
                 async for resp in self.client.stream("Generate", request, metadata=metadata):
-                    answered = True
+                    answered = streamed = True
                     if progress is not None:
                         progress.take(resp)
                     yield resp
                 return
             except Unavailable as exc:
-                if progress is None or not progress.started:
-                    raise
                 now = time.monotonic()
-                if answered:  # it broke after responses: continue from what was streamed
+                if not streamed:
+                    # Before the first response: wait for a router only if none answered (the one picked is
+                    # down or restarting); what a router answered (its workers failed) is the caller's.
+                    if not exc.unanswered:
+                        raise
+                    if not give_up_at:
+                        give_up_at = now + self.wait_s
+                    elif now >= give_up_at:
+                        raise Unavailable(f"no router service answered for {self.wait_s:g} s: {exc}") from None
+                elif progress is None:
+                    raise
+                elif answered:  # it broke after responses: continue from what was streamed
                     if progress.migrations >= self.migration_limit:
                         metrics.FRONTEND_ROUTER_MIGRATIONS.labels("limit").inc()
                         raise Unavailable(

@@ -22,6 +22,7 @@ import grpc
 from commutator.common import metrics, tracing
 from commutator.common.discovery import Discovery, Instance, InstanceEvent, InstanceSet, WatchKind
 from commutator.common.errors import (
+    ERROR_TRAILER,
     Cancelled,
     CommutatorError,
     DeadlineExceeded,
@@ -73,7 +74,10 @@ def map_rpc_error(err: grpc.RpcError, where: str) -> CommutatorError:
     """The typed error for a failed call (the client side of the mapping)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or code.name
-    return error_from_status(code, details, where)
+    typed = error_from_status(code, details, where)
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    typed.unanswered = not any(k == ERROR_TRAILER for k, _ in trailers or ())
+    return typed
 
 
 def error_from_status(code: grpc.StatusCode | str, details: str, where: str) -> CommutatorError:

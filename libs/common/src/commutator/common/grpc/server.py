@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import grpc
 from commutator.common.config import option
-from commutator.common.errors import CommutatorError
+from commutator.common.errors import ERROR_TRAILER, CommutatorError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -111,5 +111,9 @@ _STATUS = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__me
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: CommutatorError) -> NoReturn:
     """End the call with the status that ``exc`` travels as (the server side of the mapping)."""
-    await context.abort(_STATUS.get(exc.code, grpc.StatusCode.INTERNAL), str(exc) or type(exc).__name__)
+    await context.abort(
+        _STATUS.get(exc.code, grpc.StatusCode.INTERNAL),
+        str(exc) or type(exc).__name__,
+        trailing_metadata=((ERROR_TRAILER, type(exc).__name__),),
+    )
     raise AssertionError("unreachable")  # context.abort raises
