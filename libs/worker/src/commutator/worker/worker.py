@@ -150,14 +150,16 @@ class Worker:
         self.engine = engine
         rt.on_close(engine.shutdown)
 
-        self.server = GrpcServer(self.config.grpc)
+        self.server = GrpcServer(self.config.grpc, tls=rt.tls)
         self.servicer = WorkerServicer(engine, label, lambda: self.instance_id, wc.stream_interval_ms / 1000.0)
         self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, "commutator.v1.Worker")
         self.add_services(self.server)
         await self.server.start()
         rt.on_close(self.server.stop)
         if wc.stream_port >= 0:
-            self.stream_server = StreamServer(self.servicer, self.config.grpc.grpc_host, wc.stream_port)
+            self.stream_server = StreamServer(
+                self.servicer, self.config.grpc.grpc_host, wc.stream_port, ssl=rt.tls.server_ssl if rt.tls else None
+            )
             await self.stream_server.start()
             rt.on_close(self.stream_server.close)
 

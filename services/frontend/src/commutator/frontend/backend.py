@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from commutator.common.discovery import Discovery
 from commutator.common.grpc import EndpointClient
+from commutator.common.tls import MutualTls
 from commutator.router.core import Router
 from commutator.v1 import common_pb2, router_pb2_grpc
 
@@ -27,9 +28,11 @@ class EmbeddedRouterBackend:
 class RouterServiceBackend:
     """A standalone router service (``Router.Generate``), picked round-robin among its replicas."""
 
-    def __init__(self, discovery: Discovery, namespace: str, component: str, timeout_s: float) -> None:
+    def __init__(
+        self, discovery: Discovery, namespace: str, component: str, timeout_s: float, tls: MutualTls | None = None
+    ) -> None:
         self.client: EndpointClient[router_pb2_grpc.RouterStub] = EndpointClient(
-            discovery, namespace, component, "route", router_pb2_grpc.RouterStub, default_timeout_s=timeout_s
+            discovery, namespace, component, "route", router_pb2_grpc.RouterStub, default_timeout_s=timeout_s, tls=tls
         )
 
     async def start(self) -> None:

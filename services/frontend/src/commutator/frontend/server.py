@@ -104,13 +104,19 @@ class Frontend:
         backend: Backend
         if self.config.router_endpoint:
             remote = RouterServiceBackend(
-                rt.discovery, rt.namespace, self.config.router_endpoint, self.config.router.generate_timeout_s
+                rt.discovery,
+                rt.namespace,
+                self.config.router_endpoint,
+                self.config.router.generate_timeout_s,
+                tls=rt.tls,
             )
             await remote.start()
             rt.on_close(remote.close)
             backend = remote
         else:
-            self.router = Router(self.config.router, rt.discovery, rt.events, rt.namespace, clock=self._clock)
+            self.router = Router(
+                self.config.router, rt.discovery, rt.events, rt.namespace, clock=self._clock, tls=rt.tls
+            )
             await self.router.start()
             rt.on_close(self.router.close)
             backend = EmbeddedRouterBackend(self.router)
