@@ -232,18 +232,18 @@ class Pki:
         self.other_cert, self.other_key = write("other", *make_leaf("stranger", other))
 
     def tls_config(self, role: str = "server", server_name: str = "") -> Any:
-        """A :class:`TlsConfig` presenting the ``role`` certificate (server, client or other)."""
-        from commutator.common.tls import TlsConfig
+        """A :class:`MtlsConfig` presenting the ``role`` certificate (server, client or other)."""
+        from commutator.common.tls import MtlsConfig
 
         cert, key = getattr(self, f"{role}_cert"), getattr(self, f"{role}_key")
-        return TlsConfig(tls_cert=cert, tls_key=key, tls_ca=self.ca, tls_server_name=server_name)
+        return MtlsConfig(mtls_cert=cert, mtls_key=key, mtls_ca=self.ca, mtls_server_name=server_name)
 
     def tls_env(self, role: str = "server") -> dict[str, str]:
         """The ``COMMUTATOR_TLS_*`` variables of :meth:`tls_config`."""
         return {
-            "COMMUTATOR_TLS_CERT": getattr(self, f"{role}_cert"),
-            "COMMUTATOR_TLS_KEY": getattr(self, f"{role}_key"),
-            "COMMUTATOR_TLS_CA": self.ca,
+            "COMMUTATOR_MTLS_CERT": getattr(self, f"{role}_cert"),
+            "COMMUTATOR_MTLS_KEY": getattr(self, f"{role}_key"),
+            "COMMUTATOR_MTLS_CA": self.ca,
         }
 
 

@@ -12,21 +12,21 @@ from commutator.common.discovery import DiscoveryConfig, etcd_credentials
 from commutator.common.errors import StartupError
 from commutator.common.events import EventPlaneConfig, nats_ssl_context
 from commutator.common.runtime import RuntimeConfig
-from commutator.common.tls import TlsConfig, load_tls
+from commutator.common.tls import MtlsConfig, load_tls
 
 pytestmark = pytest.mark.unit
 
 
 def test_tls_is_off_without_files_and_needs_all_three(capsys: pytest.CaptureFixture[str]) -> None:
-    assert load_tls(TlsConfig()) is None
+    assert load_tls(MtlsConfig()) is None
     with pytest.raises(SystemExit) as e:
-        cfg.load(RuntimeConfig, ["--tls-cert", "a.pem", "--tls-key", "a.key"], env={})
+        cfg.load(RuntimeConfig, ["--mtls-cert", "a.pem", "--mtls-key", "a.key"], env={})
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--tls-cert, --tls-key and --tls-ca together" in err and "--tls-ca / COMMUTATOR_TLS_CA" in err
+    assert "--mtls-cert, --mtls-key and --mtls-ca together" in err and "--mtls-ca / COMMUTATOR_MTLS_CA" in err
     with pytest.raises(SystemExit):
-        cfg.load(RuntimeConfig, ["--tls-server-name", "x"], env={})
-    assert "--tls-server-name needs" in capsys.readouterr().err
+        cfg.load(RuntimeConfig, ["--mtls-server-name", "x"], env={})
+    assert "--mtls-server-name needs" in capsys.readouterr().err
 
 
 def test_credentials_that_go_together(capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,16 +44,16 @@ def test_credentials_that_go_together(capsys: pytest.CaptureFixture[str]) -> Non
     assert "give one" in capsys.readouterr().err
 
 
-def _with(pki: Any, **changes: str) -> TlsConfig:
-    base = {"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_ca": pki.ca}
-    return TlsConfig(**{**base, **changes})
+def _with(pki: Any, **changes: str) -> MtlsConfig:
+    base = {"mtls_cert": pki.server_cert, "mtls_key": pki.server_key, "mtls_ca": pki.ca}
+    return MtlsConfig(**{**base, **changes})
 
 
 def test_good_files_load(pki: Any) -> None:
     tls = load_tls(_with(pki))
     assert tls is not None
     assert tls.server_hostname("127.0.0.1") == "127.0.0.1" and tls.channel_options() == []
-    named = load_tls(_with(pki, tls_server_name="commutator.test"))
+    named = load_tls(_with(pki, mtls_server_name="commutator.test"))
     assert named is not None and named.server_hostname("10.0.0.7") == "commutator.test"
     assert named.channel_options() == [("grpc.ssl_target_name_override", "commutator.test")]
 
@@ -67,16 +67,16 @@ def test_bad_files_are_refused_naming_the_flag(pki: Any, tmp_path: Path) -> None
     unreadable.write_text(Path(pki.ca).read_text())
     unreadable.chmod(0)
     cases = [
-        (_with(pki, tls_cert=str(tmp_path / "missing.pem")), "--tls-cert", "cannot read"),
-        (_with(pki, tls_key=str(empty)), "--tls-key", "empty"),
-        (_with(pki, tls_cert=str(garbage)), "--tls-cert", "not a PEM certificate"),
-        (_with(pki, tls_key=pki.client_key), "--tls-key", "do not match"),  # another certificate's key
-        (_with(pki, tls_ca=str(garbage)), "--tls-ca", "no PEM CA certificate"),
+        (_with(pki, mtls_cert=str(tmp_path / "missing.pem")), "--mtls-cert", "cannot read"),
+        (_with(pki, mtls_key=str(empty)), "--mtls-key", "empty"),
+        (_with(pki, mtls_cert=str(garbage)), "--mtls-cert", "not a PEM certificate"),
+        (_with(pki, mtls_key=pki.client_key), "--mtls-key", "do not match"),  # another certificate's key
+        (_with(pki, mtls_ca=str(garbage)), "--mtls-ca", "no PEM CA certificate"),
     ]
     import os
 
     if os.geteuid() != 0:  # root reads anything
-        cases.append((_with(pki, tls_ca=str(unreadable)), "--tls-ca", "cannot read"))
+        cases.append((_with(pki, mtls_ca=str(unreadable)), "--mtls-ca", "cannot read"))
     for config, flag, why in cases:
         with pytest.raises(StartupError) as e:
             load_tls(config)

@@ -36,8 +36,8 @@ __all__ = [
     "flag_name",
     "group",
     "load",
-    "option",
     "masked_repr",
+    "option",
     "parser",
     "redact_urls",
 ]

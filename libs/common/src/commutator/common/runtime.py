@@ -27,7 +27,7 @@ from commutator.common.errors import StartupError
 from commutator.common.events import EventPlane, EventPlaneConfig, EventPlaneError, MemoryBroker, connect_event_plane
 from commutator.common.logging import fields, setup_logging
 from commutator.common.status_server import StatusServer
-from commutator.common.tls import MutualTls, TlsConfig, load_tls
+from commutator.common.tls import MtlsConfig, MutualTls, load_tls
 
 __all__ = ["Role", "Runtime", "RuntimeConfig", "run", "run_role", "serve_role"]
 
@@ -42,7 +42,7 @@ class RuntimeConfig:
 
     discovery: DiscoveryConfig = group(DiscoveryConfig)
     events: EventPlaneConfig = group(EventPlaneConfig)
-    tls: TlsConfig = group(TlsConfig)
+    mtls: MtlsConfig = group(MtlsConfig)
     metrics_host: str = option("127.0.0.1", "Interface of the /metrics, /health and /live HTTP server")
     metrics_port: int = option(0, "Port of the /metrics, /health and /live HTTP server (0: a free port; -1: none)")
     otlp_endpoint: str = option(
@@ -87,7 +87,7 @@ class Runtime:
     async def start(self, *, with_events: bool = True) -> None:
         tracing.setup_tracing(f"commutator-{self.role}", self.config.otlp_endpoint or None)
         metrics.BUILD_INFO.info({"version": VERSION, "role": self.role})
-        self.tls = load_tls(self.config.tls)
+        self.tls = load_tls(self.config.mtls)
         self.discovery = connect_discovery(self.config.discovery, self._memory_store)
         await self.discovery.start()
         self._closers.append(lambda: self.discovery.close(deregister=True) if self.discovery else asyncio.sleep(0))

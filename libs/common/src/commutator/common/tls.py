@@ -1,11 +1,11 @@
 """Mutual TLS between Commutator's roles (docs/security.md).
 
 One set of files serves every connection a process makes or accepts between roles: its gRPC
-server and channels, and the worker stream over TCP. Each process presents ``--tls-cert`` (as a
-server, and as a client), and accepts a peer only with a certificate that chains to ``--tls-ca``:
+server and channels, and the worker stream over TCP. Each process presents ``--mtls-cert`` (as a
+server, and as a client), and accepts a peer only with a certificate that chains to ``--mtls-ca``:
 servers require client certificates. A client checks the server's certificate for the host it
 dials (workers advertise IP addresses, so their certificates carry IP SANs), or for
-``--tls-server-name`` when given (every server's certificate carrying that one DNS name).
+``--mtls-server-name`` when given (every server's certificate carrying that one DNS name).
 
 The three files go together: all set, TLS on; none set, plaintext. They are read and checked once,
 at start-up (:func:`load_tls`, :class:`StartupError` naming the flag on a missing, unreadable or
@@ -24,24 +24,24 @@ import grpc
 from commutator.common.config import ConfigError, env_var, flag_name, option
 from commutator.common.errors import StartupError
 
-__all__ = ["MutualTls", "TlsConfig", "client_ssl_context", "load_tls", "open_channel", "read_file"]
+__all__ = ["MtlsConfig", "MutualTls", "client_ssl_context", "load_tls", "open_channel", "read_file"]
 
 
 @dataclass(frozen=True, slots=True)
-class TlsConfig:
+class MtlsConfig:
     """Mutual TLS between the roles (gRPC and the worker stream)."""
 
-    tls_cert: str = option(
+    mtls_cert: str = option(
         "",
-        "PEM certificate (chain) this process presents as server and as client; with --tls-key and --tls-ca "
+        "PEM certificate (chain) this process presents as server and as client; with --mtls-key and --mtls-ca "
         "(all three or none: none means plaintext)",
         metavar="PATH",
     )
-    tls_key: str = option("", "PEM private key of --tls-cert (not encrypted)", metavar="PATH")
-    tls_ca: str = option(
+    mtls_key: str = option("", "PEM private key of --mtls-cert (not encrypted)", metavar="PATH")
+    mtls_ca: str = option(
         "", "PEM CA certificate(s) every peer's certificate (servers' and clients') must chain to", metavar="PATH"
     )
-    tls_server_name: str = option(
+    mtls_server_name: str = option(
         "",
         "Name checked in every server's certificate instead of the host dialled (default: the advertised host "
         "or IP, which the certificate must carry as a SAN)",
@@ -49,20 +49,20 @@ class TlsConfig:
     )
 
     def __post_init__(self) -> None:
-        given = [n for n in ("tls_cert", "tls_key", "tls_ca") if getattr(self, n)]
+        given = [n for n in ("mtls_cert", "mtls_key", "mtls_ca") if getattr(self, n)]
         if given and len(given) < 3:
-            missing = [n for n in ("tls_cert", "tls_key", "tls_ca") if n not in given]
+            missing = [n for n in ("mtls_cert", "mtls_key", "mtls_ca") if n not in given]
             raise ConfigError(
-                f"mutual TLS needs --tls-cert, --tls-key and --tls-ca together: "
+                f"mutual TLS needs --mtls-cert, --mtls-key and --mtls-ca together: "
                 f"{', '.join(flag_name(n) for n in given)} given without "
                 f"{', '.join(f'{flag_name(n)} / {env_var(n)}' for n in missing)}"
             )
-        if self.tls_server_name and not given:
-            raise ConfigError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca (TLS is off without them)")
+        if self.mtls_server_name and not given:
+            raise ConfigError("--mtls-server-name needs --mtls-cert, --mtls-key and --mtls-ca (it is off without them)")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.tls_cert)
+        return bool(self.mtls_cert)
 
 
 def read_file(path: str, flag: str) -> bytes:
@@ -116,27 +116,27 @@ def client_ssl_context(ca: str, cert: str, key: str, *, what: str, flags: tuple[
 
 
 class MutualTls:
-    """The loaded certificates of :class:`TlsConfig`: gRPC credentials and SSL contexts for both sides.
+    """The loaded certificates of :class:`MtlsConfig`: gRPC credentials and SSL contexts for both sides.
 
     Built once by :func:`load_tls`; immutable, shared by every server and client of the process."""
 
-    def __init__(self, config: TlsConfig) -> None:
-        flags = tuple(flag_name(n) for n in ("tls_cert", "tls_key", "tls_ca"))
-        self.server_name = config.tls_server_name
-        self._cert = read_file(config.tls_cert, flags[0])
-        self._key = read_file(config.tls_key, flags[1])
-        self._ca = read_file(config.tls_ca, flags[2])
+    def __init__(self, config: MtlsConfig) -> None:
+        flags = tuple(flag_name(n) for n in ("mtls_cert", "mtls_key", "mtls_ca"))
+        self.server_name = config.mtls_server_name
+        self._cert = read_file(config.mtls_cert, flags[0])
+        self._key = read_file(config.mtls_key, flags[1])
+        self._ca = read_file(config.mtls_ca, flags[2])
         # The stdlib contexts check the files (PEM, key matching the certificate, CA readable) with clear errors,
         # before gRPC, which reports bad files only as failed handshakes later.
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server.minimum_version = ssl.TLSVersion.TLSv1_2
         server.verify_mode = ssl.CERT_REQUIRED
-        _load_chain(server, config.tls_cert, config.tls_key, flags[0], flags[1])
-        _load_ca(server, config.tls_ca, flags[2])
+        _load_chain(server, config.mtls_cert, config.mtls_key, flags[0], flags[1])
+        _load_ca(server, config.mtls_ca, flags[2])
         client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
         client.minimum_version = ssl.TLSVersion.TLSv1_2
-        _load_chain(client, config.tls_cert, config.tls_key, flags[0], flags[1])
-        _load_ca(client, config.tls_ca, flags[2])
+        _load_chain(client, config.mtls_cert, config.mtls_key, flags[0], flags[1])
+        _load_ca(client, config.mtls_ca, flags[2])
         self.server_ssl = server
         """For servers of the worker stream: requires a client certificate from the CA."""
         self.client_ssl = client
@@ -166,7 +166,7 @@ class MutualTls:
         return f"MutualTls(server_name={self.server_name!r})"
 
 
-def load_tls(config: TlsConfig) -> MutualTls | None:
+def load_tls(config: MtlsConfig) -> MutualTls | None:
     """The loaded certificates, or None when TLS is off; :class:`StartupError` on bad files."""
     return MutualTls(config) if config.enabled else None
 

@@ -35,7 +35,7 @@ _WRITE_NOW_LIMIT = 64 * 1024
 class TcpCall:
     """One worker-stream connection to ``address`` (``host:port``); ``where`` names it in errors.
     With ``tls`` the connection is mutual TLS (the worker's certificate checked for its host, or for
-    ``--tls-server-name``)."""
+    ``--mtls-server-name``)."""
 
     def __init__(self, address: str, where: str, tls: MutualTls | None = None) -> None:
         self._host, _, port = address.rpartition(":")
