@@ -425,6 +425,8 @@ class NatsEventPlane:
         if tls is not None:
             self._auth["tls"] = tls
         self._last_error: Exception | None = None  # what a connect that timed out kept failing on
+        self._connecting: asyncio.Task[Any] | None = None  # the task running the first connect
+        self._refused: Exception | None = None  # the server's refusal of the credentials, during the first connect
         self._connect_timeout = connect_timeout_s
         self._client_name = client_name
         self._nc: NatsClient | None = None
@@ -448,6 +450,7 @@ class NatsEventPlane:
     async def connect(self) -> None:
         nc = NatsClient()
         where = redact_urls(", ".join(self._servers))
+        self._connecting = asyncio.current_task()
         try:
             # With unlimited reconnects nats-py would retry a first connect forever: bound it.
             async with asyncio.timeout(self._connect_timeout):
@@ -465,11 +468,20 @@ class NatsEventPlane:
                     error_cb=self._on_error,
                     **self._auth,
                 )
+        except asyncio.CancelledError:
+            if self._refused is None or self._connecting is None:
+                raise
+            self._connecting.uncancel()  # cancelled by _on_error: the server refused the credentials
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise EventPlaneError(f"NATS at {where} refused this client: {self._refused}") from None
         except (TimeoutError, nats.errors.NoServersError, *_TRANSIENT) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
             why = str(exc) or "timed out" + (f" (last error: {self._last_error!r})" if self._last_error else "")
             raise EventPlaneError(f"cannot reach NATS at {where}: {why}") from exc
+        finally:
+            self._connecting = None
         self._nc = nc
         self._js = self._nc.jetstream()
         try:
@@ -506,6 +518,10 @@ class NatsEventPlane:
         else:
             self._last_error = exc
             log.debug("NATS client error: %s", exc)
+            if self._connecting is not None and self._refused is None and "authorization violation" in str(exc).lower():
+                # Wrong credentials do not get better with retries: fail the first connect now.
+                self._refused = exc
+                self._connecting.cancel()
 
     async def close(self) -> None:
         self._closing = True
