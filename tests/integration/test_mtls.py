@@ -203,3 +203,52 @@ async def test_a_worker_stream_server_with_a_certificate_for_another_name_is_ref
             await asyncio.wait_for(_generate(mux, "wrong-name"), 10)
     finally:
         await mux.close()
+
+
+class _Exporter:
+    kv_bytes_per_block = 100
+
+    def prefill_blocks(self, request_id: str) -> tuple[int, ...]:
+        return (1, 2)
+
+    async def kv_export(self, block_ids: Any) -> bytes:
+        return b"".join(bytes([b]) * 100 for b in block_ids)
+
+
+class _Importer:
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def kv_import(self, block_ids: Any, data: bytes) -> None:
+        self.data += data
+
+
+async def test_the_grpc_kv_transfer_over_mutual_tls(pki: Any) -> None:
+    from commutator.v1 import kv_transfer_pb2_grpc
+    from commutator.worker.disagg import Reservations
+    from commutator.worker.kv_transfer import KvTransferConfig, KvTransferServicer, TransferError, make_transfer
+
+    importer, reservations = _Importer(), Reservations(lambda _: None)
+    server = GrpcServer(GrpcConfig(), tls=_tls(pki, "server"))
+    server.add(
+        kv_transfer_pb2_grpc.add_KvTransferServicer_to_server,
+        KvTransferServicer(importer, reservations),  # type: ignore[arg-type]
+        "commutator.v1.KvTransfer",
+    )
+    await server.start()
+    dest = common_pb2.TransferDescriptor(
+        kind=common_pb2.TransferDescriptor.KIND_GRPC, grpc_address=server.address, block_ids=[5, 6]
+    )
+    try:
+        reservations.add("r", (5, 6))
+        plain = make_transfer(KvTransferConfig(kv_transfer="grpc"))
+        with pytest.raises(TransferError, match="UNAVAILABLE"):  # no certificate: refused
+            await plain.send(_Exporter(), "r", 100, dest)  # type: ignore[arg-type]
+        await plain.close()
+        assert importer.data == b""
+        transfer = make_transfer(KvTransferConfig(kv_transfer="grpc"), _tls(pki, "client"))
+        assert await transfer.send(_Exporter(), "r", 100, dest) == 200  # type: ignore[arg-type]
+        await transfer.close()
+        assert importer.data == b"\x01" * 100 + b"\x02" * 100
+    finally:
+        await server.stop()
