@@ -159,11 +159,14 @@ class EtcdBackend:
             return _EtcdClient(credentials=self._credentials, **kw)
         return aetcd.Client(**kw)
 
-    async def _reauthenticate(self, exc: Exception) -> bool:
-        """After an auth-token error (etcd restarted, or the token expired unused): a new client, which
-        authenticates again on its first call. False when no user is configured (nothing to renew)."""
+    async def _reauthenticate(self, exc: Exception, failed: aetcd.Client) -> bool:
+        """After an auth-token error of the ``failed`` client (etcd restarted, or the token expired unused):
+        a new client, which authenticates again on its first call (one for all the calls that failed on
+        the same client). False when no user is configured (nothing to renew)."""
         if self._username is None or not isinstance(exc, aetcd.exceptions.UnauthenticatedError):
             return False
+        if self._client is not failed:
+            return True  # another call has replaced it already
         old, self._client = self._client, None
         log.info("etcd auth token rejected (%s); authenticating again", exc)
         if old is not None:
@@ -210,10 +213,11 @@ class EtcdBackend:
         deadline = loop.time() + self._connect_timeout
         while True:
             try:
-                lease = await self.client.lease(self._ttl)
+                client = self.client
+                lease = await client.lease(self._ttl)
                 break
             except _AUTH_ERRORS as exc:
-                if not await self._reauthenticate(exc) or loop.time() >= deadline:
+                if not await self._reauthenticate(exc, client) or loop.time() >= deadline:
                     raise DiscoveryError(f"etcd at {self.endpoint} refused this client: {exc}") from exc
                 continue
             except _CLIENT_ERRORS as exc:
@@ -254,11 +258,12 @@ class EtcdBackend:
         while True:
             await asyncio.sleep(interval)
             try:
-                reply = await self.client.refresh_lease(self._lease_id)
+                client = self.client
+                reply = await client.refresh_lease(self._lease_id)
             except _CLIENT_ERRORS as exc:
                 metrics.DISCOVERY_LEASE_KEEPALIVES.labels("etcd", "failed").inc()
                 log.warning("etcd lease keep-alive failed: %s", exc)
-                if not await self._reauthenticate(exc):
+                if not await self._reauthenticate(exc, client):
                     await self._next_endpoint()
                 interval = self._retry
                 continue
@@ -273,11 +278,12 @@ class EtcdBackend:
         old = self._lease_id
         while True:
             try:
-                lease = await self.client.lease(self._ttl)
+                client = self.client
+                lease = await client.lease(self._ttl)
                 break
             except _CLIENT_ERRORS as exc:
                 log.warning("etcd lease grant failed, retrying: %s", exc)
-                await self._reauthenticate(exc)
+                await self._reauthenticate(exc, client)
                 await asyncio.sleep(self._retry)
         self._lease_id = lease.id
         metrics.DISCOVERY_LEASE_REGRANTS.labels("etcd").inc()
@@ -302,9 +308,10 @@ class EtcdBackend:
         reauthenticated = False
         while True:
             try:
-                return await op(self.client)
+                client = self.client
+                return await op(client)
             except aetcd.exceptions.UnauthenticatedError as exc:
-                if reauthenticated or not await self._reauthenticate(exc):
+                if reauthenticated or not await self._reauthenticate(exc, client):
                     raise DiscoveryError(f"etcd {what} failed: {exc}") from exc
                 reauthenticated = True
             except aetcd.exceptions.ConnectionFailedError as exc:
