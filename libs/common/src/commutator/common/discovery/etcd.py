@@ -40,8 +40,8 @@ _CHANNEL_OPTIONS = {
 }
 
 _CLIENT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError, asyncio.TimeoutError)
-# A wrong user or password (INVALID_ARGUMENT), a token etcd no longer knows (UNAUTHENTICATED), no user
-# given to an etcd with auth on (INVALID_ARGUMENT "user name is empty"), a role without permission.
+# A wrong user or password, or none given to an etcd with auth on (INVALID_ARGUMENT), a token etcd no
+# longer knows (UNAUTHENTICATED): at start-up the first fails at once, the second is renewed.
 _AUTH_ERRORS = (aetcd.exceptions.InvalidArgumentError, aetcd.exceptions.UnauthenticatedError)
 
 
