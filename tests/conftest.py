@@ -146,3 +146,108 @@ def spawn(etcd_server: EtcdProcess, nats_server: NatsProcess, tmp_path: Path, un
     yield start
     for p in procs:
         p.stop()
+
+
+class Pki:
+    """Certificates made for one test session (docs/security.md): a CA with a server and a client
+    certificate (both with IP SAN 127.0.0.1 and DNS SANs localhost and ``commutator.test``), and a
+    second, unrelated CA with a client certificate of its own. Each ``*_cert``/``*_key`` is a PEM path."""
+
+    def __init__(self, folder: Path) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self.folder = folder
+        now = datetime.datetime.now(datetime.UTC)
+
+        def name(cn: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[str, str]:
+            cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            key_path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            return str(cert_path), str(key_path)
+
+        def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(name(cn))
+                .issuer_name(name(cn))
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(
+                    x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+                )
+                .sign(key, hashes.SHA256())
+            )
+            return cert, key
+
+        def make_leaf(
+            cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+        ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            sans = [
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.DNSName("localhost"),
+                x509.DNSName("commutator.test"),
+            ]
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(name(cn))
+                .issuer_name(ca[0].subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(
+                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                    critical=False,
+                )
+                .sign(ca[1], hashes.SHA256())
+            )
+            return cert, key
+
+        ca = make_ca("commutator test CA")
+        self.ca, _ = write("ca", *ca)
+        self.server_cert, self.server_key = write("server", *make_leaf("commutator server", ca))
+        self.client_cert, self.client_key = write("client", *make_leaf("commutator client", ca))
+        other = make_ca("another CA")
+        self.other_ca, _ = write("other-ca", *other)
+        self.other_cert, self.other_key = write("other", *make_leaf("stranger", other))
+
+    def tls_config(self, role: str = "server", server_name: str = "") -> Any:
+        """A :class:`MtlsConfig` presenting the ``role`` certificate (server, client or other)."""
+        from commutator.common.tls import MtlsConfig
+
+        cert, key = getattr(self, f"{role}_cert"), getattr(self, f"{role}_key")
+        return MtlsConfig(mtls_cert=cert, mtls_key=key, mtls_ca=self.ca, mtls_server_name=server_name)
+
+    def tls_env(self, role: str = "server") -> dict[str, str]:
+        """The ``COMMUTATOR_TLS_*`` variables of :meth:`tls_config`."""
+        return {
+            "COMMUTATOR_MTLS_CERT": getattr(self, f"{role}_cert"),
+            "COMMUTATOR_MTLS_KEY": getattr(self, f"{role}_key"),
+            "COMMUTATOR_MTLS_CA": self.ca,
+        }
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates made for this session (:class:`Pki`)."""
+    return Pki(tmp_path_factory.mktemp("pki"))

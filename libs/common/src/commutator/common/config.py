@@ -23,12 +23,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "describe", "env_var", "flag_name", "group", "load", "option", "parser"]
+__all__ = [
+    "ConfigError",
+    "describe",
+    "env_var",
+    "flag_name",
+    "group",
+    "load",
+    "masked_repr",
+    "option",
+    "parser",
+    "redact_urls",
+]
 
 ENV_PREFIX = "COMMUTATOR_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -51,12 +63,13 @@ def option(
 ) -> Any:
     """A config field: ``default``, a help text, optional allowed ``choices``.
 
-    ``secret`` fields are shown as ``***`` by :func:`describe`.
+    ``secret`` fields (passwords, tokens, keys) are shown as ``***`` by :func:`describe`, left out of the
+    config object's ``repr``, and never quoted in error messages.
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "metavar": metavar, "secret": secret}
     if isinstance(default, list | dict | set):
         raise TypeError("config defaults must be immutable (use a tuple)")
-    return dataclasses.field(default=default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta, repr=not secret)
 
 
 def group(cls: type[Any]) -> Any:
@@ -95,7 +108,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _convert(raw: str, tp: Any, source: str) -> Any:
+def _convert(raw: str, tp: Any, source: str, secret: bool = False) -> Any:
     base, optional = _base_type(tp)
     if optional and raw.strip().lower() in ("", "none"):
         return None
@@ -118,6 +131,8 @@ def _convert(raw: str, tp: Any, source: str) -> Any:
             elem = (typing.get_args(base) or (str,))[0]
             return tuple(_convert(s.strip(), elem, source) for s in raw.split(",") if s.strip())
     except ValueError as exc:
+        if secret:  # the exception's text may quote the value
+            raise ConfigError(f"{source}: cannot read its value as {getattr(base, '__name__', base)}") from None
         raise ConfigError(f"{source}: cannot read {raw!r}: {exc}") from None
     raise TypeError(f"unsupported config type {tp!r}")
 
@@ -186,9 +201,12 @@ def _build(cls: type[Any], prefix: tuple[str, ...], ns: Mapping[str, Any], env: 
         key = "__".join(path)
         if key in ns:
             raw_value = ns[key]
-            value = raw_value if isinstance(raw_value, bool) else _convert(str(raw_value), tp, flag_name(f.name))
+            secret = bool(f.metadata.get("secret"))
+            value = (
+                raw_value if isinstance(raw_value, bool) else _convert(str(raw_value), tp, flag_name(f.name), secret)
+            )
         elif env_var(f.name) in env:
-            value = _convert(env[env_var(f.name)], tp, env_var(f.name))
+            value = _convert(env[env_var(f.name)], tp, env_var(f.name), bool(f.metadata.get("secret")))
         else:
             continue
         choices = f.metadata.get("choices")
@@ -199,7 +217,8 @@ def _build(cls: type[Any], prefix: tuple[str, ...], ns: Mapping[str, Any], env: 
 
 
 def describe(config: Any) -> dict[str, Any]:
-    """Flat ``{field: value}`` of a config (groups flattened, secrets hidden)."""
+    """Flat ``{field: value}`` of a config (groups flattened), safe to log: ``secret`` fields show as
+    ``***``, and so does the password of any URL with one (``nats://user:PASSWORD@host``)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -207,6 +226,42 @@ def describe(config: Any) -> dict[str, Any]:
             out.update(describe(value))
         elif f.metadata.get("secret") and value:
             out[f.name] = "***"
+        elif isinstance(value, str):
+            out[f.name] = redact_urls(value)
+        elif isinstance(value, tuple):
+            out[f.name] = tuple(redact_urls(v) if isinstance(v, str) else v for v in value)
         else:
             out[f.name] = value
     return out
+
+
+def masked_repr(config: Any) -> str:
+    """A config's ``repr`` with URL credentials masked and secrets as ``***``: the ``__repr__`` of a config
+    class whose plain fields can hold credentials (URLs with ``user:password@``)."""
+    parts = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("secret") and value:
+            parts.append(f"{f.name}='***'")
+        elif isinstance(value, str):
+            parts.append(f"{f.name}={redact_urls(value)!r}")
+        else:
+            parts.append(f"{f.name}={value!r}")
+    return f"{type(config).__name__}({', '.join(parts)})"
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/\s]*)(?::[^@/\s]*)?@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked: ``nats://u:p@h`` -> ``nats://u:***@h``, and a
+    bare token (``nats://TOKEN@h``) -> ``nats://***@h``."""
+    if "@" not in text:
+        return text
+
+    def mask(m: re.Match[str]) -> str:
+        has_password = m.group(0)[len(m.group("scheme")) + len(m.group("user")) :].startswith(":")
+        user = m.group("user") if has_password else ""
+        return f"{m.group('scheme')}{user + ':' if has_password else ''}***@"
+
+    return _USERINFO.sub(mask, text)

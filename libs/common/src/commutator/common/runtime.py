@@ -27,6 +27,7 @@ from commutator.common.errors import StartupError
 from commutator.common.events import EventPlane, EventPlaneConfig, EventPlaneError, MemoryBroker, connect_event_plane
 from commutator.common.logging import fields, setup_logging
 from commutator.common.status_server import StatusServer
+from commutator.common.tls import MtlsConfig, MutualTls, load_tls
 
 __all__ = ["Role", "Runtime", "RuntimeConfig", "run", "run_role", "serve_role"]
 
@@ -41,6 +42,7 @@ class RuntimeConfig:
 
     discovery: DiscoveryConfig = group(DiscoveryConfig)
     events: EventPlaneConfig = group(EventPlaneConfig)
+    mtls: MtlsConfig = group(MtlsConfig)
     metrics_host: str = option("127.0.0.1", "Interface of the /metrics, /health and /live HTTP server")
     metrics_port: int = option(0, "Port of the /metrics, /health and /live HTTP server (0: a free port; -1: none)")
     otlp_endpoint: str = option(
@@ -71,6 +73,8 @@ class Runtime:
         self.discovery: Discovery | None = None
         self.events: EventPlane | None = None
         self.status: StatusServer | None = None
+        self.tls: MutualTls | None = None
+        """Certificates for mutual TLS between the roles (loaded by :meth:`start`); None: plaintext."""
         self.shutdown = asyncio.Event()
         self.exit_status = 0
         """What the process exits with after its drain (1 once :meth:`fail` was called)."""
@@ -83,6 +87,7 @@ class Runtime:
     async def start(self, *, with_events: bool = True) -> None:
         tracing.setup_tracing(f"commutator-{self.role}", self.config.otlp_endpoint or None)
         metrics.BUILD_INFO.info({"version": VERSION, "role": self.role})
+        self.tls = load_tls(self.config.mtls)
         self.discovery = connect_discovery(self.config.discovery, self._memory_store)
         await self.discovery.start()
         self._closers.append(lambda: self.discovery.close(deregister=True) if self.discovery else asyncio.sleep(0))
@@ -106,6 +111,7 @@ class Runtime:
                 discovery=self.config.discovery.discovery_backend,
                 events=self.config.events.event_plane if with_events else "none",
                 loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+                tls="mutual" if self.tls else "off",
             ),
         )
 

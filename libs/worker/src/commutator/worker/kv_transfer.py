@@ -33,6 +33,7 @@ from commutator.common import metrics
 from commutator.common.config import option
 from commutator.common.errors import InvalidRequest
 from commutator.common.grpc import abort_with
+from commutator.common.tls import MutualTls, open_channel
 from commutator.engines.base import Engine
 from commutator.engines.registry import EngineError
 from commutator.v1 import common_pb2, kv_transfer_pb2, kv_transfer_pb2_grpc
@@ -146,8 +147,9 @@ class SimulatedTransfer:
 class GrpcTransfer:
     name = "grpc"
 
-    def __init__(self, config: KvTransferConfig) -> None:
+    def __init__(self, config: KvTransferConfig, tls: MutualTls | None = None) -> None:
         self._chunk_bytes = max(1, config.kv_transfer_chunk_bytes)
+        self._tls = tls
         self._channels: dict[str, tuple[grpc.aio.Channel, kv_transfer_pb2_grpc.KvTransferStub]] = {}
 
     def descriptor(self, grpc_address: str, block_ids: Sequence[int]) -> common_pb2.TransferDescriptor:
@@ -168,9 +170,10 @@ class GrpcTransfer:
     def _stub(self, address: str) -> kv_transfer_pb2_grpc.KvTransferStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(
+            channel = open_channel(
                 address,
-                options=[
+                self._tls,
+                [
                     ("grpc.max_send_message_length", 64 * 1024 * 1024),
                     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ],
@@ -216,14 +219,15 @@ class GrpcTransfer:
         self._channels.clear()
 
 
-TRANSFERS: dict[str, Callable[[KvTransferConfig], TransferBackend]] = {
-    "simulated": SimulatedTransfer,
+TRANSFERS: dict[str, Callable[[KvTransferConfig, MutualTls | None], TransferBackend]] = {
+    "simulated": lambda config, _tls: SimulatedTransfer(config),
     "grpc": GrpcTransfer,
 }
 
 
-def make_transfer(config: KvTransferConfig) -> TransferBackend:
-    """The backend ``config.kv_transfer`` names (:class:`EngineError` when it cannot be used here)."""
+def make_transfer(config: KvTransferConfig, tls: MutualTls | None = None) -> TransferBackend:
+    """The backend ``config.kv_transfer`` names (:class:`EngineError` when it cannot be used here).
+    ``tls``: mutual TLS for the backends that talk gRPC."""
     if config.kv_transfer == "nixl":
         from commutator.worker.nixl_transfer import NixlTransfer
 
@@ -231,7 +235,7 @@ def make_transfer(config: KvTransferConfig) -> TransferBackend:
     factory = TRANSFERS.get(config.kv_transfer)
     if factory is None:
         raise EngineError(f"unknown --kv-transfer {config.kv_transfer!r}")
-    return factory(config)
+    return factory(config, tls)
 
 
 class ImportReservations(Protocol):

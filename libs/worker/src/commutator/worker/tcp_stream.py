@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from ssl import SSLContext
 
 from commutator.common.stream_frames import PREAMBLE, FrameError, pack, read_frame
 from commutator.v1 import worker_pb2
@@ -27,13 +28,18 @@ __all__ = ["StreamServer"]
 log = logging.getLogger(__name__)
 
 PREAMBLE_TIMEOUT_S = 10.0
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 class StreamServer:
-    """Accepts worker-stream connections on ``host:port`` (port 0: a free one, see :attr:`port`)."""
+    """Accepts worker-stream connections on ``host:port`` (port 0: a free one, see :attr:`port`).
 
-    def __init__(self, servicer: WorkerServicer, host: str, port: int = 0) -> None:
+    With ``ssl`` (a server context that requires client certificates) each connection is TLS; a
+    client whose handshake fails (no certificate, one from another CA) is closed with a log line."""
+
+    def __init__(self, servicer: WorkerServicer, host: str, port: int = 0, ssl: SSLContext | None = None) -> None:
         self._servicer = servicer
+        self._ssl = ssl
         self._host = host
         self._want_port = port
         self._server: asyncio.Server | None = None
@@ -43,7 +49,7 @@ class StreamServer:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self._host, self._want_port)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("worker stream listening on %s:%d (TCP)", self._host, self.port)
+        log.info("worker stream listening on %s:%d (TCP%s)", self._host, self.port, ", mutual TLS" if self._ssl else "")
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting; wait up to ``grace_s`` for the sessions to end, then close the rest."""
@@ -76,6 +82,13 @@ class StreamServer:
         assert task is not None
         peer = writer.get_extra_info("peername")
         try:
+            if self._ssl is not None:
+                try:
+                    # On the connection (not the listener), so that a refused client gets a log line.
+                    await writer.start_tls(self._ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
+                except (OSError, TimeoutError) as exc:
+                    log.warning("worker stream: TLS handshake from %s failed: %s", peer, exc or type(exc).__name__)
+                    return
             try:
                 preamble = await asyncio.wait_for(reader.readexactly(len(PREAMBLE)), PREAMBLE_TIMEOUT_S)
             except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):

@@ -158,7 +158,7 @@ class Worker:
         self.engine = engine
         rt.on_close(self._shutdown_engine)
 
-        self.server = GrpcServer(self.config.grpc)
+        self.server = GrpcServer(self.config.grpc, tls=rt.tls)
         self.servicer = WorkerServicer(
             engine, label, lambda: self.instance_id, wc.stream_interval_ms / 1000.0, epoch=self.epoch
         )
@@ -167,7 +167,9 @@ class Worker:
         await self.server.start()
         rt.on_close(self.server.stop)
         if wc.stream_port >= 0:
-            self.stream_server = StreamServer(self.servicer, self.config.grpc.grpc_host, wc.stream_port)
+            self.stream_server = StreamServer(
+                self.servicer, self.config.grpc.grpc_host, wc.stream_port, ssl=rt.tls.server_ssl if rt.tls else None
+            )
             await self.stream_server.start()
             rt.on_close(self.stream_server.close)
 

@@ -52,7 +52,7 @@ class DecodeWorker(Worker):
                 self.config.worker.engine,
             )
             return engine
-        transfer = make_transfer(cfg.transfer)
+        transfer = make_transfer(cfg.transfer, self.runtime.tls)
         if handoff == "push":
             try:
                 transfer.check_engine(engine, "decode")

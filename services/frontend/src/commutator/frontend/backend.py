@@ -11,6 +11,7 @@ from commutator.common import metrics
 from commutator.common.discovery import Discovery
 from commutator.common.errors import Unavailable
 from commutator.common.grpc import EndpointClient
+from commutator.common.tls import MutualTls
 from commutator.router.core import Router
 from commutator.router.migration import Progress
 from commutator.v1 import common_pb2, router_pb2_grpc
@@ -53,9 +54,10 @@ class RouterServiceBackend:
         *,
         migration_limit: int = 3,
         wait_s: float = 10.0,
+        tls: MutualTls | None = None,
     ) -> None:
         self.client: EndpointClient[router_pb2_grpc.RouterStub] = EndpointClient(
-            discovery, namespace, component, "route", router_pb2_grpc.RouterStub, default_timeout_s=timeout_s
+            discovery, namespace, component, "route", router_pb2_grpc.RouterStub, default_timeout_s=timeout_s, tls=tls
         )
         self.migration_limit = migration_limit
         self.wait_s = wait_s

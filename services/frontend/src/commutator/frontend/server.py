@@ -110,12 +110,15 @@ class Frontend:
                 self.config.router.generate_timeout_s,
                 migration_limit=self.config.router.migration_limit,
                 wait_s=self.config.router_wait_s,
+                tls=rt.tls,
             )
             await remote.start()
             rt.on_close(remote.close)
             backend = remote
         else:
-            self.router = Router(self.config.router, rt.discovery, rt.events, rt.namespace, clock=self._clock)
+            self.router = Router(
+                self.config.router, rt.discovery, rt.events, rt.namespace, clock=self._clock, tls=rt.tls
+            )
             await self.router.start()
             rt.on_close(self.router.close)
             backend = EmbeddedRouterBackend(self.router)

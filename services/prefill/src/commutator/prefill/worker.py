@@ -40,7 +40,7 @@ class PrefillWorker(Worker):
         self.queue: PrefillQueue | None = None
 
     def wrap_engine(self, engine: Engine) -> Engine:
-        self.transfer = make_transfer(self.prefill_config.transfer)
+        self.transfer = make_transfer(self.prefill_config.transfer, self.runtime.tls)
         handoff = engine.kv_handoff
         if handoff not in KV_HANDOFFS:
             raise EngineError(

@@ -52,6 +52,7 @@ from commutator.common.events import EventPlane, EventPlaneError, Subscription
 from commutator.common.grpc import EndpointClient
 from commutator.common.logging import Throttle
 from commutator.common.tasks import Supervisor
+from commutator.common.tls import MutualTls
 from commutator.router.adaptive import AdaptiveTuner
 from commutator.router.config import RouterConfig
 from commutator.router.hits import HitTracker
@@ -85,7 +86,9 @@ class Router:
         router_component: str = "router",
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        tls: MutualTls | None = None,
     ) -> None:
+        """``tls``: mutual TLS to the workers (their gRPC calls and their TCP streams)."""
         self.config = config
         self.discovery = discovery
         self.events = events
@@ -128,6 +131,7 @@ class Router:
             config.worker_endpoint,
             worker_pb2_grpc.WorkerStub,
             default_timeout_s=config.generate_timeout_s,
+            tls=tls,
         )
         self.workers.instance_set.add_listener(self._on_worker)
         self.ingest: KvEventIngest | None = None

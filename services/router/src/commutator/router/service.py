@@ -113,11 +113,16 @@ class RouterService:
         await rt.start()
         assert rt.discovery is not None
         self.router = Router(
-            self.config.router, rt.discovery, rt.events, rt.namespace, router_component=self.config.router_component
+            self.config.router,
+            rt.discovery,
+            rt.events,
+            rt.namespace,
+            router_component=self.config.router_component,
+            tls=rt.tls,
         )
         await self.router.start()
         rt.on_close(self.router.close)
-        self.server = GrpcServer(self.config.grpc)
+        self.server = GrpcServer(self.config.grpc, tls=rt.tls)
         self.server.add(
             router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(self.router), "commutator.v1.Router"
         )

@@ -21,21 +21,27 @@ import grpc
 from commutator.common.errors import Unavailable
 from commutator.common.grpc import EndpointClient
 from commutator.common.stream_frames import PREAMBLE, FrameError, pack, read_frame
+from commutator.common.tls import MutualTls
 from commutator.v1 import worker_pb2
 
 __all__ = ["TcpCall", "open_worker_stream"]
+
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 _WRITE_NOW_LIMIT = 64 * 1024
 """Bytes waiting in a connection's buffer beyond which a frame is not written at once."""
 
 
 class TcpCall:
-    """One worker-stream connection to ``address`` (``host:port``); ``where`` names it in errors."""
+    """One worker-stream connection to ``address`` (``host:port``); ``where`` names it in errors.
+    With ``tls`` the connection is mutual TLS (the worker's certificate checked for its host, or for
+    ``--mtls-server-name``)."""
 
-    def __init__(self, address: str, where: str) -> None:
+    def __init__(self, address: str, where: str, tls: MutualTls | None = None) -> None:
         self._host, _, port = address.rpartition(":")
         self._port = int(port)
         self._where = where
+        self._tls = tls
         self._connecting: asyncio.Task[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._cancelled = False
@@ -50,9 +56,18 @@ class TcpCall:
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            reader, writer = await asyncio.open_connection(self._host, self._port)
-        except OSError as exc:
-            raise Unavailable(f"{self._where}: cannot connect: {exc}") from None
+            if self._tls is None:
+                reader, writer = await asyncio.open_connection(self._host, self._port)
+            else:
+                reader, writer = await asyncio.open_connection(
+                    self._host,
+                    self._port,
+                    ssl=self._tls.client_ssl,
+                    server_hostname=self._tls.server_hostname(self._host.strip("[]")),
+                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+                )
+        except (OSError, TimeoutError) as exc:
+            raise Unavailable(f"{self._where}: cannot connect: {exc or type(exc).__name__}") from None
         if self._cancelled:
             writer.close()
             raise asyncio.CancelledError
@@ -116,7 +131,7 @@ def open_worker_stream(
         address = inst.info.stream_address
         if address:
             where = f"{workers.target}/stream@{address}"
-            return TcpCall(address, where), _nothing, where
+            return TcpCall(address, where, workers.tls), _nothing, where
     return workers.open_bidi("GenerateMany", worker_id)
 
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aetcd
+import aetcd.client
 import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
 import grpc
 from commutator.common import metrics
 from commutator.common.discovery.base import DiscoveryError, LeaseListener, apply_events, diff_snapshots
@@ -37,6 +40,9 @@ _CHANNEL_OPTIONS = {
 }
 
 _CLIENT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError, asyncio.TimeoutError)
+# A wrong user or password, or none given to an etcd with auth on (INVALID_ARGUMENT), a token etcd no
+# longer knows (UNAUTHENTICATED): at start-up the first fails at once, the second is renewed.
+_AUTH_ERRORS = (aetcd.exceptions.InvalidArgumentError, aetcd.exceptions.UnauthenticatedError)
 
 
 _T = TypeVar("_T")
@@ -47,10 +53,50 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
     for scheme in ("http://", "https://"):
         if endpoint.startswith(scheme):
             endpoint = endpoint[len(scheme) :]
+    if "@" in endpoint:  # never echo it: what precedes the @ may be a password
+        raise ValueError("etcd endpoints take no user or password: use --etcd-username and --etcd-password")
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"etcd endpoint must be host:port, got {endpoint!r}")
     return host.strip("[]"), int(port)
+
+
+class _EtcdClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client over a TLS channel (aetcd 1.0 opens only plaintext ones); otherwise the same
+    connect: authenticate when a user is given, then the stubs and the watcher."""
+
+    def __init__(self, *args: Any, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._credentials = credentials
+
+    @aetcd.client._handle_errors
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            rpc = aetcd.rpc
+            if self.channel is None:  # type: ignore[has-type]
+                target = f"{self._host}:{self._port}"
+                self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options.items())
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+                resp = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
 
 
 class EtcdBackend:
@@ -65,12 +111,23 @@ class EtcdBackend:
         call_timeout_s: float = 5.0,
         connect_timeout_s: float = 10.0,
         retry_interval_s: float = 0.25,
+        *,
+        username: str = "",
+        password: str = "",
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """``username``/``password``: etcd authentication (both or neither). ``credentials``: TLS to etcd
+        (its server certificate checked; a client certificate when they carry one)."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if lease_ttl_s < 2:
             raise ValueError("etcd leases shorter than 2 s are not kept reliably; use lease_ttl_s >= 2")
+        if bool(username) != bool(password):
+            raise ValueError("etcd authentication needs both a user and a password")
         self._endpoints = [_split_endpoint(e) for e in endpoints]
+        self._username = username or None
+        self._password = password or None
+        self._credentials = credentials
         self._endpoint_index = 0
         self._ttl = lease_ttl_s
         self._call_timeout = call_timeout_s
@@ -90,7 +147,34 @@ class EtcdBackend:
 
     def _new_client(self) -> aetcd.Client:
         host, port = self._endpoints[self._endpoint_index]
-        return aetcd.Client(host=host, port=port, timeout=self._call_timeout, options=dict(_CHANNEL_OPTIONS))
+        kw: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "username": self._username,
+            "password": self._password,
+            "timeout": self._call_timeout,
+            "options": dict(_CHANNEL_OPTIONS),
+        }
+        if self._credentials is not None:
+            return _EtcdClient(credentials=self._credentials, **kw)
+        return aetcd.Client(**kw)
+
+    async def _reauthenticate(self, exc: Exception, failed: aetcd.Client) -> bool:
+        """After an auth-token error of the ``failed`` client (etcd restarted, or the token expired unused):
+        a new client, which authenticates again on its first call (one for all the calls that failed on
+        the same client). False when no user is configured (nothing to renew)."""
+        if self._username is None or not isinstance(exc, aetcd.exceptions.UnauthenticatedError):
+            return False
+        if self._client is not failed:
+            return True  # another call has replaced it already
+        old, self._client = self._client, None
+        log.info("etcd auth token rejected (%s); authenticating again", exc)
+        if old is not None:
+            try:
+                await old.close()
+            except _CLIENT_ERRORS:
+                pass
+        return True
 
     @property
     def client(self) -> aetcd.Client:
@@ -129,8 +213,13 @@ class EtcdBackend:
         deadline = loop.time() + self._connect_timeout
         while True:
             try:
-                lease = await self.client.lease(self._ttl)
+                client = self.client
+                lease = await client.lease(self._ttl)
                 break
+            except _AUTH_ERRORS as exc:
+                if not await self._reauthenticate(exc, client) or loop.time() >= deadline:
+                    raise DiscoveryError(f"etcd at {self.endpoint} refused this client: {exc}") from exc
+                continue
             except _CLIENT_ERRORS as exc:
                 if loop.time() >= deadline:
                     raise DiscoveryError(
@@ -169,11 +258,13 @@ class EtcdBackend:
         while True:
             await asyncio.sleep(interval)
             try:
-                reply = await self.client.refresh_lease(self._lease_id)
+                client = self.client
+                reply = await client.refresh_lease(self._lease_id)
             except _CLIENT_ERRORS as exc:
                 metrics.DISCOVERY_LEASE_KEEPALIVES.labels("etcd", "failed").inc()
                 log.warning("etcd lease keep-alive failed: %s", exc)
-                await self._next_endpoint()
+                if not await self._reauthenticate(exc, client):
+                    await self._next_endpoint()
                 interval = self._retry
                 continue
             interval = self._ttl / 3
@@ -187,10 +278,12 @@ class EtcdBackend:
         old = self._lease_id
         while True:
             try:
-                lease = await self.client.lease(self._ttl)
+                client = self.client
+                lease = await client.lease(self._ttl)
                 break
             except _CLIENT_ERRORS as exc:
                 log.warning("etcd lease grant failed, retrying: %s", exc)
+                await self._reauthenticate(exc, client)
                 await asyncio.sleep(self._retry)
         self._lease_id = lease.id
         metrics.DISCOVERY_LEASE_REGRANTS.labels("etcd").inc()
@@ -212,9 +305,15 @@ class EtcdBackend:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._call_timeout
         delay = min(self._retry, 0.1)
+        reauthenticated = False
         while True:
             try:
-                return await op(self.client)
+                client = self.client
+                return await op(client)
+            except aetcd.exceptions.UnauthenticatedError as exc:
+                if reauthenticated or not await self._reauthenticate(exc, client):
+                    raise DiscoveryError(f"etcd {what} failed: {exc}") from exc
+                reauthenticated = True
             except aetcd.exceptions.ConnectionFailedError as exc:
                 if self._closed or loop.time() + delay >= deadline:
                     raise DiscoveryError(f"etcd {what} failed: {exc}") from exc

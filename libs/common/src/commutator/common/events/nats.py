@@ -21,6 +21,7 @@ import hashlib
 import io
 import itertools
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from commutator.common import metrics
+from commutator.common.config import redact_urls
 from commutator.common.events.base import (
     ConsumerSpec,
     EventPlaneError,
@@ -402,9 +404,29 @@ class NatsEventPlane:
     name = "nats"
 
     def __init__(
-        self, url: str = "nats://127.0.0.1:4222", connect_timeout_s: float = 10.0, client_name: str = "commutator"
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        connect_timeout_s: float = 10.0,
+        client_name: str = "commutator",
+        *,
+        user: str = "",
+        password: str = "",
+        token: str = "",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``user``/``password`` or ``token``: NATS authentication (a URL's own ``user:password@`` works too).
+        ``tls``: TLS to every server (the server's certificate and host checked by the context)."""
         self._servers = [u.strip() for u in url.split(",") if u.strip()]
+        self._auth: dict[str, Any] = {}
+        if user:
+            self._auth.update(user=user, password=password)
+        if token:
+            self._auth["token"] = token
+        if tls is not None:
+            self._auth["tls"] = tls
+        self._last_error: Exception | None = None  # what a connect that timed out kept failing on
+        self._connecting: asyncio.Task[Any] | None = None  # the task running the first connect
+        self._refused: Exception | None = None  # the server's refusal of the credentials, during the first connect
         self._connect_timeout = connect_timeout_s
         self._client_name = client_name
         self._nc: NatsClient | None = None
@@ -427,7 +449,8 @@ class NatsEventPlane:
 
     async def connect(self) -> None:
         nc = NatsClient()
-        where = ", ".join(self._servers)
+        where = redact_urls(", ".join(self._servers))
+        self._connecting = asyncio.current_task()
         try:
             # With unlimited reconnects nats-py would retry a first connect forever: bound it.
             async with asyncio.timeout(self._connect_timeout):
@@ -443,11 +466,22 @@ class NatsEventPlane:
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
                     error_cb=self._on_error,
+                    **self._auth,
                 )
+        except asyncio.CancelledError:
+            if self._refused is None or self._connecting is None:
+                raise
+            self._connecting.uncancel()  # cancelled by _on_error: the server refused the credentials
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise EventPlaneError(f"NATS at {where} refused this client: {self._refused}") from None
         except (TimeoutError, nats.errors.NoServersError, *_TRANSIENT) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise EventPlaneError(f"cannot reach NATS at {where}: {exc or 'timed out'}") from exc
+            why = str(exc) or "timed out" + (f" (last error: {self._last_error!r})" if self._last_error else "")
+            raise EventPlaneError(f"cannot reach NATS at {where}: {why}") from exc
+        finally:
+            self._connecting = None
         self._nc = nc
         self._js = self._nc.jetstream()
         try:
@@ -465,7 +499,7 @@ class NatsEventPlane:
         metrics.EVENT_PLANE_RECONNECTS.labels("nats").inc()
         log.info(
             "reconnected to NATS",
-            extra=fields(server=str(self.nc.connected_url.netloc if self.nc.connected_url else "")),
+            extra=fields(server=f"{u.hostname}:{u.port}" if (u := self.nc.connected_url) else ""),
         )
         # Acks of messages in flight during the outage are lost: send them again now.
         for p in list(self._publishers):
@@ -482,7 +516,12 @@ class NatsEventPlane:
                     extra=fields(subject=getattr(exc, "subject", "?"), dropped=self._dropped[sid]),
                 )
         else:
+            self._last_error = exc
             log.debug("NATS client error: %s", exc)
+            if self._connecting is not None and self._refused is None and "authorization violation" in str(exc).lower():
+                # Wrong credentials do not get better with retries: fail the first connect now.
+                self._refused = exc
+                self._connecting.cancel()
 
     async def close(self) -> None:
         self._closing = True

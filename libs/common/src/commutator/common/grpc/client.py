@@ -35,6 +35,7 @@ from commutator.common.errors import (
     Unavailable,
     Unsupported,
 )
+from commutator.common.tls import MutualTls, open_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["EndpointClient", "PickMode", "error_from_status", "map_rpc_error"]
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 PickMode = Literal["round_robin", "random", "direct"]
 StubT = TypeVar("StubT")
 
-_CHANNEL_OPTIONS = [
+_CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -96,7 +97,8 @@ class EndpointClient(Generic[StubT]):
 
     ``stub_factory`` is the generated stub class (e.g. ``WorkerStub``).
     ``default_timeout_s`` applies to calls that give no ``timeout_s``: every
-    call has a deadline.
+    call has a deadline. With ``tls`` every channel is mutual TLS (:attr:`tls` is
+    also what other transports to these instances use, e.g. the worker stream).
     """
 
     def __init__(
@@ -108,8 +110,10 @@ class EndpointClient(Generic[StubT]):
         stub_factory: Callable[[grpc.aio.Channel], StubT],
         *,
         default_timeout_s: float = 10.0,
+        tls: MutualTls | None = None,
     ) -> None:
         self._target = f"{namespace}/{component}/{endpoint}"
+        self.tls = tls
         self.instance_set = InstanceSet(discovery, namespace, component, endpoint)
         self.instance_set.add_listener(self._on_instance_event)
         self._stub_factory = stub_factory
@@ -204,7 +208,7 @@ class EndpointClient(Generic[StubT]):
         """The stub for ``instance`` (one channel per instance, reused)."""
         entry = self._channels.get(instance.instance_id)
         if entry is None or entry[0] != instance.info.address:
-            channel = grpc.aio.insecure_channel(instance.info.address, options=_CHANNEL_OPTIONS)
+            channel = open_channel(instance.info.address, self.tls, _CHANNEL_OPTIONS)
             entry = (instance.info.address, channel, self._stub_factory(channel))
             self._channels[instance.instance_id] = entry
         return entry[2]

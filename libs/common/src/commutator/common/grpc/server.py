@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import grpc
 from commutator.common.config import option
 from commutator.common.errors import ERROR_TRAILER, CommutatorError
+from commutator.common.tls import MutualTls
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,11 +39,15 @@ class GrpcServer:
 
     Add services with :meth:`add`, then :meth:`start`. :meth:`drain` marks
     every service NOT_SERVING, stops accepting calls, and gives in-flight calls
-    ``grace_s`` to finish.
+    ``grace_s`` to finish. With ``tls`` it serves over mutual TLS: a client without a certificate from
+    the CA fails its handshake (and every call on that channel with UNAVAILABLE).
     """
 
-    def __init__(self, config: GrpcConfig, interceptors: list[Any] | None = None) -> None:
+    def __init__(
+        self, config: GrpcConfig, interceptors: list[Any] | None = None, *, tls: MutualTls | None = None
+    ) -> None:
         self.config = config
+        self.tls = tls
         self.server = grpc.aio.server(
             interceptors=interceptors or [],
             options=[
@@ -84,13 +89,21 @@ class GrpcServer:
         names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         bind = f"{self.config.grpc_host}:{self.config.grpc_port}"
-        self.port = self.server.add_insecure_port(bind)
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(bind)
+        else:
+            self.port = self.server.add_secure_port(bind, self.tls.server_credentials())
         if not self.port:
             raise OSError(f"cannot bind gRPC server to {bind}")
         await self.server.start()
         for name in ("", *self._services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gRPC server listening on %s (services: %s)", self.address, ", ".join(self._services) or "none")
+        log.info(
+            "gRPC server listening on %s%s (services: %s)",
+            self.address,
+            " (mutual TLS)" if self.tls else "",
+            ", ".join(self._services) or "none",
+        )
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stop taking calls and let in-flight ones finish within ``grace_s``."""
