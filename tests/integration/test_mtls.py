@@ -102,7 +102,7 @@ async def test_grpc_and_the_worker_stream_over_mutual_tls(
                     tokens = await _generate(mux, f"{transport}-{server_name}")
                 finally:
                     await mux.close()
-                assert tokens == [token_at(9, i, VOCAB) for i in range(5)]
+                assert tokens == [token_at(9, 40 + i, VOCAB) for i in range(5)]  # after the 40-token prompt
         finally:
             await client.close()
             await d.close()
