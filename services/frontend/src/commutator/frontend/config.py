@@ -27,6 +27,13 @@ class FrontendConfig:
     )
     tls_cert_path: str = option("", "TLS certificate (PEM); with --tls-key-path the API is served over HTTPS")
     tls_key_path: str = option("", "TLS private key (PEM)")
+    api_keys_file: str = option(
+        "",
+        "File of API keys, one 'NAME KEY [N/s|N/m]' a line (README, 'API keys'). When set, every request but"
+        " /health, /live, /metrics and /openapi.json needs 'Authorization: Bearer KEY' (401 without; 429 with"
+        " Retry-After over the key's limit). Read at start-up (an invalid file stops it) and again on SIGHUP",
+        metavar="PATH",
+    )
     router_endpoint: str = option(
         "", "Discovery component of a standalone router service to send requests to (empty: route in-process)"
     )

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import signal
 import ssl
 from pathlib import Path
 
 from aiohttp import web
 from commutator.common import metrics
-from commutator.common.clock import Clock
+from commutator.common.clock import Clock, SystemClock
 from commutator.common.discovery import InstanceInfo, MemoryStore, Registration
 from commutator.common.events import MemoryBroker
 from commutator.common.logging import fields
 from commutator.common.runtime import Runtime
 from commutator.frontend.api import Backend, OpenAIApi, error_response
+from commutator.frontend.auth import ApiKeys, ApiKeysError, load_api_keys
 from commutator.frontend.backend import EmbeddedRouterBackend, RouterServiceBackend
 from commutator.frontend.config import FrontendConfig
 from commutator.frontend.models import ModelRegistry
@@ -49,6 +52,52 @@ def _json_errors() -> web.middleware:  # type: ignore[valid-type]
     return middleware
 
 
+OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/openapi.json"})
+"""Paths served without an API key: probes, scrapers, and the API's description."""
+
+
+def _unauthenticated(message: str) -> web.Response:
+    resp = error_response(ApiError(401, message, code="invalid_api_key"))
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="commutator"'
+    return resp
+
+
+def _require_api_key(frontend: Frontend) -> web.middleware:  # type: ignore[valid-type]
+    """With ``--api-keys-file``: every path but :data:`OPEN_PATHS` needs a known key within its limit.
+
+    Deny by default (unknown paths too, so that a 404 does not tell a caller without a key which routes
+    exist). Refusals are counted by reason and key name; neither the key nor the header is logged."""
+    clock = frontend.clock
+    rejected = metrics.FRONTEND_REJECTED
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        keys = frontend.api_keys
+        if keys is None or request.path in OPEN_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        result = keys.check(header, clock.monotonic())
+        if result.name is None:
+            rejected.labels("unauthenticated", "").inc()
+            if not header:
+                return _unauthenticated("missing API key: send it as 'Authorization: Bearer <key>'")
+            return _unauthenticated("incorrect API key provided")
+        if result.retry_after_s > 0:
+            rejected.labels("rate_limited", result.name).inc()
+            return error_response(
+                ApiError(
+                    429,
+                    f"rate limit reached for API key '{result.name}'; retry later",
+                    type="requests",
+                    code="rate_limit_exceeded",
+                    retry_after_s=max(1, math.ceil(result.retry_after_s)),
+                )
+            )
+        return await handler(request)
+
+    return middleware
+
+
 class Frontend:
     def __init__(
         self,
@@ -72,6 +121,15 @@ class Frontend:
             ready=lambda: not self.draining,
         )
         self._clock = clock
+        self.clock: Clock = clock or SystemClock()
+        self.api_keys: ApiKeys | None = None
+        """The keys of ``--api-keys-file`` (None: the API is open); replaced whole on SIGHUP."""
+        if config.api_keys_file:
+            try:
+                self.api_keys = load_api_keys(config.api_keys_file, self.clock.monotonic())
+            except ApiKeysError as exc:
+                raise SystemExit(f"--api-keys-file: {exc}") from None
+        self._sighup = False
         try:
             self._limits = RequestLimits(
                 max_prompts_per_request=config.max_prompts_per_request,
@@ -118,7 +176,9 @@ class Frontend:
             self.registry, backend, limits=self._limits, max_inflight_requests=self.config.max_inflight_requests
         )
 
-        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[_json_errors()])
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes, middlewares=[_json_errors(), _require_api_key(self)]
+        )
         app.router.add_post("/v1/chat/completions", self.api.chat_completions)
         app.router.add_post("/v1/completions", self.api.completions)
         app.router.add_get("/v1/models", self.api.models)
@@ -166,6 +226,12 @@ class Frontend:
             "http",
             InstanceInfo(address=f"{host}:{self.port}", role="frontend", metadata={"scheme": scheme}),
         )
+        if self.api_keys is not None:
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_api_keys)
+                self._sighup = True
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+                log.warning("SIGHUP cannot reload the API keys in this process (restart it to change them)")
         log.info(
             "frontend ready",
             extra=fields(
@@ -173,8 +239,23 @@ class Frontend:
                 router=self.config.router_endpoint or f"embedded ({self.config.router.router_mode})",
                 metrics=f"http://{self.config.runtime.metrics_host}:{rt.status.port}/metrics" if rt.status else "none",
                 pid=os.getpid(),
+                api_keys=repr(self.api_keys) if self.api_keys is not None else "none (the API is open)",
             ),
         )
+
+    def reload_api_keys(self) -> bool:
+        """Read ``--api-keys-file`` again (SIGHUP). On any error the keys in use stay, and the error is logged.
+        Limits of keys whose name and limit did not change carry on (a reload resets no bucket)."""
+        try:
+            fresh = load_api_keys(self.config.api_keys_file, self.clock.monotonic())
+        except ApiKeysError as exc:
+            log.error("API keys not reloaded, the previous ones stay in use: %s", exc)
+            return False
+        if self.api_keys is not None:
+            fresh.carry_buckets_from(self.api_keys)
+        self.api_keys = fresh
+        log.info("API keys reloaded", extra=fields(api_keys=repr(fresh)))
+        return True
 
     async def _health(self, request: web.Request) -> web.Response:
         models = [e.name for e in self.registry.names()] if self.registry else []
@@ -192,6 +273,9 @@ class Frontend:
         if self.draining:
             return
         self.draining = True
+        if self._sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup = False
         if self.registration is not None and self.runtime.discovery is not None:
             try:
                 await self.runtime.discovery.deregister(self.registration)
