@@ -162,3 +162,17 @@ async def test_sighup_reloads_the_file_and_a_bad_file_keeps_the_old_keys(stack, 
     assert not stack["frontend"].reload_api_keys()
     assert "API keys not reloaded" in caplog.text and new not in caplog.text
     assert await status(new) == 200
+
+
+async def test_openapi_json_is_open_and_describes_the_key_and_the_served_models(stack) -> None:  # type: ignore[no-untyped-def]
+    http: aiohttp.ClientSession = stack["http"]
+    async with http.get(f"{stack['base']}/openapi.json") as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        doc = await r.json()
+    assert doc["openapi"].startswith("3.1") and doc["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat["properties"]["model"]["examples"] == [MODEL_NAME]
+    example = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    async with http.post(f"{stack['base']}/v1/chat/completions", json=example, headers=auth) as r:
+        assert r.status == 200 and (await r.json())["object"] == "chat.completion"

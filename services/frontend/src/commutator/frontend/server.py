@@ -10,6 +10,7 @@ import signal
 import ssl
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 from commutator.common import metrics
 from commutator.common.clock import Clock, SystemClock
@@ -22,6 +23,7 @@ from commutator.frontend.auth import ApiKeys, ApiKeysError, load_api_keys
 from commutator.frontend.backend import EmbeddedRouterBackend, RouterServiceBackend
 from commutator.frontend.config import FrontendConfig
 from commutator.frontend.models import ModelRegistry
+from commutator.frontend.openapi import openapi_document
 from commutator.frontend.protocol import ApiError, RequestLimits
 from commutator.router.core import Router
 
@@ -130,6 +132,7 @@ class Frontend:
             except ApiKeysError as exc:
                 raise SystemExit(f"--api-keys-file: {exc}") from None
         self._sighup = False
+        self._openapi_cache: tuple[tuple[tuple[str, ...], bool], bytes] | None = None
         try:
             self._limits = RequestLimits(
                 max_prompts_per_request=config.max_prompts_per_request,
@@ -185,6 +188,7 @@ class Frontend:
         app.router.add_get("/health", self._health)
         app.router.add_get("/live", self._live)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/openapi.json", self._openapi)
         # handler_cancellation: a client that disconnects cancels its request (and the worker stream).
         self._runner = web.AppRunner(
             app,
@@ -264,6 +268,16 @@ class Frontend:
 
     async def _live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        models = sorted(e.name for e in self.registry.names()) if self.registry else []
+        key = (tuple(models), self.api_keys is not None)
+        if self._openapi_cache is None or self._openapi_cache[0] != key:
+            doc = openapi_document(
+                self._limits, models=models, api_keys=key[1], max_body_bytes=self.config.max_body_bytes
+            )
+            self._openapi_cache = (key, orjson.dumps(doc))
+        return web.Response(body=self._openapi_cache[1], content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
