@@ -37,6 +37,12 @@ class FrontendConfig:
     router_endpoint: str = option(
         "", "Discovery component of a standalone router service to send requests to (empty: route in-process)"
     )
+    http_read_timeout_s: float = option(
+        60.0,
+        "Longest a client may take to send a request's headers (then the connection is closed; a keep-alive"
+        " connection idle this long is closed too) and, separately, its body (then 408). Slowloris clients hold"
+        " a connection no longer than this",
+    )
     drain_grace_s: float = option(30.0, "On SIGTERM, how long in-flight requests may take to finish")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest accepted request body; larger ones get 413")
     max_prompts_per_request: int = option(

@@ -104,7 +104,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         401: "Missing or unknown API key (with --api-keys-file)",
         404: "Unknown model or route",
         405: "Method not allowed on this route",
+        408: "The body did not arrive within --http-read-timeout-s",
         413: "Body larger than --max-body-bytes",
+        415: "A compressed body (Content-Encoding): send it uncompressed",
         429: "Too many requests in flight here, or the API key's rate limit (Retry-After)",
         500: "The worker failed the request",
         503: "No worker serves the model",
@@ -132,7 +134,7 @@ def _generation(chat: bool, limits: RequestLimits, example: dict[str, Any] | Non
                     "text/event-stream": {"schema": {"type": "string"}},
                 },
             },
-            **_errors(400, 401, 404, 405, 413, 429, 500, 503, 504, 529),
+            **_errors(400, 401, 404, 405, 408, 413, 415, 429, 500, 503, 504, 529),
         },
     }
 

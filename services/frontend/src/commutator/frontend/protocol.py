@@ -68,6 +68,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -77,6 +78,8 @@ class ApiError(Exception):
         self.code = code
         self.retry_after_s = retry_after_s
         """Sent as the ``Retry-After`` header (429, 529): when trying again may succeed."""
+        self.close = close
+        """Close the connection after the answer (a body that cannot be read to its end: stalled, undecodable)."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from commutator.common import metrics
 from commutator.common.clock import Clock, SystemClock
 from commutator.common.discovery import InstanceInfo, MemoryStore, Registration
@@ -52,6 +53,29 @@ def _json_errors() -> web.middleware:  # type: ignore[valid-type]
             return error_response(ApiError(500, "internal error", type="internal_error"))
 
     return middleware
+
+
+class _ClientFaultsQuiet(logging.Filter):
+    """aiohttp logs a malformed request (a header line too long, a NUL in a header, a body that is not in
+    its Content-Encoding) at ERROR with a traceback: any client could fill the log with them. Such a record
+    becomes one line at DEBUG (the client got its 400)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError | web.RequestPayloadError):
+            return True
+        try:
+            line = f"{record.getMessage()}: {' '.join(str(exc).split())[:200]}"
+        except Exception:  # a filter must never fail the logging call (aiohttp would answer 500)
+            return True
+        record.msg, record.args = "%s", (line,)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_CLIENT_FAULTS_QUIET = _ClientFaultsQuiet()
 
 
 OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/openapi.json"})
@@ -143,6 +167,8 @@ class Frontend:
             raise SystemExit(f"frontend limits: {exc}") from None
         if config.max_inflight_requests < 1:
             raise SystemExit("--max-inflight-requests must be at least 1")
+        if not config.http_read_timeout_s > 0:
+            raise SystemExit("--http-read-timeout-s must be more than 0")
         self.router: Router | None = None
         self.registry: ModelRegistry | None = None
         self.api: OpenAIApi | None = None
@@ -151,6 +177,7 @@ class Frontend:
         self.registration: Registration | None = None
 
     async def start(self) -> None:
+        logging.getLogger("aiohttp.server").addFilter(_CLIENT_FAULTS_QUIET)  # once per process (same object)
         rt = self.runtime
         await rt.start()
         assert rt.discovery is not None and rt.events is not None
@@ -176,7 +203,11 @@ class Frontend:
             rt.on_close(self.router.close)
             backend = EmbeddedRouterBackend(self.router)
         self.api = OpenAIApi(
-            self.registry, backend, limits=self._limits, max_inflight_requests=self.config.max_inflight_requests
+            self.registry,
+            backend,
+            limits=self._limits,
+            max_inflight_requests=self.config.max_inflight_requests,
+            body_timeout_s=self.config.http_read_timeout_s,
         )
 
         app = web.Application(
@@ -190,9 +221,15 @@ class Frontend:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/openapi.json", self._openapi)
         # handler_cancellation: a client that disconnects cancels its request (and the worker stream).
+        # keepalive_timeout: aiohttp closes a connection that has not sent a whole request head this long
+        # after it opened or after its last response (slowloris headers); the body has its own timeout (api.py).
+        # auto_decompress off: bodies are never inflated (a compressed one gets 415), so that a compression
+        # bomb cannot make this process inflate gigabytes.
         self._runner = web.AppRunner(
             app,
             access_log=None,
+            auto_decompress=False,
+            keepalive_timeout=self.config.http_read_timeout_s,
             handle_signals=False,
             handler_cancellation=True,
             shutdown_timeout=self.config.drain_grace_s,
