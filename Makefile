@@ -122,6 +122,10 @@ test-unit: setup torch ## Unit tests only (no servers)
 test-integration: setup servers ## Integration tests (real etcd + nats-server)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
+.PHONY: fuzz
+fuzz: setup servers ## Fuzz the frontend (long form): schemathesis on /openapi.json, hostile bodies, slowloris; figures in build/fuzz/report.json
+	COMMUTATOR_FUZZ=long $(PY) -m pytest tests/e2e/test_frontend_fuzz.py -s --timeout 3600 $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: setup torch ## ruff and mypy (torch installed, so the hf engine is checked against its types)
 	$(VENV)/bin/ruff check .

@@ -223,3 +223,63 @@ async def test_a_port_held_without_reuseport_is_one_line_and_status_1(spawn) -> 
     errors = [line for line in parent.log().splitlines() if "ERROR" in line]
     assert len(errors) == 1 and f"cannot start: 127.0.0.1:{port} is in use by another program" in errors[0]
     assert "started frontend process" not in parent.log()
+
+
+async def test_every_process_reads_the_api_keys_file_and_sighup_reaches_each(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key, later = "sk-e2e-0123456789abcdefgh", "sk-later-0123456789abcdef"
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text(f"e2e {key}\n")
+    spawn("commutator.decode", "--speedup-ratio", "0")
+    port, metrics = free_port(), free_port_pair()
+    parent = spawn(
+        "commutator.frontend",
+        *("--processes", "2", "--http-host", "127.0.0.1", "--http-port", str(port)),
+        *("--metrics-port", str(metrics), "--api-keys-file", str(keys_file)),
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    children = (metrics, metrics + 1)
+
+    async def status(with_key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {with_key}"} if with_key else {}
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            try:
+                async with http.post(f"{base}/completions", json=body, headers=headers) as r:
+                    return r.status
+            except aiohttp.ClientError:
+                return 0
+
+    async def both_served_with_the_key() -> bool:
+        await status(key)
+        try:
+            return all([await series(p, OK_COMPLETIONS) >= 1 for p in children])
+        except aiohttp.ClientError:
+            return False
+
+    await until(both_served_with_the_key, "both processes to serve a request with the key")
+    assert [await status(None) for _ in range(8)] == [401] * 8
+    unauthenticated = 'commutator_frontend_rejected_requests_total{key="",reason="unauthenticated"}'
+    refused = [await series(p, unauthenticated) for p in children]
+    assert sum(refused) == 8 and all(r >= 1 for r in refused), refused  # both processes refuse
+
+    keys_file.write_text(f"later {later}\n")
+    parent.signal(signal.SIGHUP)  # the parent forwards it to each child, which reads the file again
+
+    async def reloaded() -> bool:
+        return [await status(later) for _ in range(6)] == [200] * 6
+
+    await until(reloaded, "every process to take the reloaded keys", 30)
+    assert [await status(key) for _ in range(6)] == [401] * 6
+    assert key not in parent.log() and later not in parent.log()
+    parent.signal(signal.SIGTERM)
+    assert await parent.wait(60) == 0
+
+
+async def test_an_invalid_api_keys_file_stops_the_start_with_one_line(spawn, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("alice sk-short\n")
+    parent = spawn("commutator.frontend", "--processes", "2", "--api-keys-file", str(keys_file))
+    assert await parent.wait(30) == 2
+    log = parent.log()
+    assert f"--api-keys-file: {keys_file}:1: the key of 'alice' must be 16 to 256" in log
+    assert "sk-short" not in log and "started frontend process" not in log

@@ -20,6 +20,9 @@ class FakeRequest:
     """
 
     path = "/v1/completions"
+    content_length = None
+    headers: dict[str, str] = {}
+    _client_max_size = 1 << 20
 
     def __init__(self, body: bytes = b"{not json", gate: asyncio.Event | None = None, fail: Exception | None = None):
         self.body = body

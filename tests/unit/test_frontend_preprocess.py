@@ -160,3 +160,25 @@ def test_a_tokenizer_whose_pieces_do_not_add_up_gets_no_cache() -> None:
     tok = Tokenizer(models.BPE(vocab={chr(c): c for c in range(32, 127)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     assert not ChunkedEncoder(tok).enabled  # a prefix space is refused up front
+
+
+def test_text_too_long_for_the_context_is_told_without_tokenizing(tiny: Preprocessor) -> None:
+    from dataclasses import replace
+
+    from tokenizers import models, normalizers
+
+    pre = replace(tiny, context_length=64)
+    assert pre.max_token_chars == max(map(len, tiny.tokenizer.get_vocab(with_added_tokens=True)))
+    # The bound is a floor on the token count: text just inside it may fit, text past it cannot.
+    for text in ("a" * pre.max_token_chars * 64, "é" * pre.max_token_chars * 64, "<|im_start|>" * 2000):
+        if pre.over_context(text):
+            assert len(tiny.encode(text)) > 64
+    longest = max(tiny.tokenizer.get_vocab(with_added_tokens=True), key=len)
+    past = "x" * (pre.max_token_chars * 64 + 1)
+    assert pre.over_context(past) and len(tiny.encode(past)) > 64 and not pre.over_context(longest)
+    assert not replace(tiny, context_length=0).over_context(past)  # unknown context: no bound
+    # A normalizer may drop characters: then length says nothing, and nothing is refused on it.
+    tok = Tokenizer(models.BPE(vocab={chr(c): c for c in range(32, 127)}, merges=[]))
+    tok.normalizer = normalizers.Strip()
+    other = Preprocessor(tok, None, (), context_length=4)
+    assert other.max_token_chars == 0 and not other.over_context(" " * 10_000)

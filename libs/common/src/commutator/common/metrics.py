@@ -357,6 +357,13 @@ FRONTEND_REQUESTS = Counter(
     ["endpoint", "status"],
     registry=REGISTRY,
 )
+FRONTEND_REJECTED = Counter(
+    _NS + "_frontend_rejected_requests",
+    "Requests refused by --api-keys-file before their endpoint: reason unauthenticated (no or unknown key) or"
+    " rate_limited; key is the key's name from the file (empty when none matched), never the key",
+    ["reason", "key"],
+    registry=REGISTRY,
+)
 FRONTEND_INFLIGHT = Gauge(
     _NS + "_frontend_inflight_requests",
     "Generation requests being served",

@@ -105,7 +105,13 @@ class OpenAIApi:
     """
 
     def __init__(
-        self, registry: ModelRegistry, backend: Backend, *, limits: RequestLimits, max_inflight_requests: int
+        self,
+        registry: ModelRegistry,
+        backend: Backend,
+        *,
+        limits: RequestLimits,
+        max_inflight_requests: int,
+        body_timeout_s: float = 60.0,
     ) -> None:
         if max_inflight_requests < 1:
             raise ValueError(f"max_inflight_requests must be at least 1, got {max_inflight_requests}")
@@ -113,6 +119,8 @@ class OpenAIApi:
         self.backend = backend
         self.limits = limits
         self.max_inflight_requests = max_inflight_requests
+        self.body_timeout_s = body_timeout_s
+        """How long a request's body may take to arrive (then 408)."""
         self.inflight_requests = 0
         """Generation requests being served now (what the cap is checked against)."""
         self._inflight = metrics.FRONTEND_INFLIGHT
@@ -156,13 +164,16 @@ class OpenAIApi:
         status = 200
         try:
             try:
-                body = await _read_json(request)
+                body = await _read_json(request, self.body_timeout_s)
                 resp = await (self._chat(request, body, t0) if chat else self._completion(request, body, t0))
                 status = resp.status
                 return resp
             except ApiError as err:
                 status = err.status
-                return error_response(err)
+                resp = error_response(err)
+                if err.close:
+                    resp.force_close()
+                return resp
         finally:
             self.inflight_requests -= 1
             self._inflight.dec()
@@ -173,15 +184,20 @@ class OpenAIApi:
         req = parse_chat(body, self.limits)
         pre = await self.registry.preprocessor(req.model)
         try:
-            tokens = pre.chat_token_ids(req.messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools)
+            text = pre.render_chat(req.messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools)
         except PreprocessError as exc:
             raise ApiError.bad(str(exc), "messages") from None
+        if pre.over_context(text):
+            raise _over_context(pre, "messages")
+        tokens = pre.encode(text)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._generate(request, t0, rid, req.model, pre, [tokens], req.sampling, chat=True)
 
     async def _completion(self, request: web.Request, body: Any, t0: float) -> web.StreamResponse:
         req = parse_completion(body, self.limits)
         pre = await self.registry.preprocessor(req.model)
+        if any(isinstance(p, str) and pre.over_context(p) for p in req.prompts):
+            raise _over_context(pre, "prompt")
         prompts = [pre.encode(p) if isinstance(p, str) else p for p in req.prompts]
         vocab = pre.tokenizer.get_vocab_size(with_added_tokens=True)
         for p in prompts:
@@ -513,17 +529,40 @@ class OpenAIApi:
         return resp
 
 
-async def _read_json(request: web.Request) -> Any:
-    try:
-        data = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request._client_max_size  # the application's configured limit
+def _over_context(pre: Preprocessor, param: str) -> ApiError:
+    return ApiError.bad(f"the prompt has more tokens than this model's context of {pre.context_length} tokens", param)
+
+
+async def _read_json(request: web.Request, timeout_s: float) -> Any:
+    """The body as JSON: 415 for a compressed one (the server does not inflate bodies, so a compression
+    bomb costs nothing); 413 past the application's size limit, from ``Content-Length`` before any byte is
+    read (aiohttp then reads and drops the rest for a while, so that the client, still sending, gets the
+    answer) or while reading; 408 when it takes over ``timeout_s`` (the connection is then closed)."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
         raise ApiError(
-            413,
-            f"the request body is larger than {limit} bytes",
-            type="invalid_request_error",
-            code="request_too_large",
+            415,
+            f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed",
+            code="unsupported_content_encoding",
+        )
+    limit = request._client_max_size  # the application's configured limit
+    too_large = ApiError(
+        413, f"the request body is larger than {limit} bytes", type="invalid_request_error", code="request_too_large"
+    )
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large
+    try:
+        async with asyncio.timeout(timeout_s):
+            data = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout", close=True
         ) from None
+    except web.RequestPayloadError as exc:  # a malformed chunked body
+        raise ApiError(400, f"the request body cannot be read: {exc}".replace("\n", " "), close=True) from None
     if not data:
         raise ApiError.bad("the request body is empty")
     try:

@@ -27,6 +27,13 @@ class FrontendConfig:
     )
     tls_cert_path: str = option("", "TLS certificate (PEM); with --tls-key-path the API is served over HTTPS")
     tls_key_path: str = option("", "TLS private key (PEM)")
+    api_keys_file: str = option(
+        "",
+        "File of API keys, one 'NAME KEY [N/s|N/m]' a line (README, 'API keys'). When set, every request but"
+        " /health, /live, /metrics and /openapi.json needs 'Authorization: Bearer KEY' (401 without; 429 with"
+        " Retry-After over the key's limit). Read at start-up (an invalid file stops it) and again on SIGHUP",
+        metavar="PATH",
+    )
     router_endpoint: str = option(
         "", "Discovery component of a standalone router service to send requests to (empty: route in-process)"
     )
@@ -34,6 +41,12 @@ class FrontendConfig:
         10.0,
         "With --router-endpoint: how long a request waits for a router service when none is registered, or when "
         "its router failed mid-stream (it is then sent on with the tokens so far, --migration-limit times at most)",
+    )
+    http_read_timeout_s: float = option(
+        60.0,
+        "Longest a client may take to send a request's headers (then the connection is closed; a keep-alive"
+        " connection idle this long is closed too) and, separately, its body (then 408). Slowloris clients hold"
+        " a connection no longer than this",
     )
     drain_grace_s: float = option(30.0, "On SIGTERM, how long in-flight requests may take to finish")
     max_body_bytes: int = option(8 * 1024 * 1024, "Largest accepted request body; larger ones get 413")

@@ -242,10 +242,24 @@ class Preprocessor:
     eos_token_ids: tuple[int, ...]
     context_length: int
     encoder: ChunkedEncoder | None = None
+    max_token_chars: int = 0
+    """The most characters one token stands for, where that bounds a text's token count from below
+    (byte-level tokenizers with no normalizer: every character is at least one byte, and no byte is
+    dropped); 0 where it does not. See :meth:`over_context`."""
 
     def __post_init__(self) -> None:
         if self.encoder is None:
             self.encoder = ChunkedEncoder(self.tokenizer)
+        if not self.max_token_chars and self.tokenizer.normalizer is None:
+            if _byte_level_without_prefix_space(self.tokenizer):
+                self.max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=0)
+
+    def over_context(self, text: str) -> bool:
+        """Whether ``text`` has more tokens than the context for certain, told from its length alone: a
+        client's megabytes of text are refused before they are tokenized (which costs far more memory
+        and time than the text itself)."""
+        bound = self.context_length * self.max_token_chars
+        return bound > 0 and len(text) > bound
 
     @classmethod
     def load(

@@ -15,7 +15,8 @@ the user becomes a parent that serves nothing itself and runs no event loop:
   its "frontend ready" log line names). The kernel spreads new connections over
   the children;
 - it forwards SIGTERM and SIGINT to them (as SIGTERM: each drains as a single
-  frontend does) and exits 0 once all exited 0 (or were stopped before they
+  frontend does), and SIGHUP as SIGHUP (each reads ``--api-keys-file`` again),
+  and exits 0 once all exited 0 (or were stopped before they
   could drain). A child that exits on its own ends the group: the others are
   drained and the parent exits 1, so that whatever supervises the parent starts
   it again;
@@ -233,6 +234,7 @@ class ProcessGroup:
                 extra=fields(metrics_ports=", ".join(str(p.metrics_port) for p in plans)),
             )
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
             try:
                 try:
                     for plan in plans:
@@ -275,6 +277,12 @@ class ProcessGroup:
             log.info("%s received: draining %d frontend processes", signal.Signals(signum).name, len(self._live))
         self._stopping = True
         self._stop()
+
+    def _on_hangup(self, _signum: int, _frame: FrameType | None) -> None:
+        """SIGHUP goes on to every child (each reloads its --api-keys-file); the parent itself goes on."""
+        for child in self._live.values():
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGHUP)
 
     def _stop(self) -> None:
         """SIGTERM to every live child (again on a second signal: a child then exits at once)."""

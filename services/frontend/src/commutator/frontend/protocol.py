@@ -17,6 +17,10 @@ detokenizer checks every stop string on every token: at most
 ``stop_token_ids``). Fan-out (prompts, ``n``, prompts x ``n``: each choice is
 a worker stream opened at once) is capped by :class:`RequestLimits`, which the
 frontend builds from its flags.
+
+Every top-level field read here, with its bounds, is listed once in
+:mod:`commutator.frontend.body_fields`, which the numeric checks read their
+bounds from and ``/openapi.json`` is made from.
 """
 
 from __future__ import annotations
@@ -24,6 +28,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from commutator.frontend.body_fields import (
+    MAX_LOGPROBS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    UINT32_MAX,
+    BodyField,
+    body_fields,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -36,20 +50,10 @@ __all__ = [
     "CompletionRequest",
     "RequestLimits",
     "SamplingRequest",
+    "fields_of",
     "parse_chat",
     "parse_completion",
 ]
-
-MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 32
-MAX_STOP_STRING_CHARS = 256
-MAX_STOP_TOKEN_IDS = 1024
-
-# Ranges of the protobuf field types the values are written into.
-UINT32_MAX = 2**32 - 1
-INT32_MAX = 2**31 - 1
-SEED_MIN = -(2**63)  # negative seeds are taken modulo 2**64 (the wire field is uint64)
-SEED_MAX = 2**64 - 1
 
 
 class ApiError(Exception):
@@ -64,6 +68,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -73,6 +78,8 @@ class ApiError(Exception):
         self.code = code
         self.retry_after_s = retry_after_s
         """Sent as the ``Retry-After`` header (429, 529): when trying again may succeed."""
+        self.close = close
+        """Close the connection after the answer (a body that cannot be read to its end: stalled, undecodable)."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -180,6 +187,23 @@ def _float(
     return f
 
 
+def _int_field(body: dict[str, Any], f: BodyField) -> int | None:
+    """``body[f.name]`` within the bounds the table gives it."""
+    assert f.number is not None and f.number.integer, f.name
+    return _int(body, f.name, lo=int(f.number.lo), hi=int(f.number.hi))
+
+
+def _float_field(body: dict[str, Any], f: BodyField) -> float | None:
+    assert f.number is not None and not f.number.integer, f.name
+    n = f.number
+    return _float(body, f.name, lo=float(n.lo), hi=float(n.hi), lo_open=n.lo_open)
+
+
+def fields_of(limits: RequestLimits, *, chat: bool) -> dict[str, BodyField]:
+    """The body fields of a chat or completion request under ``limits`` (bounds included)."""
+    return dict(body_fields(chat, limits.max_n, limits.max_prompts_per_request))
+
+
 def _bool(body: dict[str, Any], name: str, default: bool = False, param: str | None = None) -> bool:
     v = body.get(name)
     if v is None:
@@ -191,17 +215,25 @@ def _bool(body: dict[str, Any], name: str, default: bool = False, param: str | N
 
 
 def _token_ids(value: list[Any], param: str) -> list[int]:
-    """A list of token ids, each an int in [0, 2**32) (the wire's uint32)."""
+    """A list of token ids, each an integer in [0, 2**32) (the wire's uint32); integral floats (``5.0``)
+    count, as they do for every integer field (JSON Schema's ``integer``)."""
     if _all_ints(value) and min(value) >= 0 and max(value) <= UINT32_MAX:  # C loops; a prompt has thousands
         return list(value)
+    out = []
     for t in value:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= UINT32_MAX:
+        if not _is_token(t) or not 0 <= t <= UINT32_MAX:
             raise ApiError.bad(f"'{param}' token ids must be integers in [0, {UINT32_MAX}], got {_short(t)}", param)
-    return list(value)
+        out.append(int(t))
+    return out
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_token(x: Any) -> bool:
+    """An integer, or a float with no fraction (not NaN or infinite)."""
+    return _is_int(x) or (isinstance(x, float) and x.is_integer())
 
 
 def _all_ints(xs: list[Any]) -> bool:
@@ -242,7 +274,7 @@ def _stop(body: dict[str, Any], s: SamplingRequest) -> None:
                         f"'stop' strings must have 1 to {MAX_STOP_STRING_CHARS} characters, got {len(x)}", "stop"
                     )
             s.stop = list(stop)
-        elif all(_is_int(x) for x in stop):
+        elif all(_is_token(x) for x in stop):
             s.stop_token_ids = _token_ids(stop, "stop")  # token ids given as stop (some clients do)
         else:
             raise ApiError.bad("'stop' must be a string, a list of strings, or a list of token ids", "stop")
@@ -259,22 +291,23 @@ def _stop(body: dict[str, Any], s: SamplingRequest) -> None:
 
 
 def _sampling(body: dict[str, Any], limits: RequestLimits, *, chat: bool) -> SamplingRequest:
+    f = body_fields(chat, limits.max_n, limits.max_prompts_per_request)
     s = SamplingRequest()
-    mt = _int(body, "max_completion_tokens", lo=1, hi=UINT32_MAX) if chat else None
-    s.max_tokens = mt if mt is not None else _int(body, "max_tokens", lo=1, hi=UINT32_MAX)
-    s.min_tokens = _int(body, "min_tokens", lo=0, hi=UINT32_MAX) or 0
+    mt = _int_field(body, f["max_completion_tokens"]) if chat else None
+    s.max_tokens = mt if mt is not None else _int_field(body, f["max_tokens"])
+    s.min_tokens = _int_field(body, f["min_tokens"]) or 0
     if s.max_tokens is not None and s.min_tokens > s.max_tokens:
         raise ApiError.bad("'min_tokens' must not exceed 'max_tokens'", "min_tokens")
-    s.temperature = _float(body, "temperature", lo=0.0, hi=2.0)
-    s.top_p = _float(body, "top_p", lo=0.0, hi=1.0, lo_open=True)
-    s.top_k = _int(body, "top_k", lo=-1, hi=INT32_MAX)  # -1: no top-k
-    s.seed = _int(body, "seed", lo=SEED_MIN, hi=SEED_MAX)
-    s.frequency_penalty = _float(body, "frequency_penalty", lo=-2.0, hi=2.0)
-    s.presence_penalty = _float(body, "presence_penalty", lo=-2.0, hi=2.0)
+    s.temperature = _float_field(body, f["temperature"])
+    s.top_p = _float_field(body, f["top_p"])
+    s.top_k = _int_field(body, f["top_k"])  # -1: no top-k
+    s.seed = _int_field(body, f["seed"])
+    s.frequency_penalty = _float_field(body, f["frequency_penalty"])
+    s.presence_penalty = _float_field(body, f["presence_penalty"])
     # Divides the logits of tokens already seen: 1 is none, values past 10 only make the model unusable.
-    s.repetition_penalty = _float(body, "repetition_penalty", lo=0.0, hi=10.0, lo_open=True)
+    s.repetition_penalty = _float_field(body, f["repetition_penalty"])
     s.ignore_eos = _bool(body, "ignore_eos")
-    s.n = _int(body, "n", lo=1, hi=limits.max_n) or 1
+    s.n = _int_field(body, f["n"]) or 1
     s.stream = _bool(body, "stream")
     _stop(body, s)
     opts = body.get("stream_options")
@@ -284,11 +317,11 @@ def _sampling(body: dict[str, Any], limits: RequestLimits, *, chat: bool) -> Sam
         s.include_usage = _bool(opts, "include_usage", param="stream_options.include_usage")
     if chat:
         if _bool(body, "logprobs"):
-            s.logprobs = _int(body, "top_logprobs", lo=0, hi=MAX_LOGPROBS) or 0
+            s.logprobs = _int_field(body, f["top_logprobs"]) or 0
         elif body.get("top_logprobs") is not None:
             raise ApiError.bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     else:
-        s.logprobs = _int(body, "logprobs", lo=0, hi=MAX_LOGPROBS)
+        s.logprobs = _int_field(body, f["logprobs"])
     return s
 
 
@@ -356,7 +389,7 @@ def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if isinstance(prompt, list) and prompt:
-        if not _is_int(prompt[0]) and len(prompt) > limits.max_prompts_per_request:
+        if not _is_token(prompt[0]) and len(prompt) > limits.max_prompts_per_request:
             raise ApiError.bad(
                 f"'prompt' has {len(prompt)} prompts; at most {limits.max_prompts_per_request} are allowed per request",
                 "prompt",
@@ -365,7 +398,7 @@ def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
             if not all(prompt):
                 raise ApiError.bad("'prompt' must not be empty", "prompt")
             return list(prompt)
-        if _all_ints(prompt):
+        if _all_ints(prompt) or all(_is_token(p) for p in prompt):
             return [_token_ids(prompt, "prompt")]
         if all(isinstance(p, list) and p for p in prompt):
             return [_token_ids(p, "prompt") for p in prompt]
