@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from commutator.common.discovery import Discovery, DiscoveryConfig, EtcdBackend
+from commutator.common.errors import Unavailable
 from commutator.common.events import EventPlaneConfig
 from commutator.common.grpc import EndpointClient, GrpcConfig
 from commutator.common.local_servers import EtcdProcess, NatsProcess, free_port
@@ -149,3 +150,65 @@ async def test_an_engine_restart_leaves_the_router_with_exactly_the_new_engines_
     )
     assert resets == 1
     assert "its engine restarted (epoch " in router.log()
+
+
+async def test_a_failed_engine_is_replaced_in_place_then_the_worker_exits_past_the_limit(  # type: ignore[no-untyped-def]
+    spawn, routers: EndpointClient, decode_workers: EndpointClient, etcd_server: EtcdProcess, nats_server, unique
+) -> None:
+    runtime = RuntimeConfig(
+        discovery=DiscoveryConfig(etcd_endpoints=(etcd_server.endpoint,), namespace=unique),
+        events=EventPlaneConfig(nats_url=nats_server.url),
+        metrics_port=-1,
+    )
+    w = DecodeWorker(
+        DecodeConfig(
+            runtime=runtime,
+            grpc=GrpcConfig(),
+            worker=WorkerConfig(engine="mocker", stats_interval_s=0.2, engine_restarts=1),
+            mocker=MockerConfig(block_size=BS, num_blocks=256, speedup_ratio=0),
+        )
+    )
+    w.engine_watch_interval_s = 0.05
+    await w.start()
+    try:
+        spawn("commutator.router")
+        await routers.wait_for_instances(1, 60)
+        await decode_workers.wait_for_instances(1, 60)
+        wid, first_epoch = w.instance_id, w.epoch
+        await generate(decode_workers, "before", prompt(1))
+        await until_equal(routers, decode_workers, wid)
+
+        def crash() -> None:
+            """The mocker's pass loop dies on its next pass: the engine can serve nothing more."""
+
+            def boom() -> None:
+                raise RuntimeError("simulated engine crash")
+
+            mocker = w.engine.inner  # type: ignore[union-attr] # the decode role wraps it (disaggregation)
+            mocker.scheduler.step = boom
+
+        crash()
+        # The request in flight ends with UNAVAILABLE (the router migrates those), not an abort.
+        with pytest.raises(Unavailable, match="engine stopped"):
+            await asyncio.wait_for(generate(decode_workers, "during", prompt(2)), 20)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while w.epoch == first_epoch or w._restarting:
+            assert loop.time() < deadline, "the failed engine was not replaced"
+            await asyncio.sleep(0.05)
+        assert not w.runtime.shutdown.is_set() and w.instance_id == wid  # still registered, same id
+        assert w.servicer is not None and w.servicer.engine_failed is None
+        await generate(decode_workers, "after", prompt(3))  # the new engine serves
+        _, epoch, pairs = await until_equal(routers, decode_workers, wid)
+        assert epoch == w.epoch and len(pairs) == 10  # the router holds the new engine's cache only
+        assert await overlap(routers, prompt(1)) == {}
+
+        crash()  # a second failure within the hour: past --engine-restarts 1, the worker gives up
+        again = asyncio.create_task(generate(decode_workers, "again", prompt(4)))
+        await asyncio.wait_for(w.runtime.shutdown.wait(), 20)
+        assert w.runtime.exit_status == 1
+        await w.drain(60.0)  # what the process does next: its failed engine's request ends at once, not in 60 s
+        with pytest.raises(Unavailable, match="engine stopped"):
+            await asyncio.wait_for(again, 5)
+    finally:
+        await w.drain(1.0)

@@ -324,6 +324,11 @@ FRONTEND_ROUTER_MIGRATIONS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+WORKER_ENGINE_RESTARTS = Counter(
+    _NS + "_worker_engine_restarts",
+    "Engines that failed and were replaced in place (--engine-restarts)",
+    registry=REGISTRY,
+)
 ROUTER_RECOVERIES = Counter(
     _NS + "_router_recoveries",
     "Workers rebuilt from a dump of their cache state after lost events, by result (ok, failed, stale_epoch: "

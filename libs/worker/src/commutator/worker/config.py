@@ -36,6 +36,13 @@ class WorkerConfig:
         "Least time between two messages of a Generate stream after the first: tokens produced closer together "
         "go out in one message (0: a message per engine output). Engines decoding slower than this are unaffected.",
     )
+    engine_restarts: int = option(
+        0,
+        "An engine that fails (it can serve nothing more) is replaced in place, keeping the worker's registration "
+        "and id, up to this many times an hour; its requests in flight fail (the router migrates them), and the "
+        "new engine's epoch resets this worker's index entries in every router (docs/kv-events.md). 0, or past "
+        "the limit, or a role that cannot swap its engine: the worker drains and exits 1, for its supervisor",
+    )
     stream_port: int = option(
         0,
         "TCP port of the worker stream (docs/worker-stream.md, Transports), on the gRPC server's host and "

@@ -19,13 +19,17 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from commutator.common import tracing
-from commutator.engines.base import EngineOutput
+from commutator.engines.base import EngineOutput, FinishReason
 from commutator.engines.wire import fill_response, request_from_proto
 from commutator.v1 import worker_pb2
 
 __all__ = ["MuxSession"]
 
 log = logging.getLogger(__name__)
+
+
+ENGINE_GONE = (FinishReason.ABORT, FinishReason.ERROR)
+"""How an engine that failed, or is shut down after failing, ends the requests it held."""
 
 
 class MuxSession:
@@ -127,6 +131,9 @@ class MuxSession:
             return
         if self._draining():
             self._fail(tag, "UNAVAILABLE", "the worker is draining")
+            return
+        if self._s.engine_failed is not None:
+            self._fail(tag, "UNAVAILABLE", f"the worker's engine stopped ({self._s.engine_failed})")
             return
         try:
             ereq = request_from_proto(start.request)
@@ -256,6 +263,13 @@ class MuxSession:
                 self.wake()
 
     def _push(self, tag: int, out: EngineOutput, first: bool) -> None:
+        failed = self._s.engine_failed
+        if failed is not None and out.finish_reason in ENGINE_GONE:
+            # The engine failed, not the request: UNAVAILABLE, which the router migrates.
+            out = EngineOutput(out.token_ids, None, out.prompt_tokens, out.cached_prompt_tokens, out.logprobs)
+            self._fail(tag, "UNAVAILABLE", f"the worker's engine stopped ({failed})")
+            if not out.token_ids:
+                return
         p = self._pending.get(tag)
         if p is None:
             self._pending[tag] = EngineOutput(

@@ -11,12 +11,12 @@ from typing import Any
 
 import grpc
 from commutator.common import metrics, tracing
-from commutator.common.errors import InvalidRequest, RemoteError, Unsupported
+from commutator.common.errors import InvalidRequest, RemoteError, Unavailable, Unsupported
 from commutator.common.grpc import abort_with
 from commutator.engines.base import Engine, EngineOutput
 from commutator.engines.wire import output_to_proto, request_from_proto, stats_to_proto
 from commutator.v1 import common_pb2, kv_events_pb2, worker_pb2, worker_pb2_grpc
-from commutator.worker.mux import MuxSession
+from commutator.worker.mux import ENGINE_GONE, MuxSession
 
 __all__ = ["WorkerServicer"]
 
@@ -50,6 +50,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._label = worker_label
         self._sessions: set[MuxSession] = set()
         self.draining = False
+        self.engine_failed: str | None = None
+        """Set once the engine has failed (the worker replaces it, or exits): the requests it ends
+        (aborted or failed by its shutdown) end with UNAVAILABLE instead, which the router migrates."""
         self.in_flight = 0
 
     # -- accounting shared by Generate and GenerateMany -----------------------------------
@@ -84,6 +87,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         so a dump or a stat never pairs one engine's state with the other's epoch."""
         self.engine = engine
         self.epoch = epoch
+        self.engine_failed = None
 
     def start_drain(self) -> None:
         """Refuse new multiplexed requests (UNAVAILABLE: routed elsewhere); end each stream once it is idle."""
@@ -116,6 +120,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except ValueError as exc:
             self.count_outcome("invalid")
             await abort_with(context, InvalidRequest(str(exc)))
+        if self.engine_failed is not None:  # being replaced: another worker serves it now
+            self.count_outcome("error")
+            await abort_with(context, Unavailable(f"the worker's engine stopped ({self.engine_failed})"))
         outcome = "cancelled"
         self.request_started()
         gen = self.engine.generate(ereq)
@@ -131,6 +138,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self._messages.inc()
                     if out.finish_reason is not None:
                         outcome = out.finish_reason.value
+                        if self.engine_failed is not None and out.finish_reason in ENGINE_GONE:
+                            outcome = "error"
+                            if out.token_ids:
+                                out.finish_reason = None
+                                yield output_to_proto(out)
+                            raise Unavailable(f"the worker's engine stopped ({self.engine_failed})")
                     yield output_to_proto(out)
                     if interval and out.finish_reason is None:
                         # Tokens the engine makes meanwhile wait in its channel and leave as one message.
@@ -138,6 +151,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except ValueError as exc:
             outcome = "invalid"
             await abort_with(context, InvalidRequest(str(exc)))
+        except Unavailable as exc:
+            await abort_with(context, exc)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

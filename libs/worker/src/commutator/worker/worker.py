@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Protocol
 
+from commutator.common import metrics
 from commutator.common.clock import Clock
 from commutator.common.discovery import InstanceInfo, MemoryStore, Registration
 from commutator.common.errors import Unsupported
@@ -104,6 +106,8 @@ class Worker:
         """The running engine's epoch (:mod:`commutator.worker.epoch`); 0 before it starts."""
         self._engine_spec: EngineSpec | None = None
         self._restarting = False
+        self.engine_watch_interval_s = 1.0
+        self._engine_down = False  # the engine was shut down for good (drain)
         self._tasks = Supervisor()
 
     @property
@@ -255,7 +259,8 @@ class Worker:
         return engine
 
     async def _shutdown_engine(self) -> None:
-        if self.engine is not None:
+        if self.engine is not None and not self._engine_down:
+            self._engine_down = True
             await self.engine.shutdown()
 
     async def restart_engine(self) -> int:
@@ -278,8 +283,13 @@ class Worker:
         assert self.servicer is not None and self.kv_publisher is not None and self.load_publisher is not None
         self._restarting = True
         old_epoch = self.epoch
+        if self.servicer.engine_failed is None:  # a reload: its requests are migrated all the same
+            self.servicer.engine_failed = "restarted by the operator"
         try:
-            await self.engine.shutdown()
+            try:
+                await self.engine.shutdown()
+            except Exception as exc:  # a failed engine may re-raise its failure on the way out
+                log.warning("the old engine did not shut down cleanly: %r", exc)
             try:
                 engine = await self._start_engine(make_engine(self.config.worker.engine, self._engine_spec))
             except EngineError as exc:
@@ -295,15 +305,37 @@ class Worker:
         return self.epoch
 
     async def _watch_engine(self) -> None:
-        """An engine that can serve nothing more takes the worker out: deregister, drain, exit 1."""
+        """An engine that can serve nothing more is replaced in place (``--engine-restarts`` times an
+        hour), or takes the worker out: deregister, drain, exit 1."""
+        restarts: list[float] = []  # when the engine was replaced, in the last hour
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self.engine_watch_interval_s)
             if self._restarting:
                 continue  # the old engine is going away on purpose
             reason = self.engine.failure() if self.engine is not None else None
-            if reason:
+            if not reason:
+                continue
+            if self.servicer is not None:
+                self.servicer.engine_failed = reason  # its requests end with UNAVAILABLE: the router migrates them
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < 3600.0]
+            limit = self.config.worker.engine_restarts
+            blocker = self.engine_restart_blocker()
+            if len(restarts) >= limit or blocker is not None or self.draining:
+                if limit and blocker is not None:
+                    reason += f" (not restarted in place: {blocker})"
+                elif limit and len(restarts) >= limit:
+                    reason += f" (restarted in place {len(restarts)} times in the last hour: --engine-restarts {limit})"
                 self.runtime.fail(reason)
                 return
+            log.error("the engine failed (%s); replacing it in place", reason)
+            try:
+                await self.restart_engine()
+            except Exception as exc:
+                self.runtime.fail(f"the engine failed ({reason}) and could not be replaced: {exc}")
+                return
+            restarts.append(now)
+            metrics.WORKER_ENGINE_RESTARTS.inc()
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Deregister, finish in-flight streams (within the grace period), flush events, close."""
@@ -322,6 +354,13 @@ class Worker:
         if self.servicer is not None:
             self.servicer.start_drain()  # multiplexed streams end once their requests are done
         grace = self.config.grpc.drain_grace_s if grace_s is None else grace_s
+        if self.servicer is not None and self.servicer.engine_failed is not None and self.engine is not None:
+            # A failed engine finishes nothing: end its requests now (UNAVAILABLE, so the router migrates
+            # them) instead of holding them for the grace period.
+            try:
+                await self._shutdown_engine()
+            except Exception as exc:
+                log.warning("the failed engine did not shut down cleanly: %r", exc)
         draining = [self.server.drain(grace)] if self.server is not None else []
         if self.stream_server is not None:
             draining.append(self.stream_server.drain(grace))  # stops accepting, sessions end as GenerateMany's
