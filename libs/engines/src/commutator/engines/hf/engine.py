@@ -184,7 +184,8 @@ class HfEngine:
     async def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A pass loop that died has said why (failure()); its requests must still be ended below.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         for rid, ch in list(self._channels.items()):
