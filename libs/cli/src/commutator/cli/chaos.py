@@ -94,6 +94,8 @@ class Report:
     results: list[Result] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     migrations: int = 0
+    router_migrations: int = 0
+    """Streams a frontend sent to a router again after its router service died mid-stream."""
     index_mismatches: dict[str, str] = field(default_factory=dict)
     workers_compared: int = 0
     wall_s: float = 0.0
@@ -122,7 +124,8 @@ class Report:
             f"{n} streaming requests in {self.wall_s:.0f} s: {self.count('ok')} completed exactly, "
             f"{self.count('error')} failed with a clear error, {self.count('lost')} lost (no answer, no error), "
             f"{self.count('wrong')} with wrong output (tokens repeated, lost or different)",
-            f"migrations: {self.migrations}",
+            f"migrations: {self.migrations} after a worker failed, {self.router_migrations} after the router "
+            "service failed",
         ]
         by_fault = self.failures_by_fault()
         out.append(
@@ -491,6 +494,7 @@ class _Chaos:
         for role in [self.frontends["frontend-a"][0], *(r for r in [self.router] if r is not None)]:
             n += role.log().count("migrating it to another worker")
         self.report.migrations = n
+        self.report.router_migrations = self.frontends["frontend-b"][0].log().count("sending it to a router again")
 
 
 async def run_chaos(cfg: ChaosConfig) -> Report:
