@@ -261,6 +261,10 @@ async def test_a_frontend_migrates_its_streams_when_its_router_service_dies(spaw
         await asyncio.sleep(1.0)
         spawn("commutator.router")  # back after a while: the streams wait for it (--router-wait-s)
         results = await asyncio.wait_for(asyncio.gather(*runs), 120)
+        # Requests after the restart are served by the new router service, exactly.
+        after = await asyncio.gather(*(sse(http, base, k, asyncio.Event()) for k in range(6, 9)))
+        again = await asyncio.gather(*(sse(http, base, k, asyncio.Event()) for k in range(6, 9)))
+        assert [a[0] for a in after] == [a[0] for a in again] and all(a[2] == ["length"] for a in after)
         async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
             metrics = await r.text()
 
