@@ -189,6 +189,16 @@ async def sse(http: aiohttp.ClientSession, base: str, k: int, first: asyncio.Eve
     return "".join(text), usage, ends
 
 
+async def serves(http: aiohttp.ClientSession, base: str, frontend) -> bool:  # type: ignore[no-untyped-def]
+    """The frontend lists a model (it knows a worker)."""
+    assert frontend.proc.poll() is None, frontend.log()[-3000:]
+    try:
+        async with http.get(f"{base}/v1/models") as r:
+            return r.status == 200 and bool((await r.json())["data"])
+    except aiohttp.ClientError:
+        return False
+
+
 async def test_the_frontends_embedded_router_migrates_pushed_streams(spawn, clients) -> None:  # type: ignore[no-untyped-def]
     _, workers = clients
     procs = await start_workers(spawn, workers, 3)
@@ -198,16 +208,7 @@ async def test_the_frontends_embedded_router_migrates_pushed_streams(spawn, clie
     )
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-
-        async def serves() -> bool:
-            assert frontend.proc.poll() is None, frontend.log()[-3000:]
-            try:
-                async with http.get(f"{base}/v1/models") as r:
-                    return r.status == 200 and bool((await r.json())["data"])
-            except aiohttp.ClientError:
-                return False
-
-        await until(serves, 60)
+        await until(lambda: serves(http, base, frontend), 60)
         reference = await asyncio.gather(*(sse(http, base, k, asyncio.Event()) for k in range(N_REQ)))
         firsts = [asyncio.Event() for _ in range(N_REQ)]
         runs = [asyncio.create_task(sse(http, base, k, firsts[k])) for k in range(N_REQ)]
@@ -242,16 +243,7 @@ async def test_a_frontend_migrates_its_streams_when_its_router_service_dies(spaw
     )
     base = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-
-        async def serves() -> bool:
-            assert frontend.proc.poll() is None, frontend.log()[-3000:]
-            try:
-                async with http.get(f"{base}/v1/models") as r:
-                    return r.status == 200 and bool((await r.json())["data"])
-            except aiohttp.ClientError:
-                return False
-
-        await until(serves, 60)
+        await until(lambda: serves(http, base, frontend), 60)
         reference = await asyncio.gather(*(sse(http, base, k, asyncio.Event()) for k in range(6)))
         firsts = [asyncio.Event() for _ in range(6)]
         runs = [asyncio.create_task(sse(http, base, k, firsts[k])) for k in range(6)]

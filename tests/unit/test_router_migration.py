@@ -81,3 +81,18 @@ def test_push_mode_counts_what_the_sink_is_handed() -> None:
     assert sink(resp([5, 6], prompt=3)) is False
     sink(resp([7]))
     assert seen == [[5, 6], [7]] and p.generated == [5, 6, 7] and p.started
+
+
+def test_past_the_limit_the_failure_is_unavailable_and_counted() -> None:
+    import pytest
+    from commutator.common.errors import Unavailable
+    from prometheus_client import CollectorRegistry, Counter
+
+    counter = Counter("m", "migrations", ["outcome"], registry=CollectorRegistry())
+    p = Progress(request())
+    p.take(resp([5], prompt=3))
+    once = p.migrate_or_raise(request(), RuntimeError("worker gone"), 1, counter)
+    assert list(once.token_ids) == [1, 2, 3, 5]
+    with pytest.raises(Unavailable, match=r"worker gone \(request r migrated 1 times already: --migration-limit 1\)"):
+        p.migrate_or_raise(once, RuntimeError("worker gone"), 1, counter)
+    assert counter.labels("migrated")._value.get() == 1 and counter.labels("limit")._value.get() == 1

@@ -100,14 +100,8 @@ class RouterServiceBackend:
                 elif progress is None:
                     raise
                 elif answered:  # it broke after responses: continue from what was streamed
-                    if progress.migrations >= self.migration_limit:
-                        metrics.FRONTEND_ROUTER_MIGRATIONS.labels("limit").inc()
-                        raise Unavailable(
-                            f"{exc} (request {request.request_id} migrated {progress.migrations} times already: "
-                            f"--migration-limit {self.migration_limit})"
-                        ) from None
-                    request = progress.migrate(request)
-                    metrics.FRONTEND_ROUTER_MIGRATIONS.labels("migrated").inc()
+                    counter = metrics.FRONTEND_ROUTER_MIGRATIONS
+                    request = progress.migrate_or_raise(request, exc, self.migration_limit, counter)
                     log.warning(
                         "request %s: the router service failed after %d tokens (%s); sending it to a router again",
                         request.request_id,

@@ -631,14 +631,8 @@ class Router:
                 if requested is not None:
                     raise
                 if progress is not None and progress.started:
-                    if progress.migrations >= self.config.migration_limit:
-                        metrics.ROUTER_MIGRATIONS.labels("limit").inc()
-                        raise Unavailable(
-                            f"{exc} (request {rid} migrated {progress.migrations} times already: "
-                            f"--migration-limit {self.config.migration_limit})"
-                        ) from None
-                    request = progress.migrate(request)
-                    metrics.ROUTER_MIGRATIONS.labels("migrated").inc()
+                    limit = self.config.migration_limit
+                    request = progress.migrate_or_raise(request, exc, limit, metrics.ROUTER_MIGRATIONS)
                     log.warning(
                         "request %s: worker %x failed after %d tokens (%s); migrating it to another worker",
                         rid,

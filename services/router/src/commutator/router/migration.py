@@ -7,7 +7,9 @@ a router service (a router that fails mid-stream).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from commutator.common.errors import Unavailable
 from commutator.v1 import common_pb2
 
 __all__ = ["Progress"]
@@ -76,6 +78,20 @@ class Progress:
         new.stop.min_tokens = max(0, self.min_tokens - n)
         new.ClearField("dp_rank")
         return new
+
+    def migrate_or_raise(
+        self, request: common_pb2.GenerateRequest, failure: Exception, limit: int, counter: Any
+    ) -> common_pb2.GenerateRequest:
+        """:meth:`migrate`, counted in ``counter`` (a counter with an ``outcome`` label); past ``limit``
+        migrations, ``Unavailable`` saying so instead."""
+        if self.migrations >= limit:
+            counter.labels("limit").inc()
+            raise Unavailable(
+                f"{failure} (request {request.request_id} migrated {self.migrations} times already: "
+                f"--migration-limit {limit})"
+            )
+        counter.labels("migrated").inc()
+        return self.migrate(request)
 
     @property
     def done(self) -> bool:
