@@ -35,21 +35,26 @@ async def routers(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[Endpoi
     await d.close()
 
 
-@pytest.fixture
-async def worker(etcd_server: EtcdProcess, nats_server: NatsProcess, unique: str) -> AsyncIterator[DecodeWorker]:
+def mocker_worker(etcd_server: EtcdProcess, nats_server: NatsProcess, unique: str, **worker: object) -> DecodeWorker:
+    """An in-process decode worker (instant mocker, 256 blocks) on the test's etcd and NATS."""
     runtime = RuntimeConfig(
         discovery=DiscoveryConfig(etcd_endpoints=(etcd_server.endpoint,), namespace=unique),
         events=EventPlaneConfig(nats_url=nats_server.url),
         metrics_port=-1,
     )
-    w = DecodeWorker(
+    return DecodeWorker(
         DecodeConfig(
             runtime=runtime,
             grpc=GrpcConfig(),
-            worker=WorkerConfig(engine="mocker", stats_interval_s=0.2),
+            worker=WorkerConfig(engine="mocker", stats_interval_s=0.2, **worker),  # type: ignore[arg-type]
             mocker=MockerConfig(block_size=BS, num_blocks=256, speedup_ratio=0),
         )
     )
+
+
+@pytest.fixture
+async def worker(etcd_server: EtcdProcess, nats_server: NatsProcess, unique: str) -> AsyncIterator[DecodeWorker]:
+    w = mocker_worker(etcd_server, nats_server, unique)
     await w.start()
     yield w
     await w.drain(1.0)
@@ -155,19 +160,7 @@ async def test_an_engine_restart_leaves_the_router_with_exactly_the_new_engines_
 async def test_a_failed_engine_is_replaced_in_place_then_the_worker_exits_past_the_limit(  # type: ignore[no-untyped-def]
     spawn, routers: EndpointClient, decode_workers: EndpointClient, etcd_server: EtcdProcess, nats_server, unique
 ) -> None:
-    runtime = RuntimeConfig(
-        discovery=DiscoveryConfig(etcd_endpoints=(etcd_server.endpoint,), namespace=unique),
-        events=EventPlaneConfig(nats_url=nats_server.url),
-        metrics_port=-1,
-    )
-    w = DecodeWorker(
-        DecodeConfig(
-            runtime=runtime,
-            grpc=GrpcConfig(),
-            worker=WorkerConfig(engine="mocker", stats_interval_s=0.2, engine_restarts=1),
-            mocker=MockerConfig(block_size=BS, num_blocks=256, speedup_ratio=0),
-        )
-    )
+    w = mocker_worker(etcd_server, nats_server, unique, engine_restarts=1)
     w.engine_watch_interval_s = 0.05
     await w.start()
     try:

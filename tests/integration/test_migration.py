@@ -13,15 +13,13 @@ import asyncio
 import json
 import re
 import signal
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from commutator.common.discovery import Discovery, EtcdBackend
 from commutator.common.errors import Unavailable
 from commutator.common.grpc import EndpointClient
-from commutator.common.local_servers import EtcdProcess, free_port
-from commutator.v1 import common_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from commutator.common.local_servers import free_port
+from commutator.v1 import common_pb2, worker_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -34,20 +32,6 @@ WORKER_ARGS = ("--speedup-ratio", "0.5", "--block-size", "16")
 
 def prompt(k: int, n: int = 64) -> list[int]:
     return [10 + (k * 7919 + i * 31) % 4000 for i in range(n)]
-
-
-@pytest.fixture
-async def clients(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[tuple[EndpointClient, EndpointClient]]:
-    d = Discovery(EtcdBackend([etcd_server.endpoint]))
-    await d.start()
-    routers = EndpointClient(d, unique, "router", "route", router_pb2_grpc.RouterStub, default_timeout_s=60)
-    workers = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=60)
-    await routers.start()
-    await workers.start()
-    yield routers, workers
-    await routers.close()
-    await workers.close()
-    await d.close()
 
 
 async def until(pred, timeout_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]

@@ -6,31 +6,16 @@ import asyncio
 import signal
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
 from commutator.common.discovery import Discovery, EtcdBackend
 from commutator.common.grpc import EndpointClient
 from commutator.common.local_servers import EtcdProcess, free_port
-from commutator.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from commutator.v1 import common_pb2, router_pb2, worker_pb2
 
 pytestmark = pytest.mark.integration
 
 BS = 16
-
-
-@pytest.fixture
-async def clients(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[tuple[EndpointClient, EndpointClient]]:
-    d = Discovery(EtcdBackend([etcd_server.endpoint]))
-    await d.start()
-    routers = EndpointClient(d, unique, "router", "route", router_pb2_grpc.RouterStub, default_timeout_s=30)
-    workers = EndpointClient(d, unique, "decode", "generate", worker_pb2_grpc.WorkerStub, default_timeout_s=30)
-    await routers.start()
-    await workers.start()
-    yield routers, workers
-    await routers.close()
-    await workers.close()
-    await d.close()
 
 
 def start_workers(spawn, n: int, *extra: str) -> list:  # type: ignore[no-untyped-def,type-arg]
