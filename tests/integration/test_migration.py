@@ -96,10 +96,11 @@ async def via_router(
     return msgs
 
 
-async def test_the_router_service_migrates_every_request_of_a_killed_worker(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stream", ["tcp", "mux", "unary"])  # how the router reaches its workers
+async def test_the_router_service_migrates_every_request_of_a_killed_worker(spawn, clients, stream: str) -> None:  # type: ignore[no-untyped-def]
     routers, workers = clients
     procs = await start_workers(spawn, workers, 3)
-    router = spawn("commutator.router")
+    router = spawn("commutator.router", "--worker-stream", stream)
     await routers.wait_for_instances(1, 60)
     await until(lambda: asyncio.sleep(0, result="router ready" in router.log()), 60)
 
