@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from commutator.common.discovery import Discovery, DiscoveryConfig, EtcdBackend
+from commutator.common.discovery import DiscoveryConfig
 from commutator.common.errors import Unavailable
 from commutator.common.events import EventPlaneConfig
 from commutator.common.grpc import EndpointClient, GrpcConfig
@@ -17,7 +17,7 @@ from commutator.common.runtime import RuntimeConfig
 from commutator.decode.config import DecodeConfig, WorkerConfig
 from commutator.decode.worker import DecodeWorker
 from commutator.engines.mocker import MockerConfig
-from commutator.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
+from commutator.v1 import common_pb2, router_pb2, worker_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +25,8 @@ BS = 16
 
 
 @pytest.fixture
-async def routers(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[EndpointClient]:
-    d = Discovery(EtcdBackend([etcd_server.endpoint]))
-    await d.start()
-    c = EndpointClient(d, unique, "router", "route", router_pb2_grpc.RouterStub, default_timeout_s=30)
-    await c.start()
-    yield c
-    await c.close()
-    await d.close()
+def routers(clients: tuple[EndpointClient, EndpointClient]) -> EndpointClient:
+    return clients[0]
 
 
 def mocker_worker(etcd_server: EtcdProcess, nats_server: NatsProcess, unique: str, **worker: object) -> DecodeWorker:
