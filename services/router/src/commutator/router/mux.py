@@ -6,8 +6,9 @@ and again after it ended) and returns a :class:`MuxRequest`, an async iterator o
 ``GenerateResponse`` messages, exactly as a ``Generate`` call would yield them; closing it early
 cancels the request on the worker, which frees its blocks. On a call that can write without
 waiting (``try_write``: TCP) a start or cancel leaves at once; otherwise the starts and cancels
-made in the same turn of the event loop leave in one frame. One reader task takes the worker's frames and hands
-each update to its request without ever waiting for a reader: a request that has more than
+made in the same turn of the event loop leave in one frame. The worker's frames are handed out as they
+arrive (over TCP from the connection's ``data_received``, over gRPC by one reader task), each update to
+its request without ever waiting for a reader: a request that has more than
 ``buffer`` updates waiting unread (its client stopped reading) is cancelled, with a metric, so it
 cannot hold up the others. A request past its deadline is cancelled with ``DeadlineExceeded``.
 When the stream fails (the worker died, its channel closed), every request on it fails with the
@@ -294,19 +295,17 @@ class WorkerMux:
             f"{where}: the worker ended the stream before these requests finished (it exited or was killed)"
         )
         try:
-            requests = self._requests
-            while True:
-                frame = await call.read()
-                if frame is grpc.aio.EOF:
-                    break
-                for u in frame.updates:
-                    req = requests.get(u.tag)
-                    if req is not None:
-                        req._deliver(u.response)
-                for e in frame.errors:
-                    req = requests.pop(e.tag, None)
-                    if req is not None:
-                        req._fail(error_from_status(e.code, e.message, where))
+            pump = getattr(call, "pump", None)
+            if pump is not None:
+                # TCP: each frame is handed over from the connection's data_received, with no wait
+                # for this task's turn behind the event loop's other work.
+                await pump(self._on_frame)
+            else:
+                while True:
+                    frame = await call.read()
+                    if frame is grpc.aio.EOF:
+                        break
+                    self._on_frame(frame)
         except (grpc.RpcError, CommutatorError) as err:
             # A TCP stream's call raises the typed error (Unavailable) itself.
             error = err if isinstance(err, CommutatorError) else map_rpc_error(err, where)
@@ -317,6 +316,17 @@ class WorkerMux:
             raise
         finally:
             self._ended(call, error)
+
+    def _on_frame(self, frame: worker_pb2.MuxServerFrame) -> None:
+        requests = self._requests
+        for u in frame.updates:
+            req = requests.get(u.tag)
+            if req is not None:
+                req._deliver(u.response)
+        for e in frame.errors:
+            req = requests.pop(e.tag, None)
+            if req is not None:
+                req._fail(error_from_status(e.code, e.message, self.where))
 
     def _ended(self, call: Any, error: CommutatorError) -> None:
         if self._call is not call:
