@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from commutator.common.discovery import Discovery, EtcdBackend
@@ -24,3 +26,20 @@ async def clients(etcd_server: EtcdProcess, unique: str) -> AsyncIterator[tuple[
     await routers.close()
     await workers.close()
     await d.close()
+
+
+async def _router_metric(port: int, series: str) -> float:
+    def read() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(series + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    return await asyncio.to_thread(read)
+
+
+@pytest.fixture
+def router_metric() -> Callable[[int, str], Awaitable[float]]:
+    """Reads one series of a process's ``/metrics`` on ``port`` (0 while absent)."""
+    return _router_metric

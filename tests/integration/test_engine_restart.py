@@ -100,21 +100,8 @@ async def overlap(routers: EndpointClient, tokens: list[int]) -> dict[int, int]:
     return {w.worker_id: w.overlap_blocks for w in resp.workers}
 
 
-async def router_metric(port: int, series: str) -> float:
-    import urllib.request
-
-    def read() -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(series + " "):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    return await asyncio.to_thread(read)
-
-
 async def test_an_engine_restart_leaves_the_router_with_exactly_the_new_engines_cache(  # type: ignore[no-untyped-def]
-    spawn, routers: EndpointClient, decode_workers: EndpointClient, worker: DecodeWorker
+    spawn, routers: EndpointClient, decode_workers: EndpointClient, worker: DecodeWorker, router_metric
 ) -> None:
     port = free_port()
     router = spawn("commutator.router", "--metrics-port", str(port))

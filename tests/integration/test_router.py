@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import urllib.request
 from collections import Counter
 
 import pytest
@@ -131,20 +130,7 @@ async def test_restarted_router_recovers_an_identical_index(spawn, clients) -> N
     assert "KV index ready: snapshot seq " in log and "KV index ready: snapshot seq 0 " not in log
 
 
-async def router_metric(port: int, series: str) -> float:
-    """One series of a router process's ``/metrics`` (0 while absent)."""
-
-    def read() -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(series + " "):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    return await asyncio.to_thread(read)
-
-
-async def test_replica_sync_shows_each_router_the_others_load(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+async def test_replica_sync_shows_each_router_the_others_load(spawn, clients, router_metric) -> None:  # type: ignore[no-untyped-def]
     routers, workers = clients
     start_workers(spawn, 4)
     port_a, port_b = free_port(), free_port()
@@ -165,7 +151,7 @@ async def test_replica_sync_shows_each_router_the_others_load(spawn, clients) ->
             r = await routers.call("Route", req, instance_id=router_a)
             assert r.worker_id == w
     received = 'commutator_router_replica_events_total{direction="received"}'
-    await until(lambda: _at_least(port_b, received, 9), 15)
+    await until(lambda: _at_least(router_metric, port_b, received, 9), 15)
     # Router B sees that load: its next three (distinct prompts, no cache) all go to the idle worker.
     # Alone, B would spread them over the workers it thinks idle (it only knows its own requests).
     chosen = []
@@ -175,7 +161,7 @@ async def test_replica_sync_shows_each_router_the_others_load(spawn, clients) ->
     assert chosen == [ids[3]] * 3, (chosen, ids)
 
 
-async def _at_least(port: int, series: str, n: float) -> bool:
+async def _at_least(router_metric, port: int, series: str, n: float) -> bool:  # type: ignore[no-untyped-def]
     return await router_metric(port, series) >= n
 
 
@@ -377,7 +363,7 @@ async def test_the_kv_stream_is_bounded_by_the_index_it_feeds(spawn, clients, na
     await plane.close()
 
 
-async def test_adaptive_routing_measures_its_arms_and_confirms_the_index(spawn, clients) -> None:  # type: ignore[no-untyped-def]
+async def test_adaptive_routing_measures_its_arms_and_confirms_the_index(spawn, clients, router_metric) -> None:  # type: ignore[no-untyped-def]
     """--router-adaptive on a real router service: every request's first token is an observation of
     its arm, and the workers' cached tokens confirm what the index predicted."""
     routers, workers = clients
