@@ -162,6 +162,64 @@ def test_the_figures_region_has_each_scenario_run_and_its_ratios() -> None:
     assert "| (a) open 50% | 1.00 |" in summary and "| (d) c=64 independent chat | 0.91 |" in summary
 
 
+def test_routing_modes_carry_router_flags() -> None:
+    assert compare.routing_mode_args("kv") == ("kv", ())
+    assert compare.routing_mode_args("kv-adaptive") == ("kv", ("--router-adaptive",))
+    assert compare.routing_mode_args("kv+decode-weight=0.25") == ("kv", ("--decode-weight", "0.25"))
+    assert compare.routing_mode_args("kv-adaptive+adaptive-weights=1,2") == (
+        "kv",
+        ("--router-adaptive", "--adaptive-weights", "1,2"),
+    )
+    assert compare.routing_mode_args("round-robin") == ("round-robin", ())
+    for bad in ("direct", "kv+", "kv+decode-weight=", "kv+--x"):
+        with pytest.raises(ValueError, match="routing mode"):
+            compare.routing_mode_args(bad)
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    assert "kv+decode-weight=0.25" in p.parse_args([]).routing_modes
+    assert p.parse_args(["--routing-modes", "kv,kv+decode-weight=0.1"]).routing_modes == ("kv", "kv+decode-weight=0.1")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--routing-modes", "kv,nearest"])
+
+
+def test_the_routing_tables_list_the_modes_that_ran_in_their_order() -> None:
+    out = canned_out()
+    out["settings"]["routing_modes"] = ["kv", "kv+decode-weight=0.25", "round-robin"]
+    pooled = {"hit_share": 0.6}
+    out["routing"] = {
+        "workers": 4,
+        "num_blocks": 1024,
+        "max_prompt_tokens": 3584,
+        "max_output": 256,
+        "ttft_slo_ms": 250.0,
+        "itl_slo_ms": 40.0,
+        "traces": {
+            "t": {
+                "about": "a trace",
+                "duration_s": 20.0,
+                "requests": 100,
+                "cut_prompts": 0,
+                "bound": {
+                    "pooled": pooled,
+                    "bound": pooled,
+                    "round_robin": {"hit_share": 0.3},
+                    "random": {"hit_share": 0.3},
+                    "infinite_cache_share": 0.6,
+                },
+            }
+        },
+        "runs": {
+            "t/commutator/kv": [measured(20.0, 5.0, 1.0)],
+            "t/commutator/kv+decode-weight=0.25": [measured(20.0, 5.0, 1.0)],
+            "t/dynamo/kv": [measured(20.0, 5.0, 1.0)],
+        },
+    }
+    text = compare_page.page(out, [])
+    assert text.index("| kv | commutator |") < text.index("| kv+decode-weight=0.25 | commutator |")
+    assert "| ours kv+decode-weight=0.25 / Dynamo kv | 1.00 |" in text
+    assert "| round-robin |" not in text and "ours round-robin" not in text  # not measured: no row
+
+
 def test_splice_replaces_only_the_figures_region() -> None:
     doc = f"# Title\n\nprose\n\n{compare_page.BEGIN}\nold figures\n{compare_page.END}\n\nmore prose\n"
     new = compare_page.splice(doc, "new figures\n")

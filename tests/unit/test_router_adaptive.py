@@ -13,10 +13,20 @@ pytestmark = pytest.mark.unit
 
 def test_it_starts_from_the_default_weight_and_exploits_it_without_exploration() -> None:
     t = AdaptiveTuner((0.5, 1.0, 2.0), (0.0, 0.1), explore=0.0, rng=random.Random(1))
-    assert [a.label() for a in t.arms][:2] == ["w=0.5,T=0", "w=0.5,T=0.1"]
+    assert [a.label() for a in t.arms][:2] == ["w=0.5,dw=1,T=0", "w=0.5,dw=1,T=0.1"]
     assert t.arms[t.best].weight == 1.0 and t.arms[t.best].temperature == 0.0
     assert {t.pick() for _ in range(100)} == {t.best}
-    assert t.params(t.best) == (1.0, 0.0)
+    assert t.params(t.best) == (1.0, 0.0, 1.0)
+
+
+def test_decode_weights_are_a_dimension_of_the_arms_and_tuned_like_the_others() -> None:
+    t = AdaptiveTuner((1.0, 2.0), decode_weights=(1.0, 0.25), explore=0.0, start=(2.0, 0.0, 0.25))
+    assert [a.label() for a in t.arms] == ["w=1,dw=1,T=0", "w=1,dw=0.25,T=0", "w=2,dw=1,T=0", "w=2,dw=0.25,T=0"]
+    assert t.params(t.best) == (2.0, 0.0, 0.25)  # the arm closest to the fixed settings
+    ttft_ms = {0: 50.0, 1: 30.0, 2: 60.0, 3: 45.0}
+    for i in range(4 * _MIN_SAMPLES + _DECIDE_EVERY):
+        t.observe(i % 4, ttft_ms[i % 4] / 1000, 4, 4)
+    assert t.best == 1 and t.params(t.best) == (1.0, 0.0, 0.25)
 
 
 def test_exploration_reaches_every_arm() -> None:
@@ -35,7 +45,7 @@ def test_the_arm_with_the_lowest_ttft_becomes_the_best_and_the_change_is_logged(
             t.observe(arm, ttft_ms[arm] / 1000, predicted_blocks=4, cached_blocks=4)
     assert t.best == 2 and t.changes == 1
     assert t.arms[2].score_ms == pytest.approx(40.0) and t.arms[0].samples >= _MIN_SAMPLES
-    assert "w=1,T=0 -> w=2,T=0" in caplog.text and "index accuracy 1.00" in caplog.text
+    assert "w=1,dw=1,T=0 -> w=2,dw=1,T=0" in caplog.text and "index accuracy 1.00" in caplog.text
     # A later shift in the workload moves it again: weight 0.5 becomes the fastest.
     for i in range(30 * _DECIDE_EVERY):
         arm = i % 3
@@ -58,7 +68,7 @@ def test_unconfirmed_predictions_lower_the_weight_used_within_bounds() -> None:
     for _ in range(200):
         t.observe(0, 0.03, predicted_blocks=10, cached_blocks=5)
     assert t.accuracy == pytest.approx(0.5, rel=1e-6)
-    assert t.params(0) == (pytest.approx(1.0, rel=1e-6), 0.0)
+    assert t.params(0) == (pytest.approx(1.0, rel=1e-6), 0.0, 1.0)
     for _ in range(200):
         t.observe(0, 0.03, predicted_blocks=10, cached_blocks=0)
     assert t.trust == _MIN_TRUST and t.params(0)[0] == pytest.approx(2.0 * _MIN_TRUST)
@@ -73,6 +83,8 @@ def test_unconfirmed_predictions_lower_the_weight_used_within_bounds() -> None:
         ({"weights": ()}, "weights"),
         ({"weights": (-1.0,)}, "weights"),
         ({"weights": (1.0,), "temperatures": (float("nan"),)}, "temperatures"),
+        ({"weights": (1.0,), "decode_weights": ()}, "decode weights"),
+        ({"weights": (1.0,), "decode_weights": (-0.1,)}, "decode weights"),
         ({"weights": (1.0,), "explore": 1.5}, "exploration"),
         ({"weights": (1.0,), "half_life": 0}, "half-life"),
     ],

@@ -100,6 +100,15 @@ async def test_unreadable_worker_stats_and_replica_events_are_counted_and_logged
     await d.close()
 
 
+async def test_the_decode_weight_setting_reaches_the_kv_policy() -> None:
+    d = Discovery(MemoryBackend(MemoryStore(VirtualClock())))
+    assert Router(RouterConfig(), d, None, "ns").scheduler.policy.decode_weight == 1.0  # type: ignore[attr-defined]
+    router = Router(RouterConfig(decode_weight=0.25), d, None, "ns")
+    assert router.scheduler.policy.decode_weight == 0.25  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="--decode-weight"):
+        Router(RouterConfig(decode_weight=-1.0), d, None, "ns")
+
+
 async def test_adaptive_routing_needs_kv_mode_and_starts_from_its_default_arm() -> None:
     store = MemoryStore(VirtualClock())
     d = Discovery(MemoryBackend(store))
@@ -109,6 +118,7 @@ async def test_adaptive_routing_needs_kv_mode_and_starts_from_its_default_arm() 
         RouterConfig(
             router_adaptive=True,
             overlap_weight=2.0,
+            decode_weight=0.3,
             adaptive_weights=(0.5, 1.5, 3.0),
             adaptive_temperatures=(0.0, 0.2),
         ),
@@ -118,8 +128,8 @@ async def test_adaptive_routing_needs_kv_mode_and_starts_from_its_default_arm() 
     )
     assert router.adaptive is not None
     policy = router.scheduler.policy
-    assert (policy.overlap_weight, policy.temperature) == (1.5, 0.0)  # type: ignore[attr-defined]
-    assert len(router.adaptive.arms) == 6
+    assert (policy.overlap_weight, policy.temperature, policy.decode_weight) == (1.5, 0.0, 0.25)  # type: ignore[attr-defined]
+    assert len(router.adaptive.arms) == 12  # 3 overlap weights x 2 decode weights (1, 0.25) x 2 temperatures
 
 
 async def test_an_explored_arm_is_used_for_its_own_request_only() -> None:
@@ -129,7 +139,9 @@ async def test_an_explored_arm_is_used_for_its_own_request_only() -> None:
     from commutator.v1 import common_pb2
 
     d = Discovery(MemoryBackend(MemoryStore(VirtualClock())))
-    router = Router(RouterConfig(router_adaptive=True, adaptive_weights=(0.5, 4.0)), d, None, "ns")
+    router = Router(
+        RouterConfig(router_adaptive=True, adaptive_weights=(0.5, 4.0), adaptive_decode_weights=(1.0,)), d, None, "ns"
+    )
     assert router.adaptive is not None
     router.adaptive.pick = lambda: 1  # type: ignore[method-assign]  # explore weight 4
     seen = []

@@ -37,6 +37,32 @@ def test_worked_example_picks_the_second_worker() -> None:
     assert KvPolicy().choose(ctx, [A, B, C]) == B
 
 
+def test_decode_weight_scales_the_load_term_and_can_flip_the_choice() -> None:
+    """--decode-weight: 1 is DESIGN.md 4.4 exactly; below 1 a cached prefix outweighs more decode load."""
+    bs = 16
+    load = ActiveLoad()
+    load.active_blocks.update({A: 30, B: 0})
+    ctx = RouteContext(isl=20 * bs, block_size=bs, load=load, overlaps={A: 12})
+    # A: prefill 20 - 12 = 8, decode 30 + 20 = 50; B: prefill 20, decode 0 + 20 = 20.
+    assert [kv_cost(ctx, w, 1.0) for w in (A, B)] == [58, 40]
+    assert [kv_cost(ctx, w, 1.0, 1.0) for w in (A, B)] == [58, 40]
+    assert KvPolicy().choose(ctx, [A, B]) == B
+    assert [kv_cost(ctx, w, 1.0, 0.25) for w in (A, B)] == [8 + 12.5, 20 + 5]
+    assert KvPolicy(decode_weight=0.25).choose(ctx, [A, B]) == A
+    assert make_policy("kv", decode_weight=0.25).choose(ctx, [A, B]) == A  # type: ignore[arg-type]
+    # Pending prefill keeps its full weight: a worker with a long queue of prompt tokens still loses.
+    load.prefill_tokens[A] = 40 * bs
+    assert KvPolicy(decode_weight=0.25).choose(ctx, [A, B]) == B
+    # 0: load counts only through pending prefill tokens.
+    assert kv_cost(ctx, B, 1.0, 0.0) == 20
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_a_bad_decode_weight_is_refused_clearly(bad: float) -> None:
+    with pytest.raises(ValueError, match="--decode-weight"):
+        KvPolicy(decode_weight=bad)
+
+
 def test_prefill_term_is_floored_and_weighted() -> None:
     load = ActiveLoad()
     ctx = RouteContext(isl=64, block_size=16, load=load, overlaps={A: 10})

@@ -61,8 +61,38 @@ ROUTING_NUM_BLOCKS = 1024  # a small KV cache per worker, so that where a prefix
 ROUTING_MAX_PROMPT = 3584  # the tiny model's context is 4096: longer prompts are cut here (outputs capped below)
 ROUTING_MAX_OUTPUT = 256
 ROUTING_WINDOW_S = 5.0  # hit share over time, per window of send time
-ROUTING_MODES = ("kv", "kv-adaptive", "round-robin", "random", "least-loaded")
-"""Commutator's router modes in the routing section; kv-adaptive: kv with ``--router-adaptive``."""
+ROUTING_MODES = ("kv", "kv+decode-weight=0.25", "kv-adaptive", "round-robin", "random", "least-loaded")
+"""Commutator's router modes in the routing section (:func:`routing_mode_args`)."""
+
+
+def routing_mode_args(spec: str) -> tuple[str, tuple[str, ...]]:
+    """A routing-section mode of ours as (``--router-mode``, extra frontend flags): a router mode, or
+    ``kv-adaptive`` (kv with ``--router-adaptive``), followed by ``+flag=value`` or ``+flag`` parts, so
+    that ``kv+decode-weight=0.25`` is kv with ``--decode-weight 0.25``."""
+    base, *extra = spec.split("+")
+    flags: list[str] = []
+    if base == "kv-adaptive":
+        base, flags = "kv", ["--router-adaptive"]
+    if base not in ("kv", "round-robin", "random", "least-loaded"):
+        raise ValueError(f"routing mode {spec!r}: {base!r} is not kv, kv-adaptive, round-robin, random or least-loaded")
+    for part in extra:
+        name, eq, value = part.partition("=")
+        if not name or name.startswith("-") or (eq and not value):
+            raise ValueError(f"routing mode {spec!r}: write extra flags as +name=value or +name")
+        flags += [f"--{name}", value] if eq else [f"--{name}"]
+    return base, tuple(flags)
+
+
+def _routing_modes(s: str) -> tuple[str, ...]:
+    modes = _names(s)
+    for m in modes:
+        try:
+            routing_mode_args(m)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return modes
+
+
 SHARED_TRACES = Path("../shared/traces")
 WARMUP_S = 2.0
 
@@ -166,7 +196,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="mooncake (../shared/traces), prefix-heavy, conversation (shipped), comma-separated",
     )
     g.add_argument(
-        "--routing-modes", type=_names, default=ROUTING_MODES, help="Commutator's router modes, comma-separated"
+        "--routing-modes",
+        type=_routing_modes,
+        default=ROUTING_MODES,
+        help="Commutator's router modes, comma-separated: kv, kv-adaptive (--router-adaptive), round-robin, random, "
+        "least-loaded, each optionally followed by router flags as +name=value (kv+decode-weight=0.25)",
     )
     g.add_argument("--routing-dynamo-modes", type=_names, default=("kv",), help="Dynamo's router modes")
     g.add_argument(
@@ -467,13 +501,13 @@ async def _routing(run: Run, shipped: Path) -> None:
                             print(f"    router: {d['router']}", flush=True)
                         _print("routing", rep, name, f"{key} {mode} cached {m.summary.cached_share:.1%}", d)
 
-                    adaptive = mode == "kv-adaptive"
+                    router_mode, frontend_args = routing_mode_args(mode) if name == "commutator" else (mode, ())
                     stack = make(
                         speedup=1.0,
-                        router_mode="kv" if adaptive else mode,
+                        router_mode=router_mode,
                         workers=ROUTING_WORKERS,
                         num_blocks=ROUTING_NUM_BLOCKS,
-                        frontend_args=("--router-adaptive",) if adaptive else (),
+                        frontend_args=frontend_args,
                     )
                     await _with_stack(stack, replay)
 
@@ -514,6 +548,7 @@ async def _router_figures(stack: Stack) -> dict[str, float | None]:
         "event_lag_within_10ms": within / n if n else None,
         "event_batches": n,
         "adaptive_weight": values.get('commutator_router_adaptive{kind="overlap_weight"}'),
+        "adaptive_decode_weight": values.get('commutator_router_adaptive{kind="decode_weight"}'),
         "adaptive_accuracy": values.get('commutator_router_adaptive{kind="index_accuracy"}'),
     }
 

@@ -349,6 +349,12 @@ def _share_of(bound: float) -> Getter:
     return g
 
 
+def _routing_modes(out: dict[str, Any], ro: dict[str, Any]) -> list[str]:
+    """The modes of ours the run measured, in the order it ran them (older results: the fixed list)."""
+    modes = list(out["settings"].get("routing_modes") or ("kv", "kv-adaptive", "round-robin", "random", "least-loaded"))
+    return [m for m in modes if any(k.endswith(f"/commutator/{m}") for k in ro.get("runs", {}))]
+
+
 def _routing_lines(out: dict[str, Any]) -> list[str]:
     ro, st = out["routing"], out["settings"]
     if not ro.get("runs"):
@@ -381,8 +387,9 @@ def _routing_lines(out: dict[str, Any]) -> list[str]:
         b = tr["bound"]
         pooled, affinity = b["pooled"]["hit_share"], b["bound"]["hit_share"]
         rows = []
+        modes = _routing_modes(out, ro)
         for system in SYSTEMS:
-            for mode in ("kv", "kv-adaptive", "round-robin", "random", "least-loaded"):
+            for mode in modes:
                 runs = _runs(ro, f"{key}/{system}/{mode}")
                 if runs:
                     rows.append(([mode, system], runs))
@@ -416,7 +423,7 @@ def _routing_lines(out: dict[str, Any]) -> list[str]:
                 ],
                 [
                     (f"ours {m} / Dynamo kv", _runs(ro, f"{key}/commutator/{m}"), _runs(ro, f"{key}/dynamo/kv"))
-                    for m in ("kv", "kv-adaptive", "round-robin", "random", "least-loaded")
+                    for m in modes
                 ],
             ),
             "",

@@ -294,7 +294,8 @@ ROUTER_WORKER_LOAD = Gauge(
 )
 ROUTER_ADAPTIVE = Gauge(
     _NS + "_router_adaptive",
-    "--router-adaptive: the overlap weight in use (the best arm's, times the trust in the index) and the "
+    "--router-adaptive: the overlap weight in use (the best arm's, times the trust in the index), the decode "
+    "weight in use and the "
     "index's accuracy (cached blocks the workers found per block it predicted)",
     ["kind"],
     registry=REGISTRY,

@@ -18,14 +18,24 @@ class RouterConfig:
 
     router_mode: str = option("kv", "How a worker is chosen", choices=tuple(POLICIES))
     overlap_weight: float = option(1.0, "Weight of cached prompt blocks in the kv cost (0: pure load balancing)")
+    decode_weight: float = option(
+        1.0,
+        "Weight of a block of load (the worker's active blocks plus the request's new ones) in the kv cost; "
+        "1 is DESIGN.md 4.4. Below 1, cached prefixes count for more against spreading load: fewer prompt "
+        "tokens computed and lower TTFT, a somewhat less even decode load (docs/routing.md, 'Decode weight')",
+    )
     router_temperature: float = option(0.0, "0: lowest cost wins; > 0: softmax sampling over costs")
     router_adaptive: bool = option(
         False,
-        "kv mode: tune the overlap weight and temperature online, among --adaptive-weights x "
-        "--adaptive-temperatures, from the TTFT of the requests routed with each and how many predicted "
-        "cache hits the workers confirm (docs/routing.md); off: --overlap-weight and --router-temperature",
+        "kv mode: tune the overlap weight, decode weight and temperature online, among --adaptive-weights x "
+        "--adaptive-decode-weights x --adaptive-temperatures, from the TTFT of the requests routed with each "
+        "and how many predicted cache hits the workers confirm (docs/routing.md); off: --overlap-weight, "
+        "--decode-weight and --router-temperature",
     )
     adaptive_weights: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0), "--router-adaptive: overlap weights tried")
+    adaptive_decode_weights: tuple[float, ...] = option(
+        (1.0, 0.25), "--router-adaptive: decode weights tried (see --decode-weight)"
+    )
     adaptive_temperatures: tuple[float, ...] = option((0.0,), "--router-adaptive: temperatures tried")
     adaptive_explore: float = option(0.1, "--router-adaptive: share of requests routed with an arm drawn at random")
     adaptive_half_life: float = option(

@@ -97,7 +97,11 @@ class Router:
         self.clock = clock or SystemClock()
         indexer: KvIndexer | ApproxIndexer = KvIndexer() if config.kv_events else ApproxIndexer(config.approx_ttl_s)
         policy = make_policy(
-            config.router_mode, overlap_weight=config.overlap_weight, temperature=config.router_temperature, rng=rng
+            config.router_mode,
+            overlap_weight=config.overlap_weight,
+            temperature=config.router_temperature,
+            rng=rng,
+            decode_weight=config.decode_weight,
         )
         self.adaptive: AdaptiveTuner | None = None
         if config.router_adaptive:
@@ -106,12 +110,13 @@ class Router:
             self.adaptive = AdaptiveTuner(
                 config.adaptive_weights,
                 config.adaptive_temperatures,
+                decode_weights=config.adaptive_decode_weights,
                 explore=config.adaptive_explore,
                 half_life=config.adaptive_half_life,
-                start=(config.overlap_weight, config.router_temperature),
+                start=(config.overlap_weight, config.router_temperature, config.decode_weight),
                 rng=rng,
             )
-            policy.overlap_weight, policy.temperature = self.adaptive.params(self.adaptive.best)
+            policy.overlap_weight, policy.temperature, policy.decode_weight = self.adaptive.params(self.adaptive.best)
         # Adaptive routing: request -> (arm, when routed).
         self._arms: dict[str, tuple[int, float]] = {}
         # Requests routed and tracked here, until their first response: (worker, predicted hit blocks, block size).
@@ -153,6 +158,7 @@ class Router:
         self._prompt_blocks = metrics.ROUTER_PROMPT_BLOCKS.labels("prompt")
         self._overlap_blocks = metrics.ROUTER_PROMPT_BLOCKS.labels("overlap")
         self._adaptive_weight = metrics.ROUTER_ADAPTIVE.labels("overlap_weight")
+        self._adaptive_decode_weight = metrics.ROUTER_ADAPTIVE.labels("decode_weight")
         self._adaptive_accuracy = metrics.ROUTER_ADAPTIVE.labels("index_accuracy")
         self._hit_error = metrics.ROUTER_CACHE_HIT_ERROR
         self._predicted_hits = metrics.ROUTER_PROMPT_BLOCKS.labels("predicted_hit")
@@ -470,7 +476,7 @@ class Router:
         arm = tuner.pick()
         policy = self.scheduler.policy
         assert isinstance(policy, KvPolicy)
-        policy.overlap_weight, policy.temperature = tuner.params(arm)
+        policy.overlap_weight, policy.temperature, policy.decode_weight = tuner.params(arm)
         return arm
 
     def _use_best_arm(self) -> None:
@@ -478,8 +484,9 @@ class Router:
         assert tuner is not None
         policy = self.scheduler.policy
         assert isinstance(policy, KvPolicy)
-        policy.overlap_weight, policy.temperature = tuner.params(tuner.best)
+        policy.overlap_weight, policy.temperature, policy.decode_weight = tuner.params(tuner.best)
         self._adaptive_weight.set(policy.overlap_weight)
+        self._adaptive_decode_weight.set(policy.decode_weight)
 
     def prefill_done(self, request_id: str, first: common_pb2.GenerateResponse | None = None) -> bool:
         """The request's prompt is computed (its first tokens came, in ``first``, which says how much of

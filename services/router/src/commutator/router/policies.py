@@ -56,8 +56,9 @@ class RoutingPolicy(Protocol):
     def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None: ...
 
 
-def kv_cost(ctx: RouteContext, worker: WorkerKey, overlap_weight: float) -> float:
-    """DESIGN.md 4.4: prefill blocks (floored at 0) plus decode blocks."""
+def kv_cost(ctx: RouteContext, worker: WorkerKey, overlap_weight: float, decode_weight: float = 1.0) -> float:
+    """DESIGN.md 4.4: prefill blocks (floored at 0) plus decode blocks, the latter times ``decode_weight``
+    (1 in DESIGN.md; ``--decode-weight``)."""
     bs = ctx.block_size
     load = ctx.load
     prefill = (load.prefill_tokens.get(worker, 0) + ctx.isl) / bs - overlap_weight * ctx.overlaps.get(worker, 0)
@@ -65,7 +66,7 @@ def kv_cost(ctx: RouteContext, worker: WorkerKey, overlap_weight: float) -> floa
         prefill = 0.0
     request_blocks = -(-ctx.isl // bs)
     decode = load.active_blocks.get(worker, 0) + request_blocks - ctx.active_overlaps.get(worker, 0)
-    return prefill + decode
+    return prefill + decode_weight * decode
 
 
 def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
@@ -87,8 +88,17 @@ class KvPolicy:
     name = "kv"
     needs_overlap = True
 
-    def __init__(self, overlap_weight: float = 1.0, temperature: float = 0.0, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        overlap_weight: float = 1.0,
+        temperature: float = 0.0,
+        rng: random.Random | None = None,
+        decode_weight: float = 1.0,
+    ) -> None:
+        if not (math.isfinite(decode_weight) and decode_weight >= 0):
+            raise ValueError(f"--decode-weight must be a finite number >= 0, got {decode_weight}")
         self.overlap_weight = overlap_weight
+        self.decode_weight = decode_weight
         self.temperature = temperature
         self.rng = rng or random.Random()
 
@@ -100,6 +110,7 @@ class KvPolicy:
         raw_prefill = ctx.isl / bs
         request_blocks = -(-ctx.isl // bs)
         weight = self.overlap_weight
+        dw = self.decode_weight
         prefill_tokens = ctx.load.prefill_tokens.get
         active_blocks = ctx.load.active_blocks.get
         overlap = ctx.overlaps.get
@@ -108,7 +119,7 @@ class KvPolicy:
         for c in candidates:
             prefill = prefill_tokens(c, 0) / bs + raw_prefill - weight * overlap(c, 0)
             costs.append(
-                (prefill if prefill > 0 else 0.0) + active_blocks(c, 0) + request_blocks - active_overlap(c, 0)
+                (prefill if prefill > 0 else 0.0) + dw * (active_blocks(c, 0) + request_blocks - active_overlap(c, 0))
             )
         ctx.costs = costs
         return candidates[softmax_pick(costs, self.temperature, self.rng)]
@@ -186,10 +197,15 @@ POLICIES: dict[str, Callable[..., RoutingPolicy]] = {
 
 
 def make_policy(
-    name: str, *, overlap_weight: float = 1.0, temperature: float = 0.0, rng: random.Random | None = None
+    name: str,
+    *,
+    overlap_weight: float = 1.0,
+    temperature: float = 0.0,
+    rng: random.Random | None = None,
+    decode_weight: float = 1.0,
 ) -> RoutingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown router mode {name!r}; choose one of {sorted(POLICIES)}")
     if name == "kv":
-        return KvPolicy(overlap_weight=overlap_weight, temperature=temperature, rng=rng)
+        return KvPolicy(overlap_weight=overlap_weight, temperature=temperature, rng=rng, decode_weight=decode_weight)
     return POLICIES[name](rng=rng)
