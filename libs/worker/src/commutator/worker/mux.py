@@ -17,15 +17,25 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Protocol
 
 from commutator.common import tracing
 from commutator.engines.base import EngineOutput, FinishReason
 from commutator.engines.wire import fill_response, request_from_proto
 from commutator.v1 import worker_pb2
 
-__all__ = ["MuxSession"]
+__all__ = ["DirectSend", "MuxSession"]
 
 log = logging.getLogger(__name__)
+
+
+class DirectSend(Protocol):
+    """A transport that takes a frame synchronously (the TCP stream's): ``can_send`` says whether it
+    can take one now without waiting, ``send`` writes it."""
+
+    def can_send(self) -> bool: ...
+
+    def send(self, frame: worker_pb2.MuxServerFrame) -> None: ...
 
 
 ENGINE_GONE = (FinishReason.ABORT, FinishReason.ERROR)
@@ -38,9 +48,12 @@ class MuxSession:
     requests are refused with UNAVAILABLE (the client routes them elsewhere) and the stream ends once
     its requests are done."""
 
-    def __init__(self, servicer, draining: Callable[[], bool]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, servicer, draining: Callable[[], bool], direct: DirectSend | None = None) -> None:  # type: ignore[no-untyped-def]
         self._s = servicer
         self._draining = draining
+        self._direct = direct
+        self._loop = asyncio.get_running_loop()
+        self._last = 0.0  # when the last frame left (loop time)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._pushed: dict[int, _Pushed] = {}  # requests the engine pushes to (no task each)
         self._ready: set[int] = set()  # pushed requests with output not taken yet
@@ -58,10 +71,12 @@ class MuxSession:
     async def frames(
         self, requests: AsyncIterator[worker_pb2.MuxClientFrame]
     ) -> AsyncGenerator[worker_pb2.MuxServerFrame, None]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         reader = loop.create_task(self._read(requests), name="mux-read")
         interval = self._s.stream_interval_s
-        last = 0.0
+        listen = getattr(self._s.engine, "add_pass_listener", None) if self._direct is not None else None
+        if listen is not None:
+            listen(self._after_pass)
         try:
             while True:
                 await self._wake.wait()
@@ -71,7 +86,7 @@ class MuxSession:
                     # turn here would let the KV-event publisher the pass also woke go first.
                     await asyncio.sleep(0)
                 if interval and not self._urgent:
-                    wait = last + interval - loop.time()
+                    wait = self._last + interval - loop.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
                 self._wake.clear()
@@ -79,13 +94,15 @@ class MuxSession:
                 if self._ready:
                     self._take_pushed()
                 if self._pending or self._errors:
-                    last = loop.time()
+                    self._last = loop.time()
                     yield self._take_frame()
                 if self._pending or self._errors or self._ready:
                     continue  # came in while the frame was being sent (a request's last update, say)
                 if not self._tasks and not self._pushed and (not self._reading or self._draining()):
                     return  # the client closed its side (or the worker drains) and nothing is left
         finally:
+            if listen is not None:
+                self._s.engine.remove_pass_listener(self._after_pass)
             reader.cancel()
             for tag in list(self._pushed):
                 self._end_pushed(tag, "cancelled")  # the client went away: abort, freeing the blocks
@@ -93,6 +110,28 @@ class MuxSession:
             for t in tasks:
                 t.cancel()  # the client went away: abort every engine request, freeing its blocks
             await asyncio.gather(reader, *tasks, return_exceptions=True)
+
+    def _after_pass(self) -> None:
+        """The engine ended a pass and handed its outputs to its requests: send their frame from here,
+        in the same turn of the event loop, rather than from the frames task's next turn (which comes
+        after whatever else the loop has queued). Left to that task: a frame the stream interval holds
+        back, and any frame while the connection cannot take one at once."""
+        if not self._ready or self._direct is None:
+            return
+        now = self._loop.time()
+        interval = self._s.stream_interval_s
+        if interval and not self._urgent and now < self._last + interval:
+            return
+        if not self._direct.can_send():
+            return
+        self._take_pushed()
+        if not (self._pending or self._errors):
+            return
+        self._last = now
+        self._direct.send(self._take_frame())
+        self._urgent = False
+        if (self._pushed or self._tasks) and self._reading and not self._draining():
+            self._wake.clear()  # nothing left for the frames task (it still ends the stream when it must)
 
     def _take_frame(self) -> worker_pb2.MuxServerFrame:
         frame = worker_pb2.MuxServerFrame()

@@ -16,7 +16,7 @@ from commutator.common.grpc import abort_with
 from commutator.engines.base import Engine, EngineOutput
 from commutator.engines.wire import output_to_proto, request_from_proto, stats_to_proto
 from commutator.v1 import common_pb2, kv_events_pb2, worker_pb2, worker_pb2_grpc
-from commutator.worker.mux import ENGINE_GONE, MuxSession
+from commutator.worker.mux import ENGINE_GONE, DirectSend, MuxSession
 
 __all__ = ["WorkerServicer"]
 
@@ -96,12 +96,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             session.wake()
 
     async def mux_frames(
-        self, client_frames: AsyncIterator[worker_pb2.MuxClientFrame]
+        self, client_frames: AsyncIterator[worker_pb2.MuxClientFrame], direct: DirectSend | None = None
     ) -> AsyncGenerator[worker_pb2.MuxServerFrame, None]:
         """One multiplexed stream, whatever carries it (GenerateMany, or a TCP connection of
         :mod:`commutator.worker.tcp_stream`): the frames for the client's ``client_frames``. The
-        session is known to :meth:`start_drain` while it lives."""
-        session = MuxSession(self, lambda: self.draining)
+        session is known to :meth:`start_drain` while it lives. ``direct``: a transport that can also
+        take frames synchronously, so that an engine pass's frame leaves from the pass itself."""
+        session = MuxSession(self, lambda: self.draining, direct)
         self._sessions.add(session)
         try:
             async with contextlib.aclosing(session.frames(client_frames)) as frames:

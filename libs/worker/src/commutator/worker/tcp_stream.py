@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PREAMBLE_TIMEOUT_S = 10.0
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+_DIRECT_LIMIT = 64 * 1024
+"""Bytes waiting on a connection above which a pass's frame is left to the frames task (which drains)."""
 
 
 class StreamServer:
@@ -112,7 +114,9 @@ class StreamServer:
     async def _send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> None:
         sender = asyncio.current_task()
         assert sender is not None
-        frames = self._servicer.mux_frames(self._client_frames(reader, peer, sender.cancel))
+        frames = self._servicer.mux_frames(
+            self._client_frames(reader, peer, sender.cancel), direct=_DirectWriter(writer)
+        )
         async with contextlib.aclosing(frames):
             try:
                 async for frame in frames:
@@ -137,3 +141,22 @@ class StreamServer:
         except ConnectionError as exc:
             log.debug("worker stream: connection from %s lost: %s", peer, exc)
         end_session()
+
+
+class _DirectWriter:
+    """Frames written from the engine's pass (:class:`~commutator.worker.mux.DirectSend`) while the
+    connection has less than ``_DIRECT_LIMIT`` bytes waiting; beyond that the frames task writes and
+    waits for the buffer to drain, as for every other frame."""
+
+    __slots__ = ("_transport", "_writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._transport = writer.transport
+
+    def can_send(self) -> bool:
+        t = self._transport
+        return not t.is_closing() and t.get_write_buffer_size() < _DIRECT_LIMIT
+
+    def send(self, frame: worker_pb2.MuxServerFrame) -> None:
+        self._writer.write(pack(frame))

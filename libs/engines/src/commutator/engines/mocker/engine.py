@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -30,6 +31,8 @@ from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.scheduler import Scheduler, Seq
 from commutator.engines.model_info import ModelInfo
 from commutator.engines.outputs import KvEventBuffer, OutputChannel
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MockerEngine", "PushedRequest"]
 
@@ -80,6 +83,7 @@ class MockerEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._kv_events = KvEventBuffer()
+        self._pass_listeners: list[Callable[[], None]] = []
         self.passes = 0
         self.tokens_generated = 0
 
@@ -164,6 +168,15 @@ class MockerEngine:
         self._channels[request.request_id] = ch
         self._wake.set()
         return PushedRequest(self, seq, ch)
+
+    def add_pass_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each pass, once the pass has handed its outputs to its requests (the
+        worker's stream sends the pass's frame from there, with no turn of the event loop between)."""
+        self._pass_listeners.append(listener)
+
+    def remove_pass_listener(self, listener: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._pass_listeners.remove(listener)
 
     async def abort(self, request_id: str) -> bool:
         ch = self._channels.get(request_id)
@@ -268,6 +281,12 @@ class MockerEngine:
                 if ch is not None:
                     ch.push(token, lp, reason)
             self.tokens_generated += len(result.outputs)
+            if result.outputs:
+                for listener in self._pass_listeners:
+                    try:
+                        listener()
+                    except Exception:  # a listener's failure must not stop the engine
+                        log.exception("a pass listener failed")
             self._kv_events.push(events)
 
 

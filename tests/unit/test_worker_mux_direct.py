@@ -1,0 +1,129 @@
+"""A pass's frame leaves from the engine's pass itself when the transport can take it at once
+(``MuxSession._after_pass``, the TCP stream's ``_DirectWriter``); otherwise, and for a frame the
+stream interval holds back, the frames task sends it as before. Real mocker engine and servicer; the
+transport is a recording stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from commutator.engines.mocker.config import MockerConfig
+from commutator.engines.mocker.engine import MockerEngine
+from commutator.engines.mocker.tokens import token_at
+from commutator.v1 import common_pb2, worker_pb2
+from commutator.worker.servicer import WorkerServicer
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 1000
+
+
+class Recorder:
+    """A transport that takes frames synchronously while ``open``."""
+
+    def __init__(self, open_: bool = True) -> None:
+        self.open = open_
+        self.frames: list[worker_pb2.MuxServerFrame] = []
+
+    def can_send(self) -> bool:
+        return self.open
+
+    def send(self, frame: worker_pb2.MuxServerFrame) -> None:
+        self.frames.append(frame)
+
+
+def start(tag: int, prompt: list[int], max_tokens: int) -> worker_pb2.MuxClientFrame:
+    f = worker_pb2.MuxClientFrame()
+    s = f.starts.add()
+    s.tag = tag
+    s.request.CopyFrom(
+        common_pb2.GenerateRequest(
+            request_id=f"r{tag}",
+            token_ids=prompt,
+            sampling=common_pb2.SamplingOptions(seed=tag),
+            stop=common_pb2.StopConditions(max_tokens=max_tokens, ignore_eos=True),
+        )
+    )
+    return f
+
+
+async def run_session(
+    interval_s: float, direct: Recorder | None, n_requests: int = 3, max_tokens: int = 12
+) -> tuple[dict[int, list[int]], list[worker_pb2.MuxServerFrame], MockerEngine]:
+    engine = MockerEngine(MockerConfig(speedup_ratio=50.0, block_size=16, num_blocks=1024), vocab_size=VOCAB)
+    await engine.start()
+    servicer = WorkerServicer(engine, "w", lambda: 1, interval_s)
+    done = asyncio.Event()
+
+    async def client() -> AsyncIterator[worker_pb2.MuxClientFrame]:
+        for tag in range(1, n_requests + 1):
+            yield start(tag, [tag, 2, 3, 4, 5], max_tokens)
+        await done.wait()
+
+    tokens: dict[int, list[int]] = {}
+    finished: set[int] = set()
+    via_task: list[worker_pb2.MuxServerFrame] = []
+
+    def take(frame: worker_pb2.MuxServerFrame) -> None:
+        for u in frame.updates:
+            tokens.setdefault(u.tag, []).extend(u.response.token_ids)
+            if u.response.finish_reason:
+                finished.add(u.tag)
+        if len(finished) == n_requests:
+            done.set()
+
+    if direct is not None:
+        real_send = direct.send
+
+        def send(frame: worker_pb2.MuxServerFrame) -> None:
+            real_send(frame)
+            take(frame)
+
+        direct.send = send  # type: ignore[method-assign]
+
+    async def consume() -> None:
+        async for frame in servicer.mux_frames(client(), direct=direct):
+            via_task.append(frame)
+            take(frame)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(done.wait(), 20)
+    await asyncio.wait_for(consumer, 20)
+    await engine.shutdown()
+    return tokens, via_task, engine
+
+
+def expected(tag: int, max_tokens: int = 12) -> list[int]:
+    return [token_at(tag, 5 + i, VOCAB) for i in range(max_tokens)]  # a 5-token prompt
+
+
+async def test_frames_leave_from_the_pass_when_the_transport_can_take_them() -> None:
+    direct = Recorder()
+    tokens, via_task, engine = await run_session(0.0, direct)
+    assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t) for t in (1, 2, 3)}
+    assert len(direct.frames) >= 12 and via_task == []  # every token frame went out from the passes
+    assert engine._pass_listeners == []  # the session unregistered itself when it ended
+
+
+async def test_the_frames_task_sends_when_the_transport_cannot_take_a_frame_at_once() -> None:
+    direct = Recorder(open_=False)
+    tokens, via_task, _ = await run_session(0.0, direct)
+    assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t) for t in (1, 2, 3)}
+    assert direct.frames == [] and len(via_task) >= 12
+
+
+async def test_without_a_direct_transport_nothing_changes() -> None:
+    tokens, via_task, engine = await run_session(0.0, None)
+    assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t) for t in (1, 2, 3)}
+    assert len(via_task) >= 12 and engine._pass_listeners == []
+
+
+async def test_the_stream_interval_still_holds_frames_back_and_the_task_sends_them() -> None:
+    # Passes of about 0.45 ms (speed-up 50) against a 20 ms interval: after a request's first
+    # tokens (sent at once) most passes' news waits for the interval, which the frames task honours.
+    direct = Recorder()
+    tokens, via_task, _ = await run_session(0.02, direct, max_tokens=40)
+    assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t, 40) for t in (1, 2, 3)}
+    assert len(direct.frames) + len(via_task) < 40  # merged: far fewer frames than passes
