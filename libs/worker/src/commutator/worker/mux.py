@@ -124,12 +124,12 @@ class MuxSession:
             return
         if not self._direct.can_send():
             return
+        self._urgent = False  # before taking: a request that ends here may mark the stream urgent again
         self._take_pushed()
         if not (self._pending or self._errors):
             return
         self._last = now
         self._direct.send(self._take_frame())
-        self._urgent = False
         if (self._pushed or self._tasks) and self._reading and not self._draining():
             self._wake.clear()  # nothing left for the frames task (it still ends the stream when it must)
 
