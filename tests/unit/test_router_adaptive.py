@@ -11,12 +11,15 @@ from commutator.router.adaptive import _DECIDE_EVERY, _MIN_SAMPLES, _MIN_TRUST, 
 pytestmark = pytest.mark.unit
 
 
-def test_it_starts_from_the_default_weight_and_exploits_it_without_exploration() -> None:
-    t = AdaptiveTuner((0.5, 1.0, 2.0), (0.0, 0.1), explore=0.0, rng=random.Random(1))
+def test_it_starts_from_the_default_weight_and_routes_agreed_requests_with_it() -> None:
+    t = AdaptiveTuner((0.5, 1.0, 2.0), (0.0, 0.1), explore=1.0, rng=random.Random(1))
     assert [a.label() for a in t.arms][:2] == ["w=0.5,dw=1,T=0", "w=0.5,dw=1,T=0.1"]
     assert t.arms[t.best].weight == 1.0 and t.arms[t.best].temperature == 0.0
-    assert {t.pick() for _ in range(100)} == {t.best}
+    # Where every arm picks the same worker the arm cannot matter: the best one, even at explore=1.
+    assert {t.select([3] * 6) for _ in range(100)} == {t.best}
+    assert t.contested == 0 and t.decisions == 100
     assert t.params(t.best) == (1.0, 0.0, 1.0)
+    assert t.settings()[t.best] == t.params(t.best)
 
 
 def test_decode_weights_are_a_dimension_of_the_arms_and_tuned_like_the_others() -> None:
@@ -29,9 +32,36 @@ def test_decode_weights_are_a_dimension_of_the_arms_and_tuned_like_the_others() 
     assert t.best == 1 and t.params(t.best) == (1.0, 0.0, 0.25)
 
 
-def test_exploration_reaches_every_arm() -> None:
+def test_contested_requests_explore_every_arm() -> None:
     t = AdaptiveTuner((0.5, 1.0, 2.0, 4.0), explore=1.0, rng=random.Random(2))
-    assert {t.pick() for _ in range(200)} == {0, 1, 2, 3}
+    assert {t.select([0, 0, 1, 1]) for _ in range(200)} == {0, 1, 2, 3}
+    assert t.contested == 200
+
+
+def test_unmeasured_arms_are_tried_first_then_thompson_sampling_favours_the_fastest() -> None:
+    t = AdaptiveTuner((1.0,), decode_weights=(1.0, 0.5, 0.25), explore=0.0, rng=random.Random(4))
+    tried = set()
+    for _ in range(200):  # each arm needs two contested observations before it is compared
+        arm = t.select([0, 1, 1])
+        tried.add(arm)
+        t.observe(arm, {0: 0.050, 1: 0.040, 2: 0.030}[arm] + random.Random(arm).random() * 1e-3, 0, 0)
+        if all(a.samples >= 2 for a in t.arms):
+            break
+    assert tried == {0, 1, 2}
+    picks = [t.select([0, 1, 1]) for _ in range(300)]
+    for arm in picks:
+        t.observe(arm, (30.0 + 20.0 * (arm == 0) + 10.0 * (arm == 1) + random.gauss(0, 5)) / 1000, 0, 0)
+    later = [t.select([0, 1, 1]) for _ in range(200)]
+    assert later.count(2) > 150  # the fastest arm routes most contested requests
+    assert t.arms[t.best].decode_weight == 0.25
+
+
+def test_uncontested_observations_only_update_the_trust() -> None:
+    t = AdaptiveTuner((1.0, 2.0), explore=0.0)
+    for _ in range(3 * _DECIDE_EVERY):
+        t.observe(1, 0.001, predicted_blocks=4, cached_blocks=2, contested=False)
+    assert [a.samples for a in t.arms] == [0, 0] and t.best == 0
+    assert t.accuracy == pytest.approx(0.5)
 
 
 def test_the_arm_with_the_lowest_ttft_becomes_the_best_and_the_change_is_logged(

@@ -132,9 +132,9 @@ async def test_adaptive_routing_needs_kv_mode_and_starts_from_its_default_arm() 
     assert len(router.adaptive.arms) == 12  # 3 overlap weights x 2 decode weights (1, 0.25) x 2 temperatures
 
 
-async def test_an_explored_arm_is_used_for_its_own_request_only() -> None:
-    """The arm drawn for a request routes that request; every other decision (the Route RPC, a
-    request that fails to route) sees the best arm's weight."""
+async def test_only_observed_requests_route_through_the_arms() -> None:
+    """Generate routes through the tuner's arms (its first token is an observation); every other
+    decision (the Route RPC, a request that fails to route) uses the best arm's weights alone."""
     from commutator.common.errors import NoInstances
     from commutator.v1 import common_pb2
 
@@ -143,16 +143,19 @@ async def test_an_explored_arm_is_used_for_its_own_request_only() -> None:
         RouterConfig(router_adaptive=True, adaptive_weights=(0.5, 4.0), adaptive_decode_weights=(1.0,)), d, None, "ns"
     )
     assert router.adaptive is not None
-    router.adaptive.pick = lambda: 1  # type: ignore[method-assign]  # explore weight 4
+    policy = router.scheduler.policy
     seen = []
     route = router.route_or_raise
 
     def spy(*a: object, **kw: object) -> object:
-        seen.append(router.scheduler.policy.overlap_weight)  # type: ignore[attr-defined]
+        seen.append(policy.tuner)  # type: ignore[attr-defined]
         return route(*a, **kw)  # type: ignore[arg-type]
 
     router.route_or_raise = spy  # type: ignore[method-assign,assignment]
     with pytest.raises(NoInstances):  # no workers: it fails while routing
         await anext(router.generate(common_pb2.GenerateRequest(request_id="x", token_ids=[1, 2, 3])))
-    assert seen == [4.0]  # routed with the explored arm
-    assert router.scheduler.policy.overlap_weight == 0.5  # type: ignore[attr-defined]  # then back to the best
+    with pytest.raises(NoInstances):
+        router.route_or_raise("", [1, 2, 3])
+    assert seen == [router.adaptive, None]  # generate through the arms, the Route RPC without
+    assert policy.tuner is None  # type: ignore[attr-defined]
+    assert policy.overlap_weight == 0.5  # type: ignore[attr-defined]  # the best (starting) arm

@@ -10,7 +10,7 @@ import pytest
 from commutator.common.hashing import local_block_hashes, sequence_hashes
 from commutator.router.indexer import KvIndexer
 from commutator.router.load import ActiveLoad
-from commutator.router.policies import KvPolicy, RouteContext, kv_cost, make_policy, softmax_pick
+from commutator.router.policies import KvPolicy, RouteContext, kv_cost, kv_picks, make_policy, softmax_pick
 from commutator.router.scheduler import Outcome, Scheduler, WorkerView
 from commutator.v1 import kv_events_pb2
 
@@ -55,6 +55,62 @@ def test_decode_weight_scales_the_load_term_and_can_flip_the_choice() -> None:
     assert KvPolicy(decode_weight=0.25).choose(ctx, [A, B]) == B
     # 0: load counts only through pending prefill tokens.
     assert kv_cost(ctx, B, 1.0, 0.0) == 20
+
+
+def _contested_ctx() -> RouteContext:
+    """A holds 12 of the prompt's 20 blocks and 30 blocks of load; B nothing (see the test above)."""
+    load = ActiveLoad()
+    load.active_blocks.update({A: 30, B: 0})
+    return RouteContext(isl=20 * 16, block_size=16, load=load, overlaps={A: 12})
+
+
+def test_kv_picks_are_each_settings_own_choice_on_one_shared_draw() -> None:
+    ctx = _contested_ctx()
+    settings = [(1.0, 0.0, 1.0), (1.0, 0.0, 0.25), (2.0, 0.0, 1.0)]
+    picks, costs = kv_picks(ctx, [A, B], settings, 0.3)
+    assert costs == [[58, 40], [20.5, 25], [0 + 50, 40]]  # A at weight 2: prefill 20 - 24 floored at 0
+    assert picks == [1, 0, 1]
+    for (w, t, dw), pick in zip(settings, picks, strict=True):
+        assert [A, B][pick] == KvPolicy(w, t, decode_weight=dw).choose(ctx, [A, B])
+    # Ties: the shared draw picks the same tied candidate for every setting that ties them.
+    tied = RouteContext(isl=64, block_size=16, load=ActiveLoad())
+    for u in (0.0, 0.49, 0.5, 0.99):
+        picks, _ = kv_picks(tied, [A, B], [(1.0, 0.0, 1.0), (2.0, 0.0, 0.5)], u)
+        assert picks == [int(u * 2)] * 2
+    # Temperature > 0: the inverse of the softmax distribution at the shared draw.
+    counts = Counter(kv_picks(ctx, [A, B], [(1.0, 0.5, 1.0)], random.random())[0][0] for _ in range(20_000))
+    p_a = 1 / (1 + math.exp(18 / (18 * 0.5)))  # A costs 18 more, the whole spread: e^-2 against e^0
+    assert abs(counts[0] / 20_000 - p_a) < 5 * math.sqrt(p_a * (1 - p_a) / 20_000)
+
+
+class _Tuner:
+    """A hand-written ArmSelector: two arms, always choosing ``arm``."""
+
+    def __init__(self, arm: int) -> None:
+        self.arm = arm
+        self.seen: list[list[int]] = []
+
+    def settings(self) -> list[tuple[float, float, float]]:
+        return [(1.0, 0.0, 1.0), (1.0, 0.0, 0.25)]
+
+    def select(self, picks: list[int]) -> int:
+        self.seen.append(list(picks))
+        return self.arm
+
+
+def test_an_adaptive_kv_policy_routes_with_the_arm_its_tuner_selects() -> None:
+    policy = KvPolicy()
+    for arm, worker in ((0, B), (1, A)):
+        policy.tuner = _Tuner(arm)  # type: ignore[assignment]
+        ctx = _contested_ctx()
+        assert policy.choose(ctx, [A, B]) == worker
+        assert ctx.arm == arm and ctx.contested and ctx.costs == [[58, 40], [20.5, 25]][arm]
+        assert policy.tuner.seen == [[1, 0]]  # type: ignore[attr-defined]
+    agreed = RouteContext(isl=64, block_size=16, load=ActiveLoad(), overlaps={B: 3})
+    assert policy.choose(agreed, [A, B]) == B and not agreed.contested and agreed.arm == 1
+    policy.tuner = None  # without a tuner: the policy's own weights, no arm
+    ctx = _contested_ctx()
+    assert policy.choose(ctx, [A, B]) == B and ctx.arm is None
 
 
 @pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])

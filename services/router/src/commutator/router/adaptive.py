@@ -3,21 +3,29 @@
 
 ``--router-adaptive`` (off by default; kv mode only). The kv cost (DESIGN.md 4.4) weighs a cached
 prompt block against a block of load with ``overlap_weight`` (and the load with ``decode_weight``,
-``--decode-weight``); which weights serve a workload best
-depends on how much of it repeats, how full the caches are and how far the index can be trusted,
-none of which the router knows beforehand. :class:`AdaptiveTuner` learns it online:
+``--decode-weight``); which weights serve a workload best depends on how much of it repeats, how
+full the caches are and how far the index can be trusted, none of which the router knows
+beforehand. :class:`AdaptiveTuner` learns it online:
 
 - **Arms.** Each (overlap weight, decode weight, temperature) of ``--adaptive-weights`` x
-  ``--adaptive-decode-weights`` x ``--adaptive-temperatures`` is an arm. Every request is routed
-  with one arm: the best one so far, or, with probability ``--adaptive-explore``, one drawn
-  uniformly (so that every arm keeps being measured as the workload changes).
+  ``--adaptive-decode-weights`` x ``--adaptive-temperatures`` is an arm.
+- **Only contested requests teach.** For every request the kv policy works out the worker each arm
+  would pick (one shared random draw for ties and sampling, so arms that rank the workers alike pick
+  alike). Where all arms pick the same worker (most requests) the choice of arm cannot matter: the
+  request goes there under the best arm and is not an observation. Where they differ (a *contested*
+  request) :meth:`AdaptiveTuner.select` picks the arm: Thompson sampling on the arms' mean TTFT over
+  contested requests (each arm's mean drawn from a normal around it, as wide as its uncertainty;
+  the lowest draw routes), with ``--adaptive-explore`` of them drawn uniformly so that no arm stops
+  being measured as the workload changes. Every arm is thus measured on the same kind of request,
+  and the exploration costs nothing on the requests where it could not change anything.
 - **Outcome.** The router times each request from its routing decision to its first token (TTFT
   as the router sees it: queueing and prefill on the worker, the network both ways). An arm's score
-  is the exponentially weighted mean of its requests' TTFT (``--adaptive-half-life`` requests).
-  Requests are assigned to arms at random, so every arm sees the same mix of prompt lengths on
-  average and the means compare like with like.
-- **Choice.** Every ``_DECIDE_EVERY`` observations the arm with the lowest score among those with
-  ``_MIN_SAMPLES`` observations becomes the best one; a change is logged with every arm's score.
+  is the exponentially weighted mean (and variance) of its contested requests' TTFT
+  (``--adaptive-half-life`` requests).
+- **Choice.** Every ``_DECIDE_EVERY`` contested observations the arm with the lowest mean among
+  those with ``_MIN_SAMPLES`` observations becomes the best one: the arm every uncontested request,
+  and every decision that is not observed (the Route RPC), is routed with. A change is logged with
+  every arm's score.
 - **Trust in the index.** Per request the router predicts the chosen worker's cached blocks (the
   index's overlap, at most all but the last block, which an engine always computes) and the worker
   reports what it really found cached. The weighted ratio actual / predicted (``accuracy``) scales
@@ -40,19 +48,20 @@ __all__ = ["AdaptiveTuner", "Arm"]
 
 log = logging.getLogger(__name__)
 
-_DECIDE_EVERY = 50
-_MIN_SAMPLES = 20
+_DECIDE_EVERY = 20
+_MIN_SAMPLES = 10
 _MIN_TRUST = 0.25
 
 
 @dataclass(slots=True)
 class Arm:
-    """One (overlap weight, decode weight, temperature) setting and what its requests saw."""
+    """One (overlap weight, decode weight, temperature) setting and what its contested requests saw."""
 
     weight: float
     temperature: float
     decode_weight: float = 1.0
     score_ms: float = 0.0  # exponentially weighted mean TTFT
+    var_ms2: float = 0.0  # exponentially weighted variance of TTFT
     samples: int = 0
 
     def label(self) -> str:
@@ -86,6 +95,7 @@ class AdaptiveTuner:
         self.arms = [Arm(float(w), float(t), float(d)) for w in weights for d in decode_weights for t in temperatures]
         self.explore = explore
         self._alpha = 1.0 - 0.5 ** (1.0 / half_life)
+        self._max_n = (2.0 - self._alpha) / self._alpha  # the effective sample count of the weighted mean
         self._rng = rng or random.Random()
         self.best = min(
             range(len(self.arms)),
@@ -100,6 +110,8 @@ class AdaptiveTuner:
         self._predicted = 0.0  # exponentially weighted sums of predicted and actually cached blocks
         self._actual = 0.0
         self.changes = 0
+        self.contested = 0  # requests on which the arms disagreed
+        self.decisions = 0  # requests routed through select()
 
     @property
     def accuracy(self) -> float:
@@ -110,31 +122,64 @@ class AdaptiveTuner:
     def trust(self) -> float:
         return min(1.0, max(_MIN_TRUST, self.accuracy))
 
-    def pick(self) -> int:
-        """The arm for the next request."""
-        if len(self.arms) > 1 and self._rng.random() < self.explore:
-            return self._rng.randrange(len(self.arms))
-        return self.best
-
     def params(self, arm: int) -> tuple[float, float, float]:
         """(overlap weight, temperature, decode weight) to route with under ``arm``: its overlap weight
         scaled by the trust."""
         a = self.arms[arm]
         return a.weight * self.trust, a.temperature, a.decode_weight
 
-    def observe(self, arm: int, ttft_s: float, predicted_blocks: int, cached_blocks: int) -> None:
+    def settings(self) -> list[tuple[float, float, float]]:
+        """:meth:`params` of every arm, in arm order."""
+        trust = self.trust
+        return [(a.weight * trust, a.temperature, a.decode_weight) for a in self.arms]
+
+    def select(self, picks: Sequence[int]) -> int:
+        """The arm to route a request with, given the candidate each arm would pick (``picks``, in arm
+        order): the best arm where they all agree, else (a contested request) a Thompson draw, or
+        with probability ``explore`` an arm drawn uniformly."""
+        self.decisions += 1
+        first = picks[self.best]
+        if all(p == first for p in picks):
+            return self.best
+        self.contested += 1
+        rng = self._rng
+        if rng.random() < self.explore:
+            return rng.randrange(len(self.arms))
+        unmeasured = [i for i, a in enumerate(self.arms) if a.samples < 2]
+        if unmeasured:
+            return rng.choice(unmeasured)
+        max_n = self._max_n
+        draws = [a.score_ms + rng.gauss(0.0, 1.0) * math.sqrt(a.var_ms2 / min(a.samples, max_n)) for a in self.arms]
+        return min(range(len(draws)), key=draws.__getitem__)
+
+    def observe(
+        self, arm: int, ttft_s: float, predicted_blocks: int, cached_blocks: int, contested: bool = True
+    ) -> None:
         """A request routed under ``arm`` got its first token ``ttft_s`` after routing; the index had
-        predicted ``predicted_blocks`` cached on its worker, which found ``cached_blocks``."""
+        predicted ``predicted_blocks`` cached on its worker, which found ``cached_blocks``. Only a
+        ``contested`` request (the arms disagreed) counts towards the arm's score."""
         if not math.isfinite(ttft_s) or ttft_s < 0 or not 0 <= arm < len(self.arms):
             return
-        a = self.arms[arm]
-        ms = ttft_s * 1000.0
-        a.score_ms = ms if a.samples == 0 else a.score_ms + self._alpha * (ms - a.score_ms)
-        a.samples += 1
         if predicted_blocks > 0 or cached_blocks > 0:
             keep = 1.0 - self._alpha
             self._predicted = self._predicted * keep + predicted_blocks
             self._actual = self._actual * keep + min(cached_blocks, predicted_blocks)
+        if not contested:
+            return
+        a = self.arms[arm]
+        ms = ttft_s * 1000.0
+        if a.samples == 0:
+            a.score_ms, a.var_ms2 = ms, 0.0
+        elif a.samples == 1:
+            a.var_ms2 = (ms - a.score_ms) ** 2 / 2.0
+            a.score_ms = (a.score_ms + ms) / 2.0
+        else:
+            # Exponentially weighted mean and variance (West's incremental form).
+            diff = ms - a.score_ms
+            step = self._alpha * diff
+            a.score_ms += step
+            a.var_ms2 = (1.0 - self._alpha) * (a.var_ms2 + diff * step)
+        a.samples += 1
         self._since_decision += 1
         if self._since_decision >= _DECIDE_EVERY:
             self._since_decision = 0
@@ -148,10 +193,13 @@ class AdaptiveTuner:
         cur = self.arms[self.best]
         if best != self.best and (cur.samples < _MIN_SAMPLES or self.arms[best].score_ms < cur.score_ms):
             log.info(
-                "adaptive routing: %s -> %s (mean TTFT ms by arm: %s; index accuracy %.2f)",
+                "adaptive routing: %s -> %s (mean TTFT ms of contested requests by arm: %s; "
+                "%d of %d requests contested; index accuracy %.2f)",
                 self.arms[self.best].label(),
                 self.arms[best].label(),
                 ", ".join(f"{a.label()} {a.score_ms:.1f} ({a.samples})" for a in self.arms),
+                self.contested,
+                self.decisions,
                 self.accuracy,
             )
             self.best = best

@@ -32,12 +32,16 @@ class RouterConfig:
         "and how many predicted cache hits the workers confirm (docs/routing.md); off: --overlap-weight, "
         "--decode-weight and --router-temperature",
     )
-    adaptive_weights: tuple[float, ...] = option((0.5, 1.0, 2.0, 4.0), "--router-adaptive: overlap weights tried")
+    adaptive_weights: tuple[float, ...] = option((1.0, 2.0), "--router-adaptive: overlap weights tried")
     adaptive_decode_weights: tuple[float, ...] = option(
         (1.0, 0.25), "--router-adaptive: decode weights tried (see --decode-weight)"
     )
     adaptive_temperatures: tuple[float, ...] = option((0.0,), "--router-adaptive: temperatures tried")
-    adaptive_explore: float = option(0.1, "--router-adaptive: share of requests routed with an arm drawn at random")
+    adaptive_explore: float = option(
+        0.1,
+        "--router-adaptive: share of contested requests (the arms pick different workers) routed with an "
+        "arm drawn at random",
+    )
     adaptive_half_life: float = option(
         200.0, "--router-adaptive: requests after which an observation counts half in an arm's mean TTFT"
     )

@@ -117,8 +117,8 @@ class Router:
                 rng=rng,
             )
             policy.overlap_weight, policy.temperature, policy.decode_weight = self.adaptive.params(self.adaptive.best)
-        # Adaptive routing: request -> (arm, when routed).
-        self._arms: dict[str, tuple[int, float]] = {}
+        # Adaptive routing: request -> (arm, contested, when routed).
+        self._arms: dict[str, tuple[int, bool, float]] = {}
         # Requests routed and tracked here, until their first response: (worker, predicted hit blocks, block size).
         self._predicted: dict[str, tuple[WorkerKey, int, int]] = {}
         self.hits = HitTracker()
@@ -468,16 +468,24 @@ class Router:
             self.sync.added(request_id, result.worker.key, result.prefill_tokens, total, result.seq_hashes)
         return added
 
-    def _pick_arm(self) -> int | None:
-        """Adaptive routing: set the kv policy to the arm this request is routed with."""
-        tuner = self.adaptive
-        if tuner is None:
-            return None
-        arm = tuner.pick()
+    def _route_observed(
+        self,
+        model: str,
+        token_ids: Sequence[int],
+        lora_name: str,
+        cache_salt: str,
+    ) -> RouteResult:
+        """:meth:`route_or_raise` for a request whose first token will be observed: under adaptive
+        routing the kv policy weighs every arm's pick and the tuner chooses (see
+        :mod:`commutator.router.adaptive`); every other decision uses the best arm."""
         policy = self.scheduler.policy
-        assert isinstance(policy, KvPolicy)
-        policy.overlap_weight, policy.temperature, policy.decode_weight = tuner.params(arm)
-        return arm
+        if self.adaptive is None or not isinstance(policy, KvPolicy):
+            return self.route_or_raise(model, token_ids, lora_name=lora_name, cache_salt=cache_salt)
+        policy.tuner = self.adaptive
+        try:
+            return self.route_or_raise(model, token_ids, lora_name=lora_name, cache_salt=cache_salt)
+        finally:
+            policy.tuner = None
 
     def _use_best_arm(self) -> None:
         tuner = self.adaptive
@@ -499,8 +507,14 @@ class Router:
         if tuner is not None:
             picked = self._arms.pop(request_id, None)
             if picked is not None and first is not None:
-                arm, routed_at = picked
-                tuner.observe(arm, time.perf_counter() - routed_at, predicted[1] if predicted else 0, max(found, 0))
+                arm, contested, routed_at = picked
+                tuner.observe(
+                    arm,
+                    time.perf_counter() - routed_at,
+                    predicted[1] if predicted else 0,
+                    max(found, 0),
+                    contested=contested,
+                )
                 self._use_best_arm()
                 self._adaptive_accuracy.set(tuner.accuracy)
         known = self.scheduler.load.prefill_done(request_id)
@@ -591,8 +605,9 @@ class Router:
         sink: Callable[[common_pb2.GenerateResponse], bool] | None = None  # a push consumer, once handed over
         deadline = time.monotonic() + self.config.generate_timeout_s
         while True:
-            arm = self._pick_arm() if requested is None else None
-            try:
+            if requested is None:
+                result = self._route_observed(request.model, request.token_ids, request.lora_name, request.cache_salt)
+            else:
                 result = self.route_or_raise(
                     request.model,
                     request.token_ids,
@@ -600,15 +615,12 @@ class Router:
                     cache_salt=request.cache_salt,
                     requested=requested,
                 )
-            finally:
-                if arm is not None:
-                    self._use_best_arm()  # other decisions (the Route RPC, say) use the best one
             assert result.worker is not None
             worker_id, rank = result.worker.key
             request.dp_rank = rank
             self.track(rid, result)
-            if arm is not None:
-                self._arms[rid] = (arm, time.perf_counter())
+            if result.arm is not None:
+                self._arms[rid] = (result.arm, result.contested, time.perf_counter())
             streamed = False
             stream: AsyncIterator[common_pb2.GenerateResponse] | None = None
             try:

@@ -19,6 +19,7 @@ from commutator.router.load import ActiveLoad
 
 __all__ = [
     "POLICIES",
+    "ArmSelector",
     "DirectPolicy",
     "KvPolicy",
     "LeastLoadedPolicy",
@@ -27,6 +28,7 @@ __all__ = [
     "RouteContext",
     "RoutingPolicy",
     "kv_cost",
+    "kv_picks",
     "make_policy",
     "softmax_pick",
 ]
@@ -47,6 +49,18 @@ class RouteContext:
     """The worker the caller asked for (direct mode)."""
     costs: list[float] | None = None
     """Filled by the kv policy: the cost of each candidate, in candidate order."""
+    arm: int | None = None
+    """Filled by an adaptive kv policy: the arm the request was routed with."""
+    contested: bool = False
+    """Filled by an adaptive kv policy: whether its arms would have picked different workers."""
+
+
+class ArmSelector(Protocol):
+    """What an adaptive kv policy asks (:class:`commutator.router.adaptive.AdaptiveTuner`)."""
+
+    def settings(self) -> list[tuple[float, float, float]]: ...
+
+    def select(self, picks: Sequence[int]) -> int: ...
 
 
 class RoutingPolicy(Protocol):
@@ -67,6 +81,47 @@ def kv_cost(ctx: RouteContext, worker: WorkerKey, overlap_weight: float, decode_
     request_blocks = -(-ctx.isl // bs)
     decode = load.active_blocks.get(worker, 0) + request_blocks - ctx.active_overlaps.get(worker, 0)
     return prefill + decode_weight * decode
+
+
+def kv_picks(
+    ctx: RouteContext, candidates: Sequence[WorkerKey], settings: Sequence[tuple[float, float, float]], u: float
+) -> tuple[list[int], list[list[float]]]:
+    """The candidate (index) each (overlap weight, temperature, decode weight) setting picks, and the
+    costs it saw, all drawing on one uniform number ``u`` in [0, 1) (ties, and sampling at T > 0), so
+    that settings that rank the candidates alike pick alike."""
+    bs = ctx.block_size
+    raw_prefill = ctx.isl / bs
+    request_blocks = -(-ctx.isl // bs)
+    prefill_tokens = ctx.load.prefill_tokens.get
+    active_blocks = ctx.load.active_blocks.get
+    overlap = ctx.overlaps.get
+    active_overlap = ctx.active_overlaps.get
+    base = [prefill_tokens(c, 0) / bs + raw_prefill for c in candidates]
+    cached = [overlap(c, 0) for c in candidates]
+    decode = [active_blocks(c, 0) + request_blocks - active_overlap(c, 0) for c in candidates]
+    picks: list[int] = []
+    all_costs: list[list[float]] = []
+    for weight, temperature, dw in settings:
+        costs = [max(0.0, b - weight * o) + dw * d for b, o, d in zip(base, cached, decode, strict=True)]
+        all_costs.append(costs)
+        lo = min(costs)
+        hi = max(costs)
+        if temperature <= 0 or hi == lo:
+            best = [i for i, c in enumerate(costs) if c == lo] if temperature <= 0 else list(range(len(costs)))
+            picks.append(best[int(u * len(best))])
+            continue
+        scale = (hi - lo) * temperature
+        weights = [math.exp(-(c - lo) / scale) for c in costs]
+        target = u * sum(weights)
+        acc = 0.0
+        pick = len(weights) - 1
+        for i, w in enumerate(weights):
+            acc += w
+            if target < acc:
+                pick = i
+                break
+        picks.append(pick)
+    return picks, all_costs
 
 
 def softmax_pick(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
@@ -101,10 +156,19 @@ class KvPolicy:
         self.decode_weight = decode_weight
         self.temperature = temperature
         self.rng = rng or random.Random()
+        self.tuner: ArmSelector | None = None
+        """Adaptive routing: while set, :meth:`choose` routes through the tuner's arms."""
 
     def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None:
         if not candidates:
             return None
+        if self.tuner is not None:
+            picks, arm_costs = kv_picks(ctx, candidates, self.tuner.settings(), self.rng.random())
+            arm = self.tuner.select(picks)
+            ctx.arm = arm
+            ctx.contested = any(p != picks[0] for p in picks)
+            ctx.costs = arm_costs[arm]
+            return candidates[picks[arm]]
         # kv_cost inlined for the 64-worker loop (per request, hot).
         bs = ctx.block_size
         raw_prefill = ctx.isl / bs

@@ -56,6 +56,8 @@ class RouteResult:
     match_s: float = 0.0
     select_s: float = 0.0
     costs: list[float] | None = field(default=None, repr=False)
+    arm: int | None = None  # adaptive routing: the arm it was routed with (see RouteContext.arm)
+    contested: bool = False  # adaptive routing: whether the arms disagreed
 
     @property
     def prefill_tokens(self) -> int:
@@ -213,6 +215,8 @@ class Scheduler:
             match_s=(t2 - t1) if needs_hashes else 0.0,
             select_s=t3 - (t2 if needs_hashes else t0),
             costs=ctx.costs,
+            arm=ctx.arm,
+            contested=ctx.contested,
         )
 
     def track(self, request_id: str, result: RouteResult, now: float, owner: int = 0) -> bool:
