@@ -69,10 +69,13 @@ class MuxSession:
         self._wake.set()
 
     async def frames(
-        self, requests: AsyncIterator[worker_pb2.MuxClientFrame]
+        self, requests: AsyncIterator[worker_pb2.MuxClientFrame] | None
     ) -> AsyncGenerator[worker_pb2.MuxServerFrame, None]:
+        """The session's frames to the client. Its frames come from ``requests``, read by a task of the
+        session's; or, where ``requests`` is None, the transport hands each over itself as it arrives
+        (:meth:`client_frame`, then :meth:`client_closed`)."""
         loop = self._loop
-        reader = loop.create_task(self._read(requests), name="mux-read")
+        reader = loop.create_task(self._read(requests), name="mux-read") if requests is not None else None
         interval = self._s.stream_interval_s
         listen = getattr(self._s.engine, "add_pass_listener", None) if self._direct is not None else None
         if listen is not None:
@@ -103,13 +106,15 @@ class MuxSession:
         finally:
             if listen is not None:
                 self._s.engine.remove_pass_listener(self._after_pass)
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
+            self._reading = False  # nothing handed over from now on starts anything
             for tag in list(self._pushed):
                 self._end_pushed(tag, "cancelled")  # the client went away: abort, freeing the blocks
             tasks = list(self._tasks.values())
             for t in tasks:
                 t.cancel()  # the client went away: abort every engine request, freeing its blocks
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *([reader] if reader is not None else []), return_exceptions=True)
 
     def _after_pass(self) -> None:
         """The engine ended a pass and handed its outputs to its requests: send their frame from here,
@@ -150,18 +155,28 @@ class MuxSession:
     async def _read(self, requests: AsyncIterator[worker_pb2.MuxClientFrame]) -> None:
         try:
             async for frame in requests:
-                for tag in frame.cancels:
-                    task = self._tasks.get(tag)
-                    if task is not None:
-                        task.cancel()
-                    elif tag in self._pushed:
-                        self._end_pushed(tag, "cancelled")
-                        self._pending.pop(tag, None)  # the client cancelled it: it wants nothing more
-                for start in frame.starts:
-                    self._start(start)
+                self.client_frame(frame)
         finally:
-            self._reading = False
-            self.wake()
+            self.client_closed()
+
+    def client_frame(self, frame: worker_pb2.MuxClientFrame) -> None:
+        """One frame of the client's: its cancels, then its starts. Ignored once the session ended."""
+        if not self._reading:
+            return
+        for tag in frame.cancels:
+            task = self._tasks.get(tag)
+            if task is not None:
+                task.cancel()
+            elif tag in self._pushed:
+                self._end_pushed(tag, "cancelled")
+                self._pending.pop(tag, None)  # the client cancelled it: it wants nothing more
+        for start in frame.starts:
+            self._start(start)
+
+    def client_closed(self) -> None:
+        """The client has closed its side: the session ends once its requests are done."""
+        self._reading = False
+        self.wake()
 
     def _start(self, start: worker_pb2.MuxStart) -> None:
         tag = start.tag

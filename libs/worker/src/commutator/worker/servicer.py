@@ -95,15 +95,32 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for session in list(self._sessions):
             session.wake()
 
-    async def mux_frames(
-        self, client_frames: AsyncIterator[worker_pb2.MuxClientFrame], direct: DirectSend | None = None
-    ) -> AsyncGenerator[worker_pb2.MuxServerFrame, None]:
-        """One multiplexed stream, whatever carries it (GenerateMany, or a TCP connection of
-        :mod:`commutator.worker.tcp_stream`): the frames for the client's ``client_frames``. The
-        session is known to :meth:`start_drain` while it lives. ``direct``: a transport that can also
-        take frames synchronously, so that an engine pass's frame leaves from the pass itself."""
+    def open_session(self, direct: DirectSend | None = None) -> MuxSession:
+        """A multiplexed session whose transport hands the client's frames over itself
+        (:meth:`MuxSession.client_frame`; a TCP connection of :mod:`commutator.worker.tcp_stream`).
+        Known to :meth:`start_drain` from now on; its frames come from :meth:`mux_frames`
+        (``client_frames`` None, ``session`` it), which forgets it when done (so does
+        :meth:`close_session`, for one whose frames were never asked for)."""
         session = MuxSession(self, lambda: self.draining, direct)
         self._sessions.add(session)
+        return session
+
+    def close_session(self, session: MuxSession) -> None:
+        self._sessions.discard(session)
+
+    async def mux_frames(
+        self,
+        client_frames: AsyncIterator[worker_pb2.MuxClientFrame] | None,
+        direct: DirectSend | None = None,
+        session: MuxSession | None = None,
+    ) -> AsyncGenerator[worker_pb2.MuxServerFrame, None]:
+        """One multiplexed stream, whatever carries it (GenerateMany, or a TCP connection of
+        :mod:`commutator.worker.tcp_stream`): the frames for the client's ``client_frames`` (or, for
+        a ``session`` of :meth:`open_session`, for what its transport hands it). The session is
+        known to :meth:`start_drain` while it lives. ``direct``: a transport that can also take frames
+        synchronously, so that an engine pass's frame leaves from the pass itself."""
+        if session is None:
+            session = self.open_session(direct)
         try:
             async with contextlib.aclosing(session.frames(client_frames)) as frames:
                 async for frame in frames:

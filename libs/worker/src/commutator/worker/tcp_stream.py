@@ -6,6 +6,11 @@ own: one session per connection. The connection ending, from either side, ends t
 aborts every request still on it. A bad preamble, a frame over the limit or one that does not parse
 closes that connection only, with a log line.
 
+The client's frames are cut from the connection's bytes as they arrive and handed to the session in
+the same turn of the event loop (``data_received``; no reader task between, so a request's start does
+not wait behind the loop's other work); the session's frames leave from its frames task, or straight
+from an engine pass (:class:`_DirectWriter`).
+
 Lifecycle: :meth:`StreamServer.start` binds; :meth:`StreamServer.drain` stops accepting and waits
 (within the grace period) for the sessions to end, which they do once their requests are done
 (``WorkerServicer.start_drain``); :meth:`StreamServer.close` closes the server and every connection.
@@ -16,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import struct
 from ssl import SSLContext
 
-from commutator.common.stream_frames import PREAMBLE, FrameError, pack, read_frame
+from commutator.common.stream_frames import MAX_FRAME_BYTES, PREAMBLE, FrameError, pack
 from commutator.v1 import worker_pb2
+from commutator.worker.mux import MuxSession
 from commutator.worker.servicer import WorkerServicer
+from google.protobuf.message import DecodeError
 
 __all__ = ["StreamServer"]
 
@@ -31,6 +38,7 @@ PREAMBLE_TIMEOUT_S = 10.0
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 _DIRECT_LIMIT = 64 * 1024
 """Bytes waiting on a connection above which a pass's frame is left to the frames task (which drains)."""
+_LENGTH = struct.Struct("<I")
 
 
 class StreamServer:
@@ -45,11 +53,14 @@ class StreamServer:
         self._host = host
         self._want_port = port
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[_Connection] = set()
         self.port = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self._host, self._want_port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self._servicer, self._ssl, self._connections), self._host, self._want_port
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("worker stream listening on %s:%d (TCP%s)", self._host, self.port, ", mutual TLS" if self._ssl else "")
 
@@ -57,7 +68,7 @@ class StreamServer:
         """Stop accepting; wait up to ``grace_s`` for the sessions to end, then close the rest."""
         if self._server is not None:
             self._server.close()
-        pending = list(self._connections)
+        pending = [c.closed for c in self._connections]
         if pending:
             await asyncio.wait(pending, timeout=grace_s)
         await self.close()
@@ -65,82 +76,210 @@ class StreamServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        tasks = list(self._connections)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        conns = list(self._connections)
+        for c in conns:
+            c.abort()
+        await asyncio.gather(*(c.closed for c in conns), return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A task of our own (not asyncio's handler task): close() cancels it, and nothing logs that.
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer), name="mux-tcp-conn")
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        peer = writer.get_extra_info("peername")
-        try:
-            if self._ssl is not None:
-                try:
-                    # On the connection (not the listener), so that a refused client gets a log line.
-                    await writer.start_tls(self._ssl, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
-                except (OSError, TimeoutError) as exc:
-                    log.warning("worker stream: TLS handshake from %s failed: %s", peer, exc or type(exc).__name__)
-                    return
-            try:
-                preamble = await asyncio.wait_for(reader.readexactly(len(PREAMBLE)), PREAMBLE_TIMEOUT_S)
-            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                log.warning("worker stream: connection from %s closed: no preamble", peer)
+class _Connection(asyncio.Protocol):
+    """One client connection: the TLS handshake (with ``ssl``), the preamble, then a session whose
+    client frames are handed over from ``data_received``. :attr:`closed` is done when the connection
+    and its session have ended."""
+
+    def __init__(self, servicer: WorkerServicer, ssl: SSLContext | None, registry: set[_Connection]) -> None:
+        self._servicer = servicer
+        self._ssl = ssl
+        self._registry = registry
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self._peer: object = None
+        self._buf = bytearray()
+        self._preamble = True  # still waiting for it
+        self._timer: asyncio.TimerHandle | None = None
+        self._tls: asyncio.Task[None] | None = None
+        self.session: MuxSession | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._lost = False
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._registry.add(self)
+        self.transport = transport  # type: ignore[assignment]
+        self._peer = transport.get_extra_info("peername")
+        if self._ssl is not None:
+            # The handshake on the connection (not the listener), so that a refused client gets a log line.
+            transport.pause_reading()  # type: ignore[attr-defined]  # start_tls takes the bytes from here
+            self._tls = self._loop.create_task(self._start_tls(), name="mux-tcp-tls")
+        else:
+            self._wait_preamble()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lost:
+            return
+        buf = self._buf
+        buf += data
+        if self._preamble:
+            if len(buf) < len(PREAMBLE):
                 return
-            if preamble != PREAMBLE:
-                log.warning("worker stream: connection from %s closed: bad preamble %r", peer, preamble)
+            if buf[: len(PREAMBLE)] != PREAMBLE:
+                log.warning(
+                    "worker stream: connection from %s closed: bad preamble %r", self._peer, bytes(buf[: len(PREAMBLE)])
+                )
+                self._close()
                 return
-            sender = asyncio.get_running_loop().create_task(self._send(reader, writer, peer), name="mux-tcp-send")
-            try:
-                await sender
-            except asyncio.CancelledError:
-                if not sender.cancelled() or task.cancelling():
-                    raise
-                # The client's side ended (closed, broke the framing): the session is over.
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> None:
-        sender = asyncio.current_task()
-        assert sender is not None
-        frames = self._servicer.mux_frames(
-            self._client_frames(reader, peer, sender.cancel), direct=_DirectWriter(writer)
-        )
-        async with contextlib.aclosing(frames):
-            try:
-                async for frame in frames:
-                    writer.write(pack(frame))
-                    await writer.drain()
-            except ConnectionError as exc:
-                log.debug("worker stream: connection from %s lost: %s", peer, exc)
-
-    async def _client_frames(
-        self, reader: asyncio.StreamReader, peer: object, end_session: Callable[[], object]
-    ) -> AsyncIterator[worker_pb2.MuxClientFrame]:
-        """The client's frames. When the client's side ends on its own (closed, failed, broke the
-        framing) the session ends at once (``end_session``): on this transport that is the client gone."""
+            del buf[: len(PREAMBLE)]
+            self._preamble = False
+            if self._timer is not None:
+                self._timer.cancel()
+            self._open_session()
+        session = self.session
+        assert session is not None
+        pos, n = 0, len(buf)
         try:
-            while True:
-                frame = await read_frame(reader, worker_pb2.MuxClientFrame())
-                if frame is None:
+            while n - pos >= 4:
+                (size,) = _LENGTH.unpack_from(buf, pos)
+                if size > MAX_FRAME_BYTES:
+                    raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+                if n - pos - 4 < size:
                     break
-                yield frame
+                try:
+                    frame = worker_pb2.MuxClientFrame.FromString(bytes(buf[pos + 4 : pos + 4 + size]))
+                except DecodeError as exc:
+                    raise FrameError(f"frame does not parse: {exc}") from None
+                pos += 4 + size
+                session.client_frame(frame)
         except FrameError as exc:
-            log.warning("worker stream: connection from %s closed: %s", peer, exc)
+            log.warning("worker stream: connection from %s closed: %s", self._peer, exc)
+            self._close()
+            return
+        except Exception:  # our bug, not the client's: this connection only
+            log.exception("worker stream: connection from %s failed", self._peer)
+            self._close()
+            return
+        if pos:
+            del buf[:pos]
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side: close ours too (connection_lost ends the session)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if exc is not None:
+            log.debug("worker stream: connection from %s lost: %s", self._peer, exc)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._tls is not None:
+            self._tls.cancel()
+        self._release_drain(exc or ConnectionResetError("the connection was closed"))
+        if self._sender is not None and not self._sender.done():
+            # The client is gone: the session ends at once, aborting its requests.
+            self._sender.cancel()
+        else:
+            self._done()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._release_drain(None)
+
+    # -- the connection's steps ----------------------------------------------------------------
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None and self._ssl is not None
+        tls = None
+        try:
+            tls = await self._loop.start_tls(
+                transport, self, self._ssl, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("worker stream: TLS handshake from %s failed: %s", self._peer, exc or type(exc).__name__)
+        finally:
+            if tls is None or self._lost:  # failed, cancelled (the server closes) or lost meanwhile
+                self._lost = True
+                transport.close()
+                self._done()  # whether or not the TLS layer tells this protocol the connection was lost
+        if tls is not None and not self._lost:
+            self.transport = tls
+            self._wait_preamble()
+
+    def _wait_preamble(self) -> None:
+        self._timer = self._loop.call_later(PREAMBLE_TIMEOUT_S, self._no_preamble)
+
+    def _no_preamble(self) -> None:
+        if self._preamble and not self._lost:
+            log.warning("worker stream: connection from %s closed: no preamble", self._peer)
+            self._close()
+
+    def _open_session(self) -> None:
+        self.session = self._servicer.open_session(_DirectWriter(self))
+        self._sender = self._loop.create_task(self._send(self.session), name="mux-tcp-send")
+
+    async def _send(self, session: MuxSession) -> None:
+        try:
+            async with contextlib.aclosing(self._servicer.mux_frames(None, session=session)) as frames:
+                async for frame in frames:
+                    t = self.transport
+                    if t is None or self._lost:
+                        break
+                    t.write(pack(frame))
+                    await self._drained()
         except ConnectionError as exc:
-            log.debug("worker stream: connection from %s lost: %s", peer, exc)
-        end_session()
+            log.debug("worker stream: connection from %s lost: %s", self._peer, exc)
+        except asyncio.CancelledError:
+            pass  # the connection was lost (or the server closes): the session aborted its requests
+        except Exception:
+            log.exception("worker stream: session with %s failed", self._peer)
+        finally:
+            self._servicer.close_session(session)
+            self._close()  # the session is over (the worker drains, say): so is the connection
+            if self._lost:
+                self._done()
+
+    async def _drained(self) -> None:
+        if self._lost:
+            raise ConnectionResetError("the connection was closed")
+        if self._paused:
+            if self._drain is None:
+                self._drain = self._loop.create_future()
+            await self._drain
+
+    def _release_drain(self, exc: BaseException | None) -> None:
+        d = self._drain
+        self._drain = None
+        if d is not None and not d.done():
+            if exc is None:
+                d.set_result(None)
+            else:
+                d.set_exception(exc)
+
+    def _close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def abort(self) -> None:
+        """Close the connection now (the server closes): the session aborts its requests."""
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
+        t = self.transport
+        if t is not None:
+            t.abort()
+        if self._tls is not None:
+            self._tls.cancel()
+
+    def _done(self) -> None:
+        self._registry.discard(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class _DirectWriter:
@@ -148,15 +287,16 @@ class _DirectWriter:
     connection has less than ``_DIRECT_LIMIT`` bytes waiting; beyond that the frames task writes and
     waits for the buffer to drain, as for every other frame."""
 
-    __slots__ = ("_transport", "_writer")
+    __slots__ = ("_conn",)
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        self._transport = writer.transport
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
 
     def can_send(self) -> bool:
-        t = self._transport
-        return not t.is_closing() and t.get_write_buffer_size() < _DIRECT_LIMIT
+        t = self._conn.transport
+        return t is not None and not t.is_closing() and t.get_write_buffer_size() < _DIRECT_LIMIT
 
     def send(self, frame: worker_pb2.MuxServerFrame) -> None:
-        self._writer.write(pack(frame))
+        t = self._conn.transport
+        assert t is not None
+        t.write(pack(frame))
