@@ -129,7 +129,7 @@ async def test_adaptive_routing_needs_kv_mode_and_starts_from_its_default_arm() 
     assert router.adaptive is not None
     policy = router.scheduler.policy
     assert (policy.overlap_weight, policy.temperature, policy.decode_weight) == (1.5, 0.0, 0.25)  # type: ignore[attr-defined]
-    assert len(router.adaptive.arms) == 12  # 3 overlap weights x 2 decode weights (1, 0.25) x 2 temperatures
+    assert len(router.adaptive.arms) == 18  # 3 overlap weights x 3 decode weights (1, 0.5, 0.25) x 2 temperatures
 
 
 async def test_only_observed_requests_route_through_the_arms() -> None:

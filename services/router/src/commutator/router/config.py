@@ -32,9 +32,9 @@ class RouterConfig:
         "and how many predicted cache hits the workers confirm (docs/routing.md); off: --overlap-weight, "
         "--decode-weight and --router-temperature",
     )
-    adaptive_weights: tuple[float, ...] = option((1.0, 2.0), "--router-adaptive: overlap weights tried")
+    adaptive_weights: tuple[float, ...] = option((1.0,), "--router-adaptive: overlap weights tried")
     adaptive_decode_weights: tuple[float, ...] = option(
-        (1.0, 0.25), "--router-adaptive: decode weights tried (see --decode-weight)"
+        (1.0, 0.5, 0.25), "--router-adaptive: decode weights tried (see --decode-weight)"
     )
     adaptive_temperatures: tuple[float, ...] = option((0.0,), "--router-adaptive: temperatures tried")
     adaptive_explore: float = option(
