@@ -1,7 +1,13 @@
-"""A pass's frame leaves from the engine's pass itself when the transport can take it at once
-(``MuxSession._after_pass``, the TCP stream's ``_DirectWriter``); otherwise, and for a frame the
-stream interval holds back, the frames task sends it as before. Real mocker engine and servicer; the
-transport is a recording stand-in."""
+"""The worker stream's hops, in process.
+
+- A pass's frame leaves from the engine's pass itself when the transport can take it at once
+  (``MuxSession._after_pass``, the TCP stream's ``_DirectWriter``); otherwise, and for a frame the
+  stream interval holds back, the frames task sends it as before.
+- The TCP stream hands each client frame to its session from ``data_received``, in the same turn of
+  the event loop as the bytes (``tcp_stream._Connection``): a start reaches the engine (and a cancel
+  aborts it) with no task in between.
+
+Real mocker engine and servicer; the transports are recording stand-ins."""
 
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from commutator.common.stream_frames import PREAMBLE, pack
 from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.engine import MockerEngine
 from commutator.engines.mocker.tokens import token_at
 from commutator.v1 import common_pb2, worker_pb2
 from commutator.worker.servicer import WorkerServicer
+from commutator.worker.tcp_stream import _Connection
 
 pytestmark = pytest.mark.unit
 
@@ -127,3 +135,83 @@ async def test_the_stream_interval_still_holds_frames_back_and_the_task_sends_th
     tokens, via_task, _ = await run_session(0.02, direct, max_tokens=40)
     assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t, 40) for t in (1, 2, 3)}
     assert len(direct.frames) + len(via_task) < 40  # merged: far fewer frames than passes
+
+
+class Transport(asyncio.Transport):
+    """Records what the worker writes; closing it tells the protocol, as a real one does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+        self.protocol: asyncio.Protocol | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            assert self.protocol is not None
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+
+def connect(servicer: WorkerServicer) -> tuple[_Connection, Transport, set[_Connection]]:
+    """A TCP worker-stream connection (no TLS) made on a recording transport."""
+    registry: set[_Connection] = set()
+    conn = _Connection(servicer, None, registry)
+    transport = Transport()
+    transport.protocol = conn
+    conn.connection_made(transport)
+    return conn, transport, registry
+
+
+async def test_starts_and_cancels_reach_the_engine_in_the_turn_their_bytes_arrive() -> None:
+    engine = MockerEngine(MockerConfig(speedup_ratio=1.0, block_size=16, num_blocks=1024), vocab_size=1000)
+    await engine.start()
+    servicer = WorkerServicer(engine, "w", lambda: 1, 0.0)
+    conn, transport, registry = connect(servicer)
+    try:
+        data = PREAMBLE + pack(start(1, [1, 2, 3, 4, 5], 10_000)) + pack(start(2, [2, 2, 3, 4, 5], 10_000))
+        cut = len(PREAMBLE) + 7  # inside the first frame
+        conn.data_received(data[:cut])
+        assert servicer.in_flight == 0  # half a frame starts nothing
+        conn.data_received(data[cut:])
+        assert servicer.in_flight == 2  # both started before this coroutine gave the loop a turn
+        cancel = worker_pb2.MuxClientFrame(cancels=[1])
+        conn.data_received(pack(cancel))
+        assert servicer.in_flight == 1  # aborted at once, its blocks freed by the engine
+        # The frames leave over the transport: the second request's first tokens.
+        for _ in range(200):
+            if transport.written:
+                break
+            await asyncio.sleep(0.01)
+        assert transport.written
+        # The client goes away: the session ends, aborting what is left, and the connection is done.
+        transport.close()
+        await asyncio.wait_for(conn.closed, 5)
+        assert servicer.in_flight == 0 and registry == set()
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_bad_preamble_closes_the_connection_without_a_session() -> None:
+    engine = MockerEngine(MockerConfig(speedup_ratio=0.0, block_size=16, num_blocks=64), vocab_size=1000)
+    servicer = WorkerServicer(engine, "w", lambda: 1, 0.0)
+    conn, transport, registry = connect(servicer)
+    conn.data_received(b"GET / HTTP/1.1\r\n")
+    assert transport.closing and conn.session is None
+    await asyncio.wait_for(conn.closed, 5)
+    assert registry == set()
