@@ -184,7 +184,7 @@ async def test_killed_worker_leaves_the_index_and_gets_no_requests(spawn, client
         return victim not in {k[0] for k in await dump(routers)}
 
     await until(victim_gone, 5)
-    picks = Counter()
+    picks: Counter[int] = Counter()
     for i in range(20):
         r = await routers.call("Route", router_pb2.RouteRequest(token_ids=prompt(200 + i % 8)))
         picks[r.worker_id] += 1
