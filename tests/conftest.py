@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
 import sys
+import threading
+import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +23,58 @@ from typing import Any
 
 import pytest
 from commutator.common.local_servers import EtcdProcess, NatsProcess
+
+
+@pytest.fixture(scope="session")
+async def _session_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every async test and fixture runs on (loop scope "session", pyproject.toml)."""
+    return asyncio.get_running_loop()
+
+
+def _await_chain(coro: Any) -> list[str]:
+    """Where a suspended coroutine waits: its frame, then each coroutine or async generator it awaits."""
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        nxt = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        if nxt is None or not isinstance(nxt, (types.CoroutineType, types.AsyncGeneratorType, types.GeneratorType)):
+            if nxt is not None:
+                lines.append(f"  awaiting {nxt!r}"[:300])
+            break
+        coro = nxt
+    return lines
+
+
+def _dump_tasks(loop: asyncio.AbstractEventLoop, test: str) -> None:
+    out = [f"--- asyncio tasks of {test}, just before its timeout ---"]
+    for task in asyncio.all_tasks(loop):
+        out.append(f"{task.get_name()}:")
+        out.extend(_await_chain(task.get_coro()))
+    print("\n".join(out), file=sys.stderr, flush=True)
+
+
+@pytest.fixture(autouse=True)
+def _dump_tasks_before_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For an async test: a few seconds before pytest-timeout fires, print where every asyncio task waits
+    (pytest-timeout shows the threads only, and a hung test's main thread is just the loop's select)."""
+    if not inspect.iscoroutinefunction(getattr(request, "function", None)):
+        yield
+        return
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout") or 0)
+    if limit <= 10:
+        yield
+        return
+    loop = request.getfixturevalue("_session_loop")
+    timer = threading.Timer(limit - 5, lambda: loop.call_soon_threadsafe(_dump_tasks, loop, request.node.nodeid))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture(scope="session")
