@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 _provider: TracerProvider | None = None
 
+_TRACER = trace.get_tracer("commutator")
+"""Taken once: until a provider is installed it is a proxy that delegates to the provider set later, so
+keeping it costs nothing in correctness and saves a provider look-up (an environment read) per span."""
+
 
 def setup_tracing(
     service_name: str,
@@ -93,7 +97,7 @@ def server_span(name: str, metadata: Iterable[tuple[str, Any]] | None, **attribu
     span to :func:`inject_metadata` to carry it on to downstream calls.
     """
     ctx = extract_context(metadata)
-    span = trace.get_tracer("commutator").start_span(
+    span = _TRACER.start_span(
         name, context=ctx, kind=trace.SpanKind.SERVER, attributes=attributes or None
     )
     try:
