@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from commutator.common.errors import Unavailable
-from commutator.common.stream_frames import FrameError, pack
+from commutator.common.stream_frames import FrameError, cut_frames, pack
 from commutator.router.tcp_call import TcpCall, _FrameProtocol
 from commutator.v1 import common_pb2, worker_pb2
 
@@ -138,3 +138,32 @@ async def test_pump_raises_unavailable_when_the_connection_fails_and_cancelled_a
     assert call2.cancel() and t2.closed
     with pytest.raises(asyncio.CancelledError):
         await task2
+
+
+def test_cut_frames_keeps_an_incomplete_frame_and_consumes_what_it_delivered() -> None:
+    """``cut_frames``, which both ends use: whole frames in order, the rest of the bytes kept, and the
+    bytes of delivered frames gone even when the receiver fails on the next one."""
+    frames = [frame(t, [t, t + 1]) for t in range(1, 4)]
+    data = b"".join(pack(f) for f in frames)
+    got: list[worker_pb2.MuxServerFrame] = []
+    buf = bytearray(data[:-3])
+    cut_frames(buf, worker_pb2.MuxServerFrame.FromString, got.append)
+    assert got == frames[:2] and bytes(buf) == data[len(pack(frames[0])) * 2 : -3]
+    buf += data[-3:]
+    cut_frames(buf, worker_pb2.MuxServerFrame.FromString, got.append)
+    assert got == frames and not buf
+
+    def fail_on_second(f: worker_pb2.MuxServerFrame) -> None:
+        if got:
+            raise RuntimeError("receiver failed")
+        got.append(f)
+
+    got = []
+    buf = bytearray(data)
+    with pytest.raises(RuntimeError):
+        cut_frames(buf, worker_pb2.MuxServerFrame.FromString, fail_on_second)
+    assert got == frames[:1] and bytes(buf) == data[2 * len(pack(frames[0])) :]  # the failed one is consumed
+    with pytest.raises(FrameError, match="over the"):
+        cut_frames(bytearray(b"\xff\xff\xff\xff"), worker_pb2.MuxServerFrame.FromString, got.append)
+    with pytest.raises(FrameError, match="does not parse"):
+        cut_frames(bytearray(b"\x02\x00\x00\x00\xff\xff"), worker_pb2.MuxServerFrame.FromString, got.append)

@@ -8,13 +8,13 @@ A frame longer than :data:`MAX_FRAME_BYTES`, or one that does not parse, is a :c
 
 from __future__ import annotations
 
-import asyncio
 import struct
+from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from google.protobuf.message import DecodeError
 
-__all__ = ["MAX_FRAME_BYTES", "PREAMBLE", "FrameError", "pack", "read_frame"]
+__all__ = ["MAX_FRAME_BYTES", "PREAMBLE", "FrameError", "cut_frames", "pack"]
 
 PREAMBLE = b"CMUX/1\n"
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -42,25 +42,26 @@ def pack(message: _Message) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-async def read_frame(reader: asyncio.StreamReader, message: M) -> M | None:
-    """Parse the next frame into ``message`` and return it; None when the peer closed the connection
-    between frames. Raises :class:`FrameError` for a bad frame and ``ConnectionError`` for a connection
-    that ends inside a frame (or fails)."""
+def cut_frames(buf: bytearray, parse: Callable[[bytes], M], deliver: Callable[[M], None]) -> None:
+    """Cut the complete frames at the start of ``buf``, parse each with ``parse`` and hand it to ``deliver``,
+    in order; the bytes of the frames handed over are removed from ``buf`` (also when ``deliver``
+    raises), an incomplete frame stays for the next call. Raises :class:`FrameError` for a frame over
+    the limit or one that does not parse. Both ends of the stream cut their frames with it as the
+    bytes arrive (in ``data_received``, no task between)."""
+    pos, n = 0, len(buf)
     try:
-        header = await reader.readexactly(4)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise ConnectionResetError("the connection ended inside a frame header") from None
-    (size,) = _LENGTH.unpack(header)
-    if size > MAX_FRAME_BYTES:
-        raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte limit")
-    try:
-        data = await reader.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise ConnectionResetError("the connection ended inside a frame") from None
-    try:
-        message.ParseFromString(data)
-    except DecodeError as exc:
-        raise FrameError(f"frame does not parse: {exc}") from None
-    return message
+        while n - pos >= 4:
+            (size,) = _LENGTH.unpack_from(buf, pos)
+            if size > MAX_FRAME_BYTES:
+                raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+            if n - pos - 4 < size:
+                break
+            try:
+                frame = parse(bytes(buf[pos + 4 : pos + 4 + size]))
+            except DecodeError as exc:
+                raise FrameError(f"frame does not parse: {exc}") from None
+            pos += 4 + size
+            deliver(frame)
+    finally:
+        if pos:
+            del buf[:pos]

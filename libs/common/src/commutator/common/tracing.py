@@ -97,9 +97,7 @@ def server_span(name: str, metadata: Iterable[tuple[str, Any]] | None, **attribu
     span to :func:`inject_metadata` to carry it on to downstream calls.
     """
     ctx = extract_context(metadata)
-    span = _TRACER.start_span(
-        name, context=ctx, kind=trace.SpanKind.SERVER, attributes=attributes or None
-    )
+    span = _TRACER.start_span(name, context=ctx, kind=trace.SpanKind.SERVER, attributes=attributes or None)
     try:
         yield span
     except BaseException as exc:

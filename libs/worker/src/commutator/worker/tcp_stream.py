@@ -21,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from ssl import SSLContext
 
-from commutator.common.stream_frames import MAX_FRAME_BYTES, PREAMBLE, FrameError, pack
+from commutator.common.stream_frames import PREAMBLE, FrameError, cut_frames, pack
 from commutator.v1 import worker_pb2
 from commutator.worker.mux import MuxSession
 from commutator.worker.servicer import WorkerServicer
-from google.protobuf.message import DecodeError
 
 __all__ = ["StreamServer"]
 
@@ -38,7 +36,6 @@ PREAMBLE_TIMEOUT_S = 10.0
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 _DIRECT_LIMIT = 64 * 1024
 """Bytes waiting on a connection above which a pass's frame is left to the frames task (which drains)."""
-_LENGTH = struct.Struct("<I")
 
 
 class StreamServer:
@@ -141,30 +138,14 @@ class _Connection(asyncio.Protocol):
             self._open_session()
         session = self.session
         assert session is not None
-        pos, n = 0, len(buf)
         try:
-            while n - pos >= 4:
-                (size,) = _LENGTH.unpack_from(buf, pos)
-                if size > MAX_FRAME_BYTES:
-                    raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte limit")
-                if n - pos - 4 < size:
-                    break
-                try:
-                    frame = worker_pb2.MuxClientFrame.FromString(bytes(buf[pos + 4 : pos + 4 + size]))
-                except DecodeError as exc:
-                    raise FrameError(f"frame does not parse: {exc}") from None
-                pos += 4 + size
-                session.client_frame(frame)
+            cut_frames(buf, worker_pb2.MuxClientFrame.FromString, session.client_frame)
         except FrameError as exc:
             log.warning("worker stream: connection from %s closed: %s", self._peer, exc)
             self._close()
-            return
         except Exception:  # our bug, not the client's: this connection only
             log.exception("worker stream: connection from %s failed", self._peer)
             self._close()
-            return
-        if pos:
-            del buf[:pos]
 
     def eof_received(self) -> bool:
         return False  # the client closed its side: close ours too (connection_lost ends the session)

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from commutator.common.errors import Unavailable
 from commutator.common.grpc import EndpointClient
-from commutator.common.stream_frames import MAX_FRAME_BYTES, PREAMBLE, FrameError, pack
+from commutator.common.stream_frames import PREAMBLE, cut_frames, pack
 from commutator.common.tls import MutualTls
 from commutator.v1 import worker_pb2
-from google.protobuf.message import DecodeError
 
 __all__ = ["TcpCall", "open_worker_stream"]
 
@@ -33,8 +31,6 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0
 
 _WRITE_NOW_LIMIT = 64 * 1024
 """Bytes waiting in a connection's buffer beyond which a frame is not written at once."""
-
-_LENGTH = struct.Struct("<I")
 
 FrameHandler = Callable[[worker_pb2.MuxServerFrame], None]
 
@@ -64,35 +60,21 @@ class _FrameProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ended:
             return
-        buf = self._buf
-        buf += data
-        pos, n = 0, len(buf)
+        self._buf += data
         try:
-            while n - pos >= 4:
-                (size,) = _LENGTH.unpack_from(buf, pos)
-                if size > MAX_FRAME_BYTES:
-                    raise FrameError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte limit")
-                if n - pos - 4 < size:
-                    break
-                try:
-                    frame = worker_pb2.MuxServerFrame.FromString(bytes(buf[pos + 4 : pos + 4 + size]))
-                except DecodeError as exc:
-                    raise FrameError(f"frame does not parse: {exc}") from None
-                pos += 4 + size
-                handler = self.handler
-                if handler is not None:
-                    handler(frame)
-                else:
-                    self.frames.append(frame)
-                    self._wake()
+            cut_frames(self._buf, worker_pb2.MuxServerFrame.FromString, self._deliver)
         except Exception as exc:  # a bad frame, or a handler that failed: the stream cannot go on
-            del buf[:pos]
             self._end(exc)
             if self.transport is not None:
                 self.transport.close()
-            return
-        if pos:
-            del buf[:pos]
+
+    def _deliver(self, frame: worker_pb2.MuxServerFrame) -> None:
+        handler = self.handler
+        if handler is not None:
+            handler(frame)
+        else:
+            self.frames.append(frame)
+            self._wake()
 
     def eof_received(self) -> bool:
         return False  # close our side too
