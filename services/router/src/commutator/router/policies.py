@@ -29,8 +29,10 @@ __all__ = [
     "RoutingPolicy",
     "kv_cost",
     "kv_picks",
+    "kv_terms",
     "make_policy",
     "softmax_pick",
+    "weigh",
 ]
 
 
@@ -70,17 +72,34 @@ class RoutingPolicy(Protocol):
     def choose(self, ctx: RouteContext, candidates: Sequence[WorkerKey]) -> WorkerKey | None: ...
 
 
-def kv_cost(ctx: RouteContext, worker: WorkerKey, overlap_weight: float, decode_weight: float = 1.0) -> float:
-    """DESIGN.md 4.4: prefill blocks (floored at 0) plus decode blocks, the latter times ``decode_weight``
-    (1 in DESIGN.md; ``--decode-weight``)."""
+def kv_terms(ctx: RouteContext, candidates: Sequence[WorkerKey]) -> tuple[list[float], list[int], list[int]]:
+    """DESIGN.md 4.4's terms per candidate, before weighting: the prompt blocks it would compute with
+    nothing cached (its pending prefill plus this request's), its cached leading blocks, and its decode
+    blocks (its active blocks plus this request's not already among them)."""
     bs = ctx.block_size
-    load = ctx.load
-    prefill = (load.prefill_tokens.get(worker, 0) + ctx.isl) / bs - overlap_weight * ctx.overlaps.get(worker, 0)
-    if prefill < 0:
-        prefill = 0.0
+    raw_prefill = ctx.isl / bs
     request_blocks = -(-ctx.isl // bs)
-    decode = load.active_blocks.get(worker, 0) + request_blocks - ctx.active_overlaps.get(worker, 0)
-    return prefill + decode_weight * decode
+    prefill_tokens = ctx.load.prefill_tokens.get
+    active_blocks = ctx.load.active_blocks.get
+    active_overlap = ctx.active_overlaps.get
+    overlap = ctx.overlaps.get
+    return (
+        [prefill_tokens(c, 0) / bs + raw_prefill for c in candidates],
+        [overlap(c, 0) for c in candidates],
+        [active_blocks(c, 0) + request_blocks - active_overlap(c, 0) for c in candidates],
+    )
+
+
+def weigh(terms: tuple[list[float], list[int], list[int]], overlap_weight: float, decode_weight: float) -> list[float]:
+    """The cost of each candidate from its :func:`kv_terms`: ``max(0, prefill - overlap_weight * cached)
+    + decode_weight * decode`` (``decode_weight`` is 1 in DESIGN.md; ``--decode-weight``)."""
+    w, dw = overlap_weight, decode_weight
+    return [(p if (p := b - w * o) > 0 else 0.0) + dw * d for b, o, d in zip(*terms, strict=True)]
+
+
+def kv_cost(ctx: RouteContext, worker: WorkerKey, overlap_weight: float, decode_weight: float = 1.0) -> float:
+    """DESIGN.md 4.4's cost of one worker (see :func:`kv_terms` and :func:`weigh`)."""
+    return weigh(kv_terms(ctx, [worker]), overlap_weight, decode_weight)[0]
 
 
 def kv_picks(
@@ -89,25 +108,16 @@ def kv_picks(
     """The candidate (index) each (overlap weight, temperature, decode weight) setting picks, and the
     costs it saw, all drawing on one uniform number ``u`` in [0, 1) (ties, and sampling at T > 0), so
     that settings that rank the candidates alike pick alike."""
-    bs = ctx.block_size
-    raw_prefill = ctx.isl / bs
-    request_blocks = -(-ctx.isl // bs)
-    prefill_tokens = ctx.load.prefill_tokens.get
-    active_blocks = ctx.load.active_blocks.get
-    overlap = ctx.overlaps.get
-    active_overlap = ctx.active_overlaps.get
-    base = [prefill_tokens(c, 0) / bs + raw_prefill for c in candidates]
-    cached = [overlap(c, 0) for c in candidates]
-    decode = [active_blocks(c, 0) + request_blocks - active_overlap(c, 0) for c in candidates]
+    terms = kv_terms(ctx, candidates)
     picks: list[int] = []
     all_costs: list[list[float]] = []
     for weight, temperature, dw in settings:
-        costs = [max(0.0, b - weight * o) + dw * d for b, o, d in zip(base, cached, decode, strict=True)]
+        costs = weigh(terms, weight, dw)
         all_costs.append(costs)
         lo = min(costs)
         hi = max(costs)
         if temperature <= 0 or hi == lo:
-            best = [i for i, c in enumerate(costs) if c == lo] if temperature <= 0 else list(range(len(costs)))
+            best = [i for i, c in enumerate(costs) if c == lo]  # all of them when every cost is equal
             picks.append(best[int(u * len(best))])
             continue
         scale = (hi - lo) * temperature
@@ -169,22 +179,7 @@ class KvPolicy:
             ctx.contested = any(p != picks[0] for p in picks)
             ctx.costs = arm_costs[arm]
             return candidates[picks[arm]]
-        # kv_cost inlined for the 64-worker loop (per request, hot).
-        bs = ctx.block_size
-        raw_prefill = ctx.isl / bs
-        request_blocks = -(-ctx.isl // bs)
-        weight = self.overlap_weight
-        dw = self.decode_weight
-        prefill_tokens = ctx.load.prefill_tokens.get
-        active_blocks = ctx.load.active_blocks.get
-        overlap = ctx.overlaps.get
-        active_overlap = ctx.active_overlaps.get
-        costs = []
-        for c in candidates:
-            prefill = prefill_tokens(c, 0) / bs + raw_prefill - weight * overlap(c, 0)
-            costs.append(
-                (prefill if prefill > 0 else 0.0) + dw * (active_blocks(c, 0) + request_blocks - active_overlap(c, 0))
-            )
+        costs = weigh(kv_terms(ctx, candidates), self.overlap_weight, self.decode_weight)
         ctx.costs = costs
         return candidates[softmax_pick(costs, self.temperature, self.rng)]
 
