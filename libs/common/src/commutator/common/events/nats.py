@@ -49,6 +49,12 @@ __all__ = ["NatsEventPlane"]
 
 log = logging.getLogger(__name__)
 
+_TLS_HINT = (
+    "; the TLS handshake failed: nats-server refuses a client certificate (--nats-cert, --nats-key) that its "
+    "CA did not sign, or none when it verifies clients, and this client refuses a server certificate that "
+    "--nats-ca did not sign or that does not name the URL's host"
+)
+
 _TRANSIENT = (
     nats.errors.TimeoutError,
     nats.errors.ConnectionClosedError,
@@ -479,6 +485,8 @@ class NatsEventPlane:
             with contextlib.suppress(Exception):
                 await nc.close()
             why = str(exc) or "timed out" + (f" (last error: {self._last_error!r})" if self._last_error else "")
+            if "tls" in self._auth and isinstance(self._last_error, ssl.SSLError | ConnectionError):
+                why += _TLS_HINT
             raise EventPlaneError(f"cannot reach NATS at {where}: {why}") from exc
         finally:
             self._connecting = None
