@@ -9,7 +9,7 @@ import pytest
 from commutator.common import metrics
 from commutator.common.clock import VirtualClock
 from commutator.common.logging import Throttle
-from commutator.common.tasks import Supervisor
+from commutator.common.tasks import Supervisor, cancel_bounded, run_bounded
 
 pytestmark = pytest.mark.unit
 
@@ -71,3 +71,59 @@ def test_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> No
     assert [t.allow() for _ in range(5)] == [None] * 5
     t._next = 0.0  # the interval is over
     assert t.allow() == 5
+
+
+async def test_a_close_does_not_hang_on_a_task_that_ignores_its_cancellation(caplog: pytest.LogCaptureFixture) -> None:
+    """``cancel_bounded`` and ``run_bounded`` (closing other services' clients): a task that swallows its
+    cancellation is left behind with a warning after the bound; one that stops is waited for, and what it
+    raised on the way out is the caller's."""
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # as a library waiting to re-acquire a lock may
+
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(stubborn())
+    await asyncio.sleep(0)
+    t0 = loop.time()
+    with caplog.at_level(logging.WARNING, logger="commutator.common.tasks"):
+        await cancel_bounded(task, 0.2, "the stubborn watch")
+    assert 0.2 <= loop.time() - t0 < 1.0
+    assert not task.done() and "the stubborn watch did not stop within" in caplog.text
+    release.set()
+    await task
+
+    async def fails_on_the_way_out() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("close failed") from None
+
+    task = loop.create_task(fails_on_the_way_out())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="close failed"):
+        await cancel_bounded(task, 1.0, "x")
+    quiet = loop.create_task(asyncio.Event().wait())
+    await asyncio.sleep(0)
+    await cancel_bounded(quiet, 1.0, "x")
+    assert quiet.cancelled()
+
+    caplog.clear()
+    release.clear()
+    t0 = loop.time()
+    with caplog.at_level(logging.WARNING, logger="commutator.common.tasks"):
+        await run_bounded(stubborn(), 0.2, "closing the stubborn client")  # cancelled at 0.2 s, left at 1.2 s
+    assert 1.2 <= loop.time() - t0 < 2.5
+    assert "closing the stubborn client took longer than" in caplog.text
+    release.set()
+    await run_bounded(asyncio.sleep(0.01), 1.0, "x")
+    with pytest.raises(ValueError, match="bad"):
+        await run_bounded(_raise_value_error(), 1.0, "x")
+
+
+async def _raise_value_error() -> None:
+    raise ValueError("bad")

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from commutator.common import metrics
 from commutator.common.clock import Clock, SystemClock
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "cancel_bounded", "run_bounded"]
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +81,30 @@ class Supervisor:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+async def cancel_bounded(task: asyncio.Task[object], timeout_s: float, what: str) -> None:
+    """Cancel ``task`` and wait up to ``timeout_s`` for it to stop. A task that does not stop in time
+    (a library that swallows the cancellation, or waits on something that never comes) is left
+    behind with a warning naming ``what``, so that a close never hangs on it. What the task raised on
+    its way out is the caller's, except the cancellation itself."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.warning("%s did not stop within %.0f s of being cancelled; leaving it behind", what, timeout_s)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+
+
+async def run_bounded(awaitable: Awaitable[object], timeout_s: float, what: str) -> None:
+    """Await ``awaitable`` for at most ``timeout_s``; past that it is cancelled and, if it does not
+    stop, left behind (see :func:`cancel_bounded`). For closing clients of other services, where a
+    shutdown must not hang on the other side or on the client library."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        task.result()
+        return
+    log.warning("%s took longer than %.0f s; cancelling it", what, timeout_s)
+    await cancel_bounded(task, 1.0, what)

@@ -25,6 +25,7 @@ from commutator.common import metrics
 from commutator.common.discovery.base import DiscoveryError, LeaseListener, apply_events, diff_snapshots
 from commutator.common.discovery.types import KeyEvent, WatchKind
 from commutator.common.logging import fields
+from commutator.common.tasks import run_bounded
 
 __all__ = ["EtcdBackend"]
 
@@ -247,7 +248,11 @@ class EtcdBackend:
                 except _CLIENT_ERRORS as exc:
                     log.warning("could not revoke lease %x (it expires in %d s): %s", self._lease_id, self._ttl, exc)
             try:
-                await self._client.close()
+                # Bounded: the client's close shuts its watch stream down behind locks of the library's
+                # own, and a stop must not hang on them.
+                await run_bounded(
+                    self._client.close(), self._call_timeout, f"closing the etcd client of {self.endpoint}"
+                )
             except _CLIENT_ERRORS:
                 pass
             self._client = None

@@ -9,10 +9,15 @@ from collections.abc import Callable
 
 from commutator.common.discovery.client import Discovery
 from commutator.common.discovery.types import Instance, InstanceEvent, WatchKind
+from commutator.common.tasks import cancel_bounded
 
 __all__ = ["InstanceSet"]
 
 log = logging.getLogger(__name__)
+
+_CLOSE_TIMEOUT_S = 5.0
+"""How long :meth:`InstanceSet.close` waits for its watch to stop (the etcd client's watch cancel is
+bounded at 1 s; this is the guard against one that never returns)."""
 
 
 class InstanceSet:
@@ -47,10 +52,10 @@ class InstanceSet:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            await cancel_bounded(
+                task, _CLOSE_TIMEOUT_S, f"the discovery watch of {'/'.join(filter(None, self._target))}"
+            )
 
     async def _run(self) -> None:
         ns, comp, ep = self._target
