@@ -124,6 +124,23 @@ async def test_a_close_does_not_hang_on_a_task_that_ignores_its_cancellation(cap
     with pytest.raises(ValueError, match="bad"):
         await run_bounded(_raise_value_error(), 1.0, "x")
 
+    # A caller that gives up takes the close it was waiting for with it.
+    started = asyncio.Event()
+    closing: list[asyncio.Task[object]] = []
+
+    async def slow_close() -> None:
+        closing.append(asyncio.current_task())  # type: ignore[arg-type]
+        started.set()
+        await asyncio.Event().wait()
+
+    caller = loop.create_task(run_bounded(slow_close(), 10.0, "x"))
+    await started.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0)
+    assert closing[0].cancelled()
+
 
 async def _raise_value_error() -> None:
     raise ValueError("bad")

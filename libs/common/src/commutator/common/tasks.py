@@ -102,7 +102,11 @@ async def run_bounded(awaitable: Awaitable[object], timeout_s: float, what: str)
     stop, left behind (see :func:`cancel_bounded`). For closing clients of other services, where a
     shutdown must not hang on the other side or on the client library."""
     task = asyncio.ensure_future(awaitable)
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()  # the caller gave up: so does the close it was waiting for
+        raise
     if done:
         task.result()
         return
