@@ -8,8 +8,8 @@ with Dynamo, whose figures set the open-loop rates both stacks get.
   concurrency 1/16/64; in Dynamo's first repetition also a saturation probe (closed loop at
   ``--probe-concurrency``); (a) then open loop (Poisson arrivals, seeded per repetition) at
   ``--open-fractions`` of Dynamo's saturation, the same offered rates and arrivals for both stacks.
-- ``slow-stream``: (c) speed-up 1, 200-token prompts, 256 tokens out, closed loop at concurrency 32
-  (and with ``--slow-open-fraction`` an open loop after it).
+- ``slow-stream``: (c) speed-up 1, 200-token prompts, 256 tokens out, closed loop at concurrency 32,
+  then an open loop at ``--slow-open-fraction`` (0.8) of Dynamo's closed-loop rate.
 - ``clients``: (d) the overhead workload at concurrency 64, closed loop, driven in turn by the
   harness's client and by ``benchmarks/independent_client.py`` on the same stack.
 - ``routing``: routing quality (issue 13). Traces replayed open loop at speed-up 1 on 4 workers
@@ -172,8 +172,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--slow-open-fraction",
         type=float,
-        default=0.0,
-        help="also an open loop at this fraction of Dynamo's closed-loop req/s (0: none)",
+        default=0.8,
+        help="then an open loop (Poisson arrivals) at this fraction of Dynamo's closed-loop req/s (0: none);"
+        " the closed loop's waves of successors do not arise there",
     )
     g = p.add_argument_group("two clients (concurrency 64, speed-up 100)")
     g.add_argument("--client-reps", type=int, default=2, help="repetitions of the two-client comparison")
@@ -354,7 +355,7 @@ async def _overhead(run: Run) -> None:
 
 
 async def _slow_stream(run: Run) -> None:
-    """(c) closed loop at concurrency 32; with ``--slow-open-fraction``, an open loop after it."""
+    """(c) closed loop at concurrency 32; then, unless ``--slow-open-fraction`` is 0, an open loop."""
     args, ss = run.args, run.out["slow_stream"]
     ss.update(isl=SLOW_ISL, osl=SLOW_OSL, concurrency=SLOW_CONCURRENCY)
     for rep in range(args.reps):
