@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import signal
@@ -48,6 +47,7 @@ from types import FrameType
 
 from commutator.common.logging import fields
 from commutator.frontend.config import FrontendConfig
+from commutator.frontend.listener import PortUnavailable, bind_sockets
 
 __all__ = [
     "CHILD_ENV",
@@ -117,42 +117,10 @@ def plan_children(config: FrontendConfig, argv: Sequence[str], port: int) -> lis
     return plans
 
 
-class PortUnavailable(OSError):
-    """The HTTP port cannot be had (in use, a host that is not here): one line for the log."""
-
-
 def reserve_port(host: str, port: int) -> list[socket.socket]:
     """Bind ``host:port`` (every address ``host`` stands for, as asyncio's server does) with SO_REUSEPORT,
     without listening. Port 0 becomes one free port for every address. Raises :class:`PortUnavailable`."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise PortUnavailable(f"cannot resolve --http-host {host!r}: {exc.strerror or exc}") from None
-    held: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            s = socket.socket(family, kind, proto)
-            held.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(held) > 1:
-                address = (address[0], held[0].getsockname()[1], *address[2:])
-            try:
-                s.bind(address)
-            except OSError as exc:
-                where = f"{host or '*'}:{port or held[0].getsockname()[1]}"
-                if exc.errno == errno.EADDRINUSE:
-                    raise PortUnavailable(
-                        f"{where} is in use by another program (a socket without SO_REUSEPORT, or another user's):"
-                        " stop it or choose another --http-port"
-                    ) from None
-                raise PortUnavailable(f"cannot bind {where}: {exc.strerror or exc}") from None
-    except BaseException:
-        for s in held:
-            s.close()
-        raise
-    return held
+    return bind_sockets(host, port, reuse_port=True, reuse_address=False)
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -23,6 +23,7 @@ from commutator.frontend.api import Backend, OpenAIApi, error_response
 from commutator.frontend.auth import ApiKeys, ApiKeysError, load_api_keys
 from commutator.frontend.backend import EmbeddedRouterBackend, RouterServiceBackend
 from commutator.frontend.config import FrontendConfig
+from commutator.frontend.listener import AcceptingSite
 from commutator.frontend.models import ModelRegistry
 from commutator.frontend.openapi import openapi_document
 from commutator.frontend.protocol import ApiError, RequestLimits
@@ -249,19 +250,17 @@ class Frontend:
                 raise SystemExit("--tls-cert-path and --tls-key-path go together")
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(self.config.tls_cert_path, self.config.tls_key_path)
-        site = web.TCPSite(
+        # Not aiohttp's TCPSite: under uvloop it accepts one connection per turn of the loop (listener.py).
+        site = AcceptingSite(
             self._runner,
             self.config.http_host,
             self.config.http_port,
             ssl_context=ssl_ctx,
             backlog=1024,
-            reuse_address=True,
-            reuse_port=self._reuse_port or None,
+            reuse_port=self._reuse_port,
         )
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.port = site.port
         scheme = "https" if ssl_ctx else "http"
         # Other replicas free this frontend's requests (its embedded router's load) the moment it leaves.
         host = self.config.http_host
