@@ -173,6 +173,34 @@ async def test_chat_and_completions_streaming_and_not(stack) -> None:  # type: i
     assert "".join(pieces)
 
 
+async def test_a_stream_opens_with_its_headers_role_and_first_token_in_one_write(stack) -> None:  # type: ignore[no-untyped-def]
+    """The status line, the headers, the role event and the first token's event leave the frontend in
+    one write, so the client's first read holds them all; the second token comes a pass (5.7 ms) later."""
+    port = int(str(stack["base"]).split(":")[2].split("/")[0])
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True, **FULL}
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        first = await asyncio.wait_for(reader.read(1 << 16), 30)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"text/event-stream" in first
+        events = [json.loads(line[6:]) for line in first.splitlines() if line.startswith(b"data: {")]
+        assert [e["choices"][0]["delta"].get("role") for e in events] == ["assistant", None]
+        assert events[1]["choices"][0]["delta"]["content"]
+        rest = b""
+        while not rest.endswith(b"0\r\n\r\n"):
+            more = await asyncio.wait_for(reader.read(1 << 16), 30)
+            assert more
+            rest += more
+        assert rest.count(b"data: {") == 1 and b"data: [DONE]" in rest  # the second token, then the end
+    finally:
+        writer.close()
+
+
 async def test_n_choices_seed_and_logprobs(stack) -> None:  # type: ignore[no-untyped-def]
     client: openai.AsyncOpenAI = stack["client"]
     msgs = [{"role": "user", "content": "Two answers please"}]

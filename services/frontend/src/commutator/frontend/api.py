@@ -57,8 +57,14 @@ class Backend(Protocol):
     """Where token-level requests go: the embedded router, or a router service."""
 
     def generate(
-        self, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
-    ) -> AsyncIterator[common_pb2.GenerateResponse]: ...
+        self,
+        request: common_pb2.GenerateRequest,
+        metadata: Sequence[tuple[str, str]],
+        prompt: list[int] | None = None,
+    ) -> AsyncIterator[common_pb2.GenerateResponse]:
+        """``prompt``: ``request.token_ids`` as the list they were built from, for a backend that reads
+        them (reading a protobuf repeated field costs several times more than reading a list)."""
+        ...
 
 
 def error_response(err: ApiError) -> web.Response:
@@ -203,8 +209,8 @@ class OpenAIApi:
         for p in prompts:
             if not p:
                 raise ApiError.bad("the prompt tokenizes to nothing", "prompt")
-            bad = next((t for t in p if not 0 <= t < vocab), None)
-            if bad is not None:
+            if min(p) < 0 or max(p) >= vocab:  # two C loops: a prompt has thousands of ids
+                bad = next(t for t in p if not 0 <= t < vocab)
                 raise ApiError.bad(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         echo = [p if isinstance(p, str) else pre.decode(p) for p in req.prompts] if req.echo else None
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -219,10 +225,12 @@ class OpenAIApi:
         stop: list[str],
         index: int,
         md: Sequence[tuple[str, str]],
+        prompt: list[int],
     ) -> tuple[Choice, common_pb2.GenerateResponse | None]:
-        """Start one choice and wait for its first message (so that errors still have an HTTP status)."""
+        """Start one choice and wait for its first message (so that errors still have an HTTP status);
+        ``prompt``: its token ids (``greq.token_ids``) as a list."""
         for attempt in range(_RETRIES_BEFORE_FIRST_TOKEN + 1):
-            agen = self.backend.generate(greq, md)
+            agen = self.backend.generate(greq, md, prompt)
             choice = Choice(index, agen, TextStream(pre.tokenizer, stop))
             try:
                 first = await agen.__anext__()
@@ -261,7 +269,7 @@ class OpenAIApi:
         # The client's W3C trace context (if any) continues into the router and the workers.
         with tracing.server_span(f"POST {request.path}", request.headers.items(), request_id=rid) as span:
             return await self._generate_traced(
-                request, t0, rid, model, pre, greqs, s, chat, tracing.inject_metadata(span=span), echo
+                request, t0, rid, model, pre, greqs, prompts, s, chat, tracing.inject_metadata(span=span), echo
             )
 
     async def _generate_traced(
@@ -272,18 +280,21 @@ class OpenAIApi:
         model: str,
         pre: Preprocessor,
         greqs: list[common_pb2.GenerateRequest],
+        prompts: list[list[int]],
         s: SamplingRequest,
         chat: bool,
         md: list[tuple[str, str]],
         echo: list[str] | None,
     ) -> web.StreamResponse:
+        """``greqs``: prompt-major, ``s.n`` per prompt of ``prompts`` (see :func:`generate_requests`)."""
         opened: list[tuple[Choice, common_pb2.GenerateResponse | None]] = []
         try:
             if len(greqs) == 1:
-                opened.append(await self._open(greqs[0], model, pre, s.stop, 0, md))
+                opened.append(await self._open(greqs[0], model, pre, s.stop, 0, md, prompts[0]))
             else:
                 results = await asyncio.gather(
-                    *(self._open(g, model, pre, s.stop, i, md) for i, g in enumerate(greqs)), return_exceptions=True
+                    *(self._open(g, model, pre, s.stop, i, md, prompts[i // s.n]) for i, g in enumerate(greqs)),
+                    return_exceptions=True,
                 )
                 errors = [r for r in results if isinstance(r, BaseException)]
                 opened = [r for r in results if not isinstance(r, BaseException)]  # type: ignore[misc]
@@ -412,17 +423,20 @@ class OpenAIApi:
         s: SamplingRequest,
         chat: bool,
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
-        writer = await resp.prepare(request)
+        resp = _EventStream(headers=_SSE_HEADERS)
+        writer = await resp.prepare(request)  # the headers wait for the first write (see _EventStream)
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = orjson.dumps({"id": rid, "object": obj, "created": created, "model": model})[:-1] + b',"choices":['
         write = resp.write
         chunk_hist = self._chunk
         last = time.perf_counter()
         chunks = 0
+        # The events that open the stream (the role, the echoed prompt, the first token's) leave in one
+        # write with the headers: one system call, and the client woken once for all of them.
+        lead: list[bytes] = []
         if chat:
             for choice, _ in opened:
-                await write(
+                lead.append(
                     b"data: "
                     + head
                     + chat_delta(choice.index, {"role": "assistant", "content": ""}, None, None)
@@ -430,13 +444,19 @@ class OpenAIApi:
                 )
         for choice, _ in opened:
             if choice.echo:  # the prompt comes first (completions with echo)
-                await write(b"data: " + head + piece(chat, choice, choice.echo, s, pre) + b"]}\n\n")
+                lead.append(b"data: " + head + piece(chat, choice, choice.echo, s, pre) + b"]}\n\n")
         queue: asyncio.Queue[tuple[Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
         readers: list[asyncio.Task[None]] = []
         try:
             if len(opened) == 1:
                 choice, first = opened[0]
-                pending = [first] if first is not None else []
+                if first is not None:
+                    text = choice.take(first)
+                    if text or choice.finish is not None or (s.logprobs is not None and choice.logprobs):
+                        lead.append(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
+                        chunks += 1
+                if lead:
+                    await write(b"".join(lead))
                 # After the first message, the rest are written from the worker stream's reader as they
                 # arrive (push), with no task woken per token; HTTP/1.1 chunked responses only.
                 push_to = (
@@ -444,10 +464,8 @@ class OpenAIApi:
                 )
                 if not hasattr(choice.agen, "asend"):
                     push_to = None
-                while True:
-                    if pending:
-                        msg = pending.pop()
-                    elif push_to is not None:
+                while choice.finish is None:
+                    if push_to is not None:
                         pw, push_to = push_to, None
                         try:
                             nxt = await self._push_rest(request, pw, choice, head, chat, s, pre)
@@ -477,6 +495,8 @@ class OpenAIApi:
                 if chunks > 1:  # one observation per request: the mean gap (per-chunk ones cost more than they tell)
                     chunk_hist.observe((time.perf_counter() - last) / (chunks - 1))
             else:
+                if lead:
+                    await write(b"".join(lead))
                 queue = asyncio.Queue(maxsize=64 * len(opened))
 
                 async def pump(choice: Choice, first: common_pb2.GenerateResponse | None) -> None:
@@ -527,6 +547,14 @@ class OpenAIApi:
         # finds the connection at a clean end, ready for its next request.
         await resp.write_eof(_DONE)
         return resp
+
+
+class _EventStream(web.StreamResponse):
+    """An SSE response whose headers leave with its first write rather than in a write of their own
+    (aiohttp's ``StreamResponse`` sends them from ``prepare``): the stream's first token then costs one
+    system call, and the client one wake-up. ``Response`` holds its headers the same way."""
+
+    _send_headers_immediately = False
 
 
 def _over_context(pre: Preprocessor, param: str) -> ApiError:

@@ -28,9 +28,12 @@ class EmbeddedRouterBackend:
         self.router = router
 
     def generate(
-        self, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
+        self,
+        request: common_pb2.GenerateRequest,
+        metadata: Sequence[tuple[str, str]],
+        prompt: list[int] | None = None,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        return self.router.generate(request, metadata=metadata)
+        return self.router.generate(request, metadata=metadata, prompt=prompt)
 
 
 class RouterServiceBackend:
@@ -69,7 +72,10 @@ class RouterServiceBackend:
         await self.client.close()
 
     async def generate(
-        self, request: common_pb2.GenerateRequest, metadata: Sequence[tuple[str, str]]
+        self,
+        request: common_pb2.GenerateRequest,
+        metadata: Sequence[tuple[str, str]],
+        prompt: list[int] | None = None,  # the router service hashes the prompt itself
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         progress = Progress(request) if self.migration_limit > 0 else None
         give_up_at = 0.0  # while no router answers: when to stop trying

@@ -218,7 +218,7 @@ def _token_ids(value: list[Any], param: str) -> list[int]:
     """A list of token ids, each an integer in [0, 2**32) (the wire's uint32); integral floats (``5.0``)
     count, as they do for every integer field (JSON Schema's ``integer``)."""
     if _all_ints(value) and min(value) >= 0 and max(value) <= UINT32_MAX:  # C loops; a prompt has thousands
-        return list(value)
+        return value  # the request's own list (parsed JSON): nobody else holds it
     out = []
     for t in value:
         if not _is_token(t) or not 0 <= t <= UINT32_MAX:
@@ -398,8 +398,8 @@ def _prompts(prompt: Any, limits: RequestLimits) -> list[str | list[int]]:
             if not all(prompt):
                 raise ApiError.bad("'prompt' must not be empty", "prompt")
             return list(prompt)
-        if _all_ints(prompt) or all(_is_token(p) for p in prompt):
-            return [_token_ids(prompt, "prompt")]
+        if _is_token(prompt[0]):
+            return [_token_ids(prompt, "prompt")]  # checks every id (one C pass when they are all ints)
         if all(isinstance(p, list) and p for p in prompt):
             return [_token_ids(p, "prompt") for p in prompt]
     raise ApiError.bad(

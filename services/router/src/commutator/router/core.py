@@ -580,6 +580,7 @@ class Router:
         *,
         requested: WorkerKey | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        prompt: Sequence[int] | None = None,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         """Route ``request`` and stream the chosen worker's responses, with exact load accounting:
         counted when routed, prompt dropped at the first token, freed at the end, on error and on cancel.
@@ -595,6 +596,10 @@ class Router:
         woken per response (see :meth:`MuxRequest.push`); ``asend`` then returns when the request has
         ended (``StopAsyncIteration``) or raises its error. Where that is not possible (a unary
         worker stream) ``asend`` returns the next response as ``__anext__`` would.
+
+        ``prompt``: ``request.token_ids`` as a list, when the caller built the request from one (the
+        frontend does). Routing hashes the prompt; reading a thousand ids from a protobuf repeated
+        field takes 35-60 µs, from a list 8 µs. It must hold the same ids: only routing reads it.
         """
         if not request.request_id:
             raise InvalidRequest("request_id is required")
@@ -605,12 +610,13 @@ class Router:
         sink: Callable[[common_pb2.GenerateResponse], bool] | None = None  # a push consumer, once handed over
         deadline = time.monotonic() + self.config.generate_timeout_s
         while True:
+            tokens = request.token_ids if prompt is None else prompt
             if requested is None:
-                result = self._route_observed(request.model, request.token_ids, request.lora_name, request.cache_salt)
+                result = self._route_observed(request.model, tokens, request.lora_name, request.cache_salt)
             else:
                 result = self.route_or_raise(
                     request.model,
-                    request.token_ids,
+                    tokens,
                     lora_name=request.lora_name,
                     cache_salt=request.cache_salt,
                     requested=requested,
@@ -652,6 +658,7 @@ class Router:
                 if progress is not None and progress.started:
                     limit = self.config.migration_limit
                     request = progress.migrate_or_raise(request, exc, limit, metrics.ROUTER_MIGRATIONS)
+                    prompt = None  # the new request's prompt holds the tokens streamed so far too
                     log.warning(
                         "request %s: worker %x failed after %d tokens (%s); migrating it to another worker",
                         rid,
