@@ -199,8 +199,10 @@ class WorkerMux:
         self.where = ""
         self._requests: dict[int, MuxRequest] = {}
         self._next_tag = 0
-        self._starts: list[worker_pb2.MuxStart] = []
-        self._cancels: list[int] = []
+        # The starts and cancels made since the last frame left, built in place: copying a start's
+        # request into a MuxStart and that into a frame cost two copies of its prompt (18 us each
+        # for 1,000 ids); adding it to the frame costs one.
+        self._pending = worker_pb2.MuxClientFrame()
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._writing = False
@@ -220,10 +222,12 @@ class WorkerMux:
         tag = self._next_tag
         req = MuxRequest(self, tag, self._buffer)
         self._requests[tag] = req
-        start = worker_pb2.MuxStart(tag=tag, request=request, timeout_s=timeout_s)
+        start = self._pending.starts.add()
+        start.tag = tag
+        start.request.CopyFrom(request)
+        start.timeout_s = timeout_s
         for key, value in metadata:
             start.metadata.add(key=key, value=value)
-        self._starts.append(start)
         if timeout_s:
             req._timer = asyncio.get_running_loop().call_later(timeout_s, req._expire)
         self._schedule_flush()
@@ -258,9 +262,8 @@ class WorkerMux:
             # A transport that can write without waiting (TCP) sends the frame from this turn: no
             # callback and no task to wait for behind the event loop's other work (under load each
             # is a queue of its own). Starts made in one turn still leave together when it cannot.
-            frame = worker_pb2.MuxClientFrame(starts=self._starts, cancels=self._cancels)
-            if try_write(frame):
-                self._starts, self._cancels = [], []
+            if try_write(self._pending):
+                self._pending = worker_pb2.MuxClientFrame()
                 return
         self._flush_scheduled = True
         asyncio.get_running_loop().call_soon(self._flush)
@@ -268,10 +271,10 @@ class WorkerMux:
     def _flush(self) -> None:
         """Send what was queued in this turn of the loop as one frame (one write at a time)."""
         self._flush_scheduled = False
-        if self._writing or self._call is None or not (self._starts or self._cancels):
+        frame = self._pending
+        if self._writing or self._call is None or not (frame.starts or frame.cancels):
             return
-        frame = worker_pb2.MuxClientFrame(starts=self._starts, cancels=self._cancels)
-        self._starts, self._cancels = [], []
+        self._pending = worker_pb2.MuxClientFrame()
         self._writing = True
         self._spawn(self._write(self._call, frame), "mux-write")
 
@@ -284,7 +287,7 @@ class WorkerMux:
             return
         finally:
             self._writing = False
-        if self._starts or self._cancels:
+        if self._pending.starts or self._pending.cancels:
             self._schedule_flush()
 
     async def _read(self, call: Any) -> None:
@@ -337,8 +340,7 @@ class WorkerMux:
             self._release = None
         failed = list(self._requests.values())
         self._requests.clear()
-        self._starts.clear()
-        self._cancels.clear()
+        self._pending = worker_pb2.MuxClientFrame()
         for req in failed:
             req._fail(error)
         if failed:
@@ -348,7 +350,7 @@ class WorkerMux:
     def _cancel(self, tag: int) -> None:
         if self._requests.pop(tag, None) is None:
             return
-        self._cancels.append(tag)
+        self._pending.cancels.append(tag)
         self._schedule_flush()
         self._maybe_close()
 

@@ -199,7 +199,9 @@ class Scheduler:
                 f" tokens, {self._watermark_blocks} kept free for admissions) runs sequences of at most"
                 f" {self.kv_max_tokens} tokens, so at most {self.kv_max_tokens - 1} prompt tokens"
             )
-        tokens = list(req.token_ids)
+        tokens = req.token_ids[:]  # a list from a list or a protobuf field (faster than list() from one)
+        if not isinstance(tokens, list):
+            tokens = list(tokens)
         if min(tokens) < 0 or max(tokens) >= self.vocab_size:  # two C loops, not one in Python per token
             bad = next(t for t in tokens if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
