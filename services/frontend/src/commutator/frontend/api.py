@@ -209,7 +209,9 @@ class OpenAIApi:
         for p in prompts:
             if not p:
                 raise ApiError.bad("the prompt tokenizes to nothing", "prompt")
-            if min(p) < 0 or max(p) >= vocab:  # two C loops: a prompt has thousands of ids
+            # One C loop (a prompt has thousands of ids): token-id prompts were checked to be >= 0 when
+            # parsed, and the tokenizer's ids are.
+            if max(p) >= vocab:
                 bad = next(t for t in p if not 0 <= t < vocab)
                 raise ApiError.bad(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         echo = [p if isinstance(p, str) else pre.decode(p) for p in req.prompts] if req.echo else None
