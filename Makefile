@@ -39,8 +39,11 @@ $(UV):
 	@$(PYTHON) -m venv $(TOOLS) || { echo "'$(PYTHON) -m venv' failed: install the venv module (Debian: apt-get install python3-venv)."; exit 1; }
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
+# --compile-bytecode: every process the stack and the tests start imports the dependencies from .pyc
+# files instead of compiling them from source (0.5-0.6 s of CPU per process start; uv does not
+# compile by default, and an environment with PYTHONDONTWRITEBYTECODE never caches them).
 $(SYNC_STAMP): $(UV) uv.lock $(PYPROJECTS)
-	$(UV) sync --frozen --all-packages --python $(PYTHON)
+	$(UV) sync --frozen --all-packages --compile-bytecode --python $(PYTHON)
 	@touch $@
 
 .PHONY: setup
