@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 from commutator.common.stream_frames import PREAMBLE, pack
@@ -20,6 +21,9 @@ from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.engine import MockerEngine
 from commutator.engines.mocker.tokens import token_at
 from commutator.v1 import common_pb2, worker_pb2
+from commutator.worker import mux
+from commutator.worker.disagg import DisaggConfig, DisaggEngine
+from commutator.worker.kv_transfer import KvTransferConfig, SimulatedTransfer
 from commutator.worker.servicer import WorkerServicer
 from commutator.worker.tcp_stream import _Connection
 
@@ -57,12 +61,32 @@ def start(tag: int, prompt: list[int], max_tokens: int) -> worker_pb2.MuxClientF
     return f
 
 
+def as_decode_worker(engine: MockerEngine) -> DisaggEngine:
+    """The mocker as a decode worker wraps it by default (remote prefill ``auto``); no prefill workers
+    serve the model, so every prompt is prefilled here, on the push path."""
+    wrapped = DisaggEngine(
+        engine,
+        DisaggConfig(),
+        SimulatedTransfer(KvTransferConfig()),
+        SimpleNamespace(namespace="ns"),  # type: ignore[arg-type]
+        "m",
+        "decode-1",
+        lambda: "",
+    )
+    assert wrapped.prefill_workers() == 0
+    return wrapped
+
+
 async def run_session(
-    interval_s: float, direct: Recorder | None, n_requests: int = 3, max_tokens: int = 12
+    interval_s: float,
+    direct: Recorder | None,
+    n_requests: int = 3,
+    max_tokens: int = 12,
+    decode_worker: bool = False,
 ) -> tuple[dict[int, list[int]], list[worker_pb2.MuxServerFrame], MockerEngine]:
     engine = MockerEngine(MockerConfig(speedup_ratio=50.0, block_size=16, num_blocks=1024), vocab_size=VOCAB)
     await engine.start()
-    servicer = WorkerServicer(engine, "w", lambda: 1, interval_s)
+    servicer = WorkerServicer(as_decode_worker(engine) if decode_worker else engine, "w", lambda: 1, interval_s)
     done = asyncio.Event()
 
     async def client() -> AsyncIterator[worker_pb2.MuxClientFrame]:
@@ -115,11 +139,91 @@ async def test_frames_leave_from_the_pass_when_the_transport_can_take_them() -> 
     assert engine._pass_listeners == []  # the session unregistered itself when it ended
 
 
+class CountingEvent(asyncio.Event):
+    """The session's wake-up: counts the times its waiter (the frames task) was woken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken = 0
+
+    async def wait(self) -> bool:
+        r = await super().wait()
+        self.woken += 1
+        return r
+
+
+def count_wakes(monkeypatch: pytest.MonkeyPatch) -> list[CountingEvent]:
+    events: list[CountingEvent] = []
+    init = mux.MuxSession.__init__
+
+    def counting_init(self, *a, **k) -> None:  # type: ignore[no-untyped-def]
+        init(self, *a, **k)
+        self._wake = CountingEvent()
+        events.append(self._wake)
+
+    monkeypatch.setattr(mux.MuxSession, "__init__", counting_init)
+    return events
+
+
+async def test_passes_whose_frame_left_do_not_wake_the_frames_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    events = count_wakes(monkeypatch)
+    direct = Recorder()
+    tokens, via_task, engine = await run_session(0.0, direct, max_tokens=30)
+    assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t, 30) for t in (1, 2, 3)}
+    assert engine.passes >= 30 and via_task == []
+    # Woken to look at the session's end (its requests done, the client gone), not once per pass as
+    # when each output pushed by a pass set the event.
+    assert len(events) == 1 and events[0].woken <= 3, events[0].woken
+
+
+async def test_a_decode_workers_engine_wrapper_passes_the_pass_listeners_on() -> None:
+    # Remote prefill is on by default: the decode worker's engine is the DisaggEngine wrapper, and
+    # its passes must send their frames as the bare mocker's do.
+    direct = Recorder()
+    tokens, via_task, engine = await run_session(0.0, direct, decode_worker=True)
+    assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t) for t in (1, 2, 3)}
+    assert len(direct.frames) >= 12 and via_task == []
+    assert engine._pass_listeners == []
+
+
+async def test_news_from_outside_a_pass_still_wakes_the_frames_task() -> None:
+    # A request whose deadline passes between passes: its error frame has no pass to leave from.
+    engine = MockerEngine(MockerConfig(speedup_ratio=0.5, block_size=16, num_blocks=1024), vocab_size=VOCAB)
+    await engine.start()
+    servicer = WorkerServicer(engine, "w", lambda: 1, 0.0)
+    direct = Recorder()
+    done = asyncio.Event()
+
+    async def client() -> AsyncIterator[worker_pb2.MuxClientFrame]:
+        f = start(1, [1, 2, 3, 4, 5], 1000)
+        f.starts[0].timeout_s = 0.2
+        yield f
+        await done.wait()
+
+    frames: list[worker_pb2.MuxServerFrame] = []
+
+    async def consume() -> None:
+        async for frame in servicer.mux_frames(client(), direct=direct):
+            frames.append(frame)
+            if frame.errors:
+                done.set()
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(done.wait(), 10)
+    await asyncio.wait_for(consumer, 10)
+    await engine.shutdown()
+    errors = [e for f in frames + direct.frames for e in f.errors]
+    assert [(e.tag, e.code) for e in errors] == [(1, "DEADLINE_EXCEEDED")]
+    assert engine.stats()[0].running_requests == 0  # aborted, its blocks freed
+
+
 async def test_the_frames_task_sends_when_the_transport_cannot_take_a_frame_at_once() -> None:
     direct = Recorder(open_=False)
     tokens, via_task, _ = await run_session(0.0, direct)
     assert {t: tokens[t] for t in (1, 2, 3)} == {t: expected(t) for t in (1, 2, 3)}
-    assert direct.frames == [] and len(via_task) >= 12
+    # Every token went by the frames task (woken a turn after the pass: a later pass's tokens may share
+    # its frame, as they would while the connection drains).
+    assert direct.frames == [] and len(via_task) >= 6
 
 
 async def test_without_a_direct_transport_nothing_changes() -> None:

@@ -179,6 +179,13 @@ class DisaggEngine:
     ) -> None:
         self.inner = inner
         self.config = config
+        # The inner engine's pass listeners, where it has them: the worker stream sends a pass's frame
+        # from its listener (docs/hot-path.md); without them here, every decode worker (remote prefill
+        # is on by default) fell back to waking the stream's frames task after each pass.
+        self.add_pass_listener: Callable[[Callable[[], None]], None] | None = getattr(inner, "add_pass_listener", None)
+        self.remove_pass_listener: Callable[[Callable[[], None]], None] | None = getattr(
+            inner, "remove_pass_listener", None
+        )
         self.transfer = transfer
         self._rt = runtime
         self._model = model_name

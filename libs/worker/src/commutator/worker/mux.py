@@ -62,6 +62,8 @@ class MuxSession:
         self._wake = asyncio.Event()
         self._urgent = False
         self._reading = True
+        self._listening = False  # the engine's passes call _after_pass, which sends their frame itself
+        self._check_soon = False  # a _check_left is scheduled
 
     def wake(self) -> None:
         """Look again at whether the stream can end (the worker started draining)."""
@@ -77,9 +79,11 @@ class MuxSession:
         loop = self._loop
         reader = loop.create_task(self._read(requests), name="mux-read") if requests is not None else None
         interval = self._s.stream_interval_s
-        listen = getattr(self._s.engine, "add_pass_listener", None) if self._direct is not None else None
+        engine = self._s.engine  # the one whose passes call _after_pass (a restarted engine's do not)
+        listen = getattr(engine, "add_pass_listener", None) if self._direct is not None else None
         if listen is not None:
             listen(self._after_pass)
+            self._listening = True
         try:
             while True:
                 await self._wake.wait()
@@ -105,7 +109,8 @@ class MuxSession:
                     return  # the client closed its side (or the worker drains) and nothing is left
         finally:
             if listen is not None:
-                self._s.engine.remove_pass_listener(self._after_pass)
+                self._listening = False
+                engine.remove_pass_listener(self._after_pass)
             if reader is not None:
                 reader.cancel()
             self._reading = False  # nothing handed over from now on starts anything
@@ -234,7 +239,24 @@ class MuxSession:
         p = self._pushed.get(tag)
         if p is None or p.first or p.handle.channel.finish is not None:
             self._urgent = True  # first tokens and finishes leave at once
-        self._wake.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        """There is something to send. Where the engine's pass sends its own frame (:meth:`_after_pass`,
+        which runs in the same turn as the pass hands over its outputs), the frames task is woken a turn
+        later and only for what the pass left (held back by the stream interval, a connection that
+        cannot take the frame, news from outside a pass such as an abort): waking it on every pass only
+        for it to find nothing cost a resumption of the task and its generators per pass."""
+        if not self._listening:
+            self._wake.set()
+        elif not self._check_soon:
+            self._check_soon = True
+            self._loop.call_soon(self._check_left)
+
+    def _check_left(self) -> None:
+        self._check_soon = False
+        if self._ready or self._pending or self._errors:
+            self._wake.set()
 
     def _take_pushed(self) -> None:
         """Move the news of every ready pushed request into ``pending`` (once per frame)."""
@@ -254,7 +276,7 @@ class MuxSession:
                 p.first = False
                 s.first_output(out, now - p.t0)
             tokens += len(out.token_ids)
-            self._push(tag, out, first)
+            self._push(tag, out, first, wake=False)  # taken to build a frame now
             if out.finish_reason is not None:
                 self._end_pushed(tag, out.finish_reason.value, finished=True)
         if tokens:
@@ -316,7 +338,8 @@ class MuxSession:
             if not self._tasks:
                 self.wake()
 
-    def _push(self, tag: int, out: EngineOutput, first: bool) -> None:
+    def _push(self, tag: int, out: EngineOutput, first: bool, wake: bool = True) -> None:
+        """Add ``out`` to the next frame; ``wake=False`` where the caller is about to build that frame."""
         failed = self._s.engine_failed
         if failed is not None and out.finish_reason in ENGINE_GONE:
             # The engine failed, not the request: UNAVAILABLE, which the router migrates.
@@ -342,7 +365,8 @@ class MuxSession:
             p.error = out.error or p.error
         if first or out.finish_reason is not None:
             self._urgent = True
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def _fail(self, tag: int, code: str, message: str) -> None:
         self._errors.append(worker_pb2.MuxError(tag=tag, code=code, message=message))
