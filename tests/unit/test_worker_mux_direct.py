@@ -217,6 +217,58 @@ async def test_news_from_outside_a_pass_still_wakes_the_frames_task() -> None:
     assert engine.stats()[0].running_requests == 0  # aborted, its blocks freed
 
 
+async def test_a_session_open_across_an_engine_restart_gets_the_new_engines_tokens() -> None:
+    # The session listens to the passes of the engine it started with; after the worker switches
+    # engines, the new engine's outputs reach the frames task (a turn later) and leave from there.
+    old = MockerEngine(MockerConfig(speedup_ratio=50.0, block_size=16, num_blocks=1024), vocab_size=VOCAB)
+    new = MockerEngine(MockerConfig(speedup_ratio=50.0, block_size=16, num_blocks=1024), vocab_size=VOCAB)
+    await old.start()
+    await new.start()
+    servicer = WorkerServicer(old, "w", lambda: 1, 0.0)
+    direct = Recorder()
+    switched, done = asyncio.Event(), asyncio.Event()
+
+    async def client() -> AsyncIterator[worker_pb2.MuxClientFrame]:
+        yield start(1, [1, 2, 3, 4, 5], 12)
+        await switched.wait()
+        yield start(2, [2, 2, 3, 4, 5], 12)
+        await done.wait()
+
+    tokens: dict[int, list[int]] = {}
+    via_task: list[worker_pb2.MuxServerFrame] = []
+
+    def take(frame: worker_pb2.MuxServerFrame) -> None:
+        for u in frame.updates:
+            tokens.setdefault(u.tag, []).extend(u.response.token_ids)
+            if u.response.finish_reason and u.tag == 1:
+                servicer.switch_engine(new, 2)
+                switched.set()
+            elif u.response.finish_reason and u.tag == 2:
+                done.set()
+
+    real_send = direct.send
+
+    def send(frame: worker_pb2.MuxServerFrame) -> None:
+        real_send(frame)
+        take(frame)
+
+    direct.send = send  # type: ignore[method-assign]
+
+    async def consume() -> None:
+        async for frame in servicer.mux_frames(client(), direct=direct):
+            via_task.append(frame)
+            take(frame)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(done.wait(), 20)
+    await asyncio.wait_for(consumer, 20)
+    await old.shutdown()
+    await new.shutdown()
+    assert tokens == {1: expected(1), 2: expected(2)}
+    assert via_task  # the new engine's frames went by the frames task
+    assert old._pass_listeners == [] and new._pass_listeners == []
+
+
 async def test_the_frames_task_sends_when_the_transport_cannot_take_a_frame_at_once() -> None:
     direct = Recorder(open_=False)
     tokens, via_task, _ = await run_session(0.0, direct)
