@@ -12,8 +12,9 @@ Real mocker engine and servicer; the transports are recording stand-ins."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 from commutator.common.stream_frames import PREAMBLE, pack
@@ -77,6 +78,36 @@ def as_decode_worker(engine: MockerEngine) -> DisaggEngine:
     return wrapped
 
 
+async def drive(
+    servicer: WorkerServicer,
+    client: AsyncIterator[worker_pb2.MuxClientFrame],
+    direct: Recorder | None,
+    take: Callable[[worker_pb2.MuxServerFrame], None],
+    done: asyncio.Event,
+) -> list[worker_pb2.MuxServerFrame]:
+    """Run one session: every frame, sent from a pass (``direct``) or by the frames task, goes to
+    ``take``. Returns the frames the frames task sent, once ``done`` is set and the session ended."""
+    via_task: list[worker_pb2.MuxServerFrame] = []
+    if direct is not None:
+        real_send = direct.send
+
+        def send(frame: worker_pb2.MuxServerFrame) -> None:
+            real_send(frame)
+            take(frame)
+
+        direct.send = send  # type: ignore[method-assign]
+
+    async def consume() -> None:
+        async for frame in servicer.mux_frames(client, direct=direct):
+            via_task.append(frame)
+            take(frame)
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(done.wait(), 20)
+    await asyncio.wait_for(consumer, 20)
+    return via_task
+
+
 async def run_session(
     interval_s: float,
     direct: Recorder | None,
@@ -96,7 +127,6 @@ async def run_session(
 
     tokens: dict[int, list[int]] = {}
     finished: set[int] = set()
-    via_task: list[worker_pb2.MuxServerFrame] = []
 
     def take(frame: worker_pb2.MuxServerFrame) -> None:
         for u in frame.updates:
@@ -106,23 +136,7 @@ async def run_session(
         if len(finished) == n_requests:
             done.set()
 
-    if direct is not None:
-        real_send = direct.send
-
-        def send(frame: worker_pb2.MuxServerFrame) -> None:
-            real_send(frame)
-            take(frame)
-
-        direct.send = send  # type: ignore[method-assign]
-
-    async def consume() -> None:
-        async for frame in servicer.mux_frames(client(), direct=direct):
-            via_task.append(frame)
-            take(frame)
-
-    consumer = asyncio.create_task(consume())
-    await asyncio.wait_for(done.wait(), 20)
-    await asyncio.wait_for(consumer, 20)
+    via_task = await drive(servicer, client(), direct, take, done)
     await engine.shutdown()
     return tokens, via_task, engine
 
@@ -146,7 +160,7 @@ class CountingEvent(asyncio.Event):
         super().__init__()
         self.woken = 0
 
-    async def wait(self) -> bool:
+    async def wait(self) -> Literal[True]:
         r = await super().wait()
         self.woken += 1
         return r
@@ -235,7 +249,6 @@ async def test_a_session_open_across_an_engine_restart_gets_the_new_engines_toke
         await done.wait()
 
     tokens: dict[int, list[int]] = {}
-    via_task: list[worker_pb2.MuxServerFrame] = []
 
     def take(frame: worker_pb2.MuxServerFrame) -> None:
         for u in frame.updates:
@@ -246,22 +259,7 @@ async def test_a_session_open_across_an_engine_restart_gets_the_new_engines_toke
             elif u.response.finish_reason and u.tag == 2:
                 done.set()
 
-    real_send = direct.send
-
-    def send(frame: worker_pb2.MuxServerFrame) -> None:
-        real_send(frame)
-        take(frame)
-
-    direct.send = send  # type: ignore[method-assign]
-
-    async def consume() -> None:
-        async for frame in servicer.mux_frames(client(), direct=direct):
-            via_task.append(frame)
-            take(frame)
-
-    consumer = asyncio.create_task(consume())
-    await asyncio.wait_for(done.wait(), 20)
-    await asyncio.wait_for(consumer, 20)
+    via_task = await drive(servicer, client(), direct, take, done)
     await old.shutdown()
     await new.shutdown()
     assert tokens == {1: expected(1), 2: expected(2)}
