@@ -67,13 +67,14 @@ async def drain(consumer: object, want: int, timeout_s: float = 10.0, ack: bool 
     return got
 
 
-async def test_publish_and_consume_in_order(make_plane, unique: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("standing", [0, 16], ids=["fetch", "standing"])
+async def test_publish_and_consume_in_order(make_plane, unique: str, standing: int) -> None:  # type: ignore[no-untyped-def]
     plane = await make_plane()
     await stream(plane, unique)
     await publish_n(plane, unique, 300)
     state = await plane.stream_state(unique)
     assert (state.messages, state.first_seq, state.last_seq) == (300, 1, 300)
-    c = await plane.pull_consumer(ConsumerSpec(stream=unique, durable="router-0"))
+    c = await plane.pull_consumer(ConsumerSpec(stream=unique, durable="router-0", standing=standing))
     got = await drain(c, 300)
     assert got == [(i + 1, str(i).encode()) for i in range(300)]
     assert await c.fetch(10, 0.2) == []

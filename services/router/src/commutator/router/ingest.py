@@ -24,6 +24,13 @@ died holds back no purge (only replicas present in discovery count) and is
 deleted by the server after ``CONSUMER_INACTIVE_S``; a drained router deletes
 its own at once.
 
+Reading: the consumer keeps one pull request open for ``fetch_batch`` messages
+(``ConsumerSpec.standing``), so nats-server pushes each batch of events as it stores it,
+and acks go out at most every ``ACK_INTERVAL_S`` (ack-all, so one ack covers every
+message before it), and whenever the stream has nothing new. Both save nats-server a
+JetStream request per event batch, which it otherwise handles several times per request
+routed (docs/hot-path.md, "What nats-server handles per request").
+
 Snapshots are built in chunks with event application paused, so a large
 index never stalls the event loop for long (``make bench-router`` measures it).
 """
@@ -56,6 +63,8 @@ _SNAPSHOT_NAME = re.compile(r"^index-(\d{20})-([0-9a-f]+)$")
 _RECOVERY_BUFFER = 50_000
 _CONSUMER_NAME = re.compile(r"^router-([0-9a-f]+)$")
 CONSUMER_INACTIVE_S = 300.0
+ACK_INTERVAL_S = 0.25
+"""The longest an applied message waits for its ack (far below the consumer's ack wait)."""
 """The server deletes a router's durable consumer after this long without a reader (the router died)."""
 SNAPSHOT_CHUNK = 32_768
 """Index entries copied per step of a snapshot (the event loop runs between steps)."""
@@ -130,6 +139,8 @@ class KvEventIngest:
         self._recovery_tasks: set[asyncio.Task[None]] = set()
         self.stats = IngestStats()
         self._last_snapshot_seq = 0
+        self._unacked: Message | None = None
+        self._acked_at = 0.0
         self._counters = {o: metrics.ROUTER_KV_EVENTS.labels(o.value) for o in ApplyOutcome}
         self._lag = metrics.ROUTER_KV_EVENT_LAG
         self._buffered = metrics.ROUTER_KV_EVENTS.labels("buffered_for_recovery")
@@ -154,6 +165,7 @@ class KvEventIngest:
                 ack_all=True,
                 ack_wait_s=60.0,
                 inactive_threshold_s=CONSUMER_INACTIVE_S,
+                standing=self._batch,
             )
         )
         t1 = time.perf_counter()
@@ -161,6 +173,7 @@ class KvEventIngest:
         empty = 0
         while self.stats.applied_seq < target and empty < 3:
             empty = 0 if await self._fetch_and_apply(timeout_s=0.5) else empty + 1
+        await self._ack()
         self.stats.replayed_messages = self.stats.messages
         self.stats.catch_up_s = time.perf_counter() - t1
         self._tasks.start("kv-ingest", self._run)
@@ -219,6 +232,7 @@ class KvEventIngest:
         assert self._consumer is not None
         msgs = await self._consumer.fetch(self._batch, timeout_s)
         if not msgs:
+            await self._ack()  # the stream has nothing new: ack what was applied
             return 0
         async with self._lock:
             for m in msgs:
@@ -232,8 +246,16 @@ class KvEventIngest:
         for m in msgs:
             if m.stored_at:
                 self._lag.observe(max(0.0, now - m.stored_at))
-        await msgs[-1].ack()  # the consumer acks everything up to here, bad messages included
+        self._unacked = msgs[-1]  # its ack acks everything up to here, bad messages included
+        if now - self._acked_at >= ACK_INTERVAL_S:
+            await self._ack()
         return len(msgs)
+
+    async def _ack(self) -> None:
+        m, self._unacked = self._unacked, None
+        if m is not None:
+            self._acked_at = time.time()
+            await m.ack()
 
     def _apply_message(self, m: Message) -> None:
         batch = kv_events_pb2.KvEventBatch.FromString(m.data)
@@ -442,6 +464,7 @@ class KvEventIngest:
         )
         for old in names[self._keep :]:
             await self.events.object_delete(self._bucket, old)
+        await self._ack()  # this replica's own floor is then up to date
         purge_to = await self._purge_bound(seq)
         if purge_to > 0:
             await self.events.purge(self._spec.name, before_seq=purge_to + 1)
@@ -482,6 +505,8 @@ class KvEventIngest:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._consumer is not None:
+            if not delete_consumer:
+                await self._ack()
             await self._consumer.close()
             self._consumer = None
             if delete_consumer:

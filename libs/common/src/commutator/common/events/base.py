@@ -66,6 +66,11 @@ class ConsumerSpec:
     """Acking a message acks every earlier one (one ack per batch; for in-order readers)."""
     inactive_threshold_s: float | None = None
     """Delete the consumer after this long without a reader (a process that died); ``None``: keep."""
+    standing: int = 0
+    """For a reader that takes every message in order (the router's KV events): keep one pull
+    request for up to this many messages open on the server, so that each message is pushed as it
+    is stored, instead of asking for each fetch; messages wait in the process until fetched. 0: ask
+    per fetch, for exactly the batch asked (a work queue's readers take only what they can run)."""
 
 
 @dataclass(frozen=True, slots=True)

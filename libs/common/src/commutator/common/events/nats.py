@@ -23,7 +23,7 @@ import itertools
 import logging
 import ssl
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -324,7 +324,7 @@ class _NatsPullConsumer:
             cfg.opt_start_seq = s.start_seq
         return cfg
 
-    async def bind(self) -> None:
+    async def _ensure_consumer(self) -> None:
         js = self._plane.js
         s = self.spec
         try:
@@ -337,10 +337,14 @@ class _NatsPullConsumer:
             log.info(
                 "created durable consumer", extra=fields(stream=s.stream, durable=s.durable, start_seq=s.start_seq)
             )
+
+    async def bind(self) -> None:
+        await self._ensure_consumer()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        self._sub = await js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
+        s = self.spec
+        self._sub = await self._plane.js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
 
     async def fetch(self, batch: int = 256, timeout_s: float = 1.0) -> list[Message]:
         if self._closed:
@@ -352,18 +356,27 @@ class _NatsPullConsumer:
         except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError):
             return []
         except nats.js.errors.NotFoundError:
-            log.warning("consumer %s/%s is gone; re-creating it", self.spec.stream, self.spec.durable)
-            self._sub = None
-            await asyncio.sleep(self._backoff)
+            await self._consumer_gone()
             return []
         except (*_TRANSIENT, nats.js.errors.APIError) as exc:
-            log.warning("fetch from %s/%s failed (%s); retrying", self.spec.stream, self.spec.durable, exc)
-            await asyncio.sleep(self._backoff)
-            self._backoff = min(self._backoff * 2, 2.0)
-            if self._plane.nc.is_connected:
-                self._sub = None  # re-check the consumer on the next fetch
+            await self._trouble(exc)
             return []
         self._backoff = 0.1
+        return self._messages(msgs)
+
+    async def _consumer_gone(self) -> None:
+        log.warning("consumer %s/%s is gone; re-creating it", self.spec.stream, self.spec.durable)
+        self._sub = None
+        await asyncio.sleep(self._backoff)
+
+    async def _trouble(self, exc: BaseException) -> None:
+        log.warning("fetch from %s/%s failed (%s); retrying", self.spec.stream, self.spec.durable, exc)
+        await asyncio.sleep(self._backoff)
+        self._backoff = min(self._backoff * 2, 2.0)
+        if self._plane.nc.is_connected:
+            self._sub = None  # re-check the consumer on the next fetch
+
+    def _messages(self, msgs: list[Msg]) -> list[Message]:
         out: list[Message] = []
         for m in msgs:
             meta = m.metadata
@@ -384,6 +397,126 @@ class _NatsPullConsumer:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+
+
+class _NatsStandingPull(_NatsPullConsumer):
+    """A pull consumer that keeps one pull request for ``spec.standing`` messages open on the
+    server (``ConsumerSpec.standing``).
+
+    nats-py's ``fetch`` asks the server for every batch, and when nothing is waiting it asks twice
+    (a ``no_wait`` probe, answered "no messages", then a lingering request): for a reader that
+    takes each message as it is stored, that is two JetStream requests and a status reply for
+    every message or two. Here one request serves up to ``standing`` messages: the server pushes
+    each to this process's inbox as it is stored, and a new request goes out when that one is used
+    up, expires (``_EXPIRES_S``), or may have been lost (a reconnect). The consumer on the server is
+    the same durable pull consumer, with the same acks and redelivery.
+    """
+
+    _EXPIRES_S = 30.0
+
+    def __init__(self, plane: NatsEventPlane, spec: ConsumerSpec) -> None:
+        super().__init__(plane, spec)
+        self._window = spec.standing
+        self._inbox = ""
+        self._arrived: deque[Msg] = deque()
+        self._wake = asyncio.Event()
+        self._left = 0  # messages the open requests may still deliver
+        self._asked_at = 0.0
+        self._reconnects = -1
+        self._gone = False
+        self.requests = 0
+        """Pull requests sent (for tests and probes)."""
+
+    async def bind(self) -> None:
+        await self._ensure_consumer()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        nc = self._plane.nc
+        self._inbox = nc.new_inbox()
+        self._left = 0
+        self._gone = False
+        self._sub = await nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=4 * self._window + 64)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(api.Header.STATUS) if msg.headers else None
+        if not status:
+            self._left -= 1
+            self._arrived.append(msg)
+        elif status == "100":
+            return  # an idle heartbeat (not asked for)
+        elif status in ("404", "408"):
+            # A request ended (expired) with this many of its messages undelivered.
+            try:
+                unused = int(msg.headers.get("Nats-Pending-Messages", ""))  # type: ignore[union-attr]
+            except ValueError:
+                unused = self._left
+            self._left -= unused
+        else:
+            # 409: the consumer was deleted, or the server refused the request.
+            desc = msg.headers.get(api.Header.DESCRIPTION, "") if msg.headers else ""
+            log.warning("pull request on %s/%s ended: %s %s", self.spec.stream, self.spec.durable, status, desc)
+            self._left = 0
+            self._gone = "deleted" in desc.lower()
+        self._wake.set()
+
+    async def _ask(self) -> None:
+        nc = self._plane.nc
+        s = self.spec
+        body = b'{"batch":%d,"expires":%d}' % (self._window, int(self._EXPIRES_S * 1e9))
+        await nc.publish(f"{self._plane.js._prefix}.CONSUMER.MSG.NEXT.{s.stream}.{s.durable}", body, reply=self._inbox)
+        self.requests += 1
+        self._left = self._window
+        self._asked_at = time.monotonic()
+        self._reconnects = nc.stats["reconnects"]
+
+    async def fetch(self, batch: int = 256, timeout_s: float = 1.0) -> list[Message]:
+        if self._closed:
+            raise EventPlaneError("consumer closed")
+        deadline = time.monotonic() + timeout_s
+        try:
+            if self._sub is None:
+                await self.bind()
+            while True:
+                if self._arrived:
+                    out = self._messages(self._take(batch))
+                    if out:
+                        self._backoff = 0.1
+                        return out
+                    continue  # only repeats of messages already handed out
+                if self._gone:
+                    await self._consumer_gone()
+                    return []
+                now = time.monotonic()
+                if (
+                    self._left <= 0
+                    or now - self._asked_at > self._EXPIRES_S + 5.0  # its expiry never came back
+                    or self._plane.nc.stats["reconnects"] != self._reconnects  # the request may be lost
+                ):
+                    await self._ask()
+                wait = deadline - now
+                if wait <= 0:
+                    return []
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    if not self._arrived:
+                        return []
+        except nats.js.errors.NotFoundError:
+            await self._consumer_gone()
+            return []
+        except (*_TRANSIENT, nats.js.errors.APIError) as exc:
+            await self._trouble(exc)
+            return []
+
+    def _take(self, batch: int) -> list[Msg]:
+        arrived = self._arrived
+        if len(arrived) <= batch:
+            msgs = list(arrived)
+            arrived.clear()
+            return msgs
+        return [arrived.popleft() for _ in range(batch)]
 
 
 class _NatsSubscription:
@@ -604,7 +737,7 @@ class NatsEventPlane:
 
     # -- consumers ------------------------------------------------------------------
     async def pull_consumer(self, spec: ConsumerSpec) -> _NatsPullConsumer:
-        c = _NatsPullConsumer(self, spec)
+        c = _NatsStandingPull(self, spec) if spec.standing > 0 else _NatsPullConsumer(self, spec)
         await c.bind()
         return c
 
