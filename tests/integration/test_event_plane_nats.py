@@ -208,3 +208,31 @@ async def test_a_standing_pull_recreates_a_deleted_consumer(nats_server: NatsPro
     await consumer.close()
     await plane.close()
     await admin.close()
+
+
+async def test_a_refused_standing_pull_is_asked_again_after_a_pause(
+    nats_server: NatsProcess, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that refuses the request (here: a consumer made elsewhere with a smaller batch
+    limit than the window) gets it again with a growing pause, not in a loop."""
+    import json
+
+    plane = NatsEventPlane(nats_server.url)
+    await plane.connect()
+    await plane.ensure_stream(StreamSpec(name=unique, subjects=(f"{unique}.>",)))
+    config = {"durable_name": "router-e", "ack_policy": "all", "max_batch": 4}  # not in nats-py's ConsumerConfig
+    reply = await plane.nc.request(
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{unique}.router-e",
+        json.dumps({"stream_name": unique, "config": config}).encode(),
+        timeout=5,
+    )
+    assert json.loads(reply.data)["config"]["max_batch"] == 4
+    consumer = await plane.pull_consumer(ConsumerSpec(stream=unique, durable="router-e", ack_all=True, standing=8))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 1.5
+    while loop.time() < end:
+        assert await consumer.fetch(10, 0.2) == []
+    assert 2 <= consumer.requests <= 6  # type: ignore[attr-defined]
+    assert "MaxRequestBatch" in caplog.text
+    await consumer.close()
+    await plane.close()

@@ -424,6 +424,7 @@ class _NatsStandingPull(_NatsPullConsumer):
         self._asked_at = 0.0
         self._reconnects = -1
         self._gone = False
+        self._refused = False
         self.requests = 0
         """Pull requests sent (for tests and probes)."""
 
@@ -435,7 +436,7 @@ class _NatsStandingPull(_NatsPullConsumer):
         nc = self._plane.nc
         self._inbox = nc.new_inbox()
         self._left = 0
-        self._gone = False
+        self._gone = self._refused = False
         self._sub = await nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=4 * self._window + 64)
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -458,6 +459,7 @@ class _NatsStandingPull(_NatsPullConsumer):
             log.warning("pull request on %s/%s ended: %s %s", self.spec.stream, self.spec.durable, status, desc)
             self._left = 0
             self._gone = "deleted" in desc.lower()
+            self._refused = not self._gone
         self._wake.set()
 
     async def _ask(self) -> None:
@@ -478,6 +480,7 @@ class _NatsStandingPull(_NatsPullConsumer):
             if self._sub is None:
                 await self.bind()
             while True:
+                self._wake.clear()  # before looking: whatever arrives from here on wakes the wait below
                 if self._arrived:
                     out = self._messages(self._take(batch))
                     if out:
@@ -486,6 +489,11 @@ class _NatsStandingPull(_NatsPullConsumer):
                     continue  # only repeats of messages already handed out
                 if self._gone:
                     await self._consumer_gone()
+                    return []
+                if self._refused:  # asked again after a pause, not in a loop
+                    self._refused = False
+                    await asyncio.sleep(self._backoff)
+                    self._backoff = min(self._backoff * 2, 2.0)
                     return []
                 now = time.monotonic()
                 if (
@@ -497,7 +505,6 @@ class _NatsStandingPull(_NatsPullConsumer):
                 wait = deadline - now
                 if wait <= 0:
                     return []
-                self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)
                 except TimeoutError:
