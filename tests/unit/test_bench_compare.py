@@ -232,3 +232,24 @@ def test_splice_replaces_only_the_figures_region() -> None:
 def test_the_shipped_page_has_a_figures_region() -> None:
     doc = (Path(__file__).parents[2] / "docs" / "benchmarks.md").read_text()
     assert doc.count(compare_page.BEGIN) == 1 and doc.count(compare_page.END) == 1
+
+
+# -- stacks --------------------------------------------------------------------------------------
+async def test_a_stack_that_fails_to_start_leaves_no_process_behind(tmp_path: Path) -> None:
+    """A stack whose start fails part way (a role that never serves) is stopped all the same."""
+    import sys
+
+    from commutator.cli.stacks import Stack
+
+    spawned = []
+
+    class Broken(Stack):
+        async def start(self) -> None:
+            spawned.append(self._spawn([sys.executable, "-c", "import time; time.sleep(60)"], {}, "worker"))
+            raise RuntimeError("the stack did not serve")
+
+    ran: list[object] = []
+    with pytest.raises(RuntimeError, match="did not serve"):
+        await compare._with_stack(Broken(speedup=1.0, router_mode="kv", log_dir=tmp_path), ran.append)
+    assert ran == []
+    assert spawned[0].poll() is not None  # the role it spawned was stopped

@@ -280,8 +280,8 @@ class Run:
 
 
 async def _with_stack(stack: Stack, fn: Callable[[Stack], Any]) -> Any:
-    await stack.start()
-    try:
+    try:  # a stack that fails to start is stopped too: none of its processes may outlive the run
+        await stack.start()
         return await fn(stack)
     finally:
         await stack.stop()

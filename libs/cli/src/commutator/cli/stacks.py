@@ -75,7 +75,9 @@ def ensure_dynamo(build_dir: Path | None = None, log: Callable[[str], object] = 
     return py
 
 
-async def _wait_serving(base: str, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120.0) -> None:
+async def _wait_serving(
+    base: str, procs: list[subprocess.Popen[bytes]], log_dir: Path, timeout_s: float = 120.0
+) -> None:
     """Until a one-token request succeeds."""
     deadline = time.monotonic() + timeout_s
     body = {"model": MODEL_NAME, "prompt": [11, 12, 13, 14], "max_tokens": 1}
@@ -83,7 +85,9 @@ async def _wait_serving(base: str, procs: list[subprocess.Popen[bytes]], timeout
         while time.monotonic() < deadline:
             for p in procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"a process of the stack exited with {p.returncode} while starting")
+                    raise RuntimeError(
+                        f"a process of the stack exited with {p.returncode} while starting (logs in {log_dir})"
+                    )
             try:
                 async with http.post(f"{base}/completions", json=body, timeout=aiohttp.ClientTimeout(total=5)) as r:
                     if r.status == 200:
@@ -91,7 +95,7 @@ async def _wait_serving(base: str, procs: list[subprocess.Popen[bytes]], timeout
             except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.2)
-    raise RuntimeError(f"the stack at {base} did not serve within {timeout_s} s")
+    raise RuntimeError(f"the stack at {base} did not serve within {timeout_s} s (logs in {log_dir})")
 
 
 class Stack:
@@ -229,7 +233,7 @@ class CommutatorStack(Stack):
             env,
             "frontend",
         )
-        await _wait_serving(self.base_url, self.procs)
+        await _wait_serving(self.base_url, self.procs, self._log_dir)
 
     def roles(self) -> list[Role]:
         out = super().roles()
@@ -239,9 +243,11 @@ class CommutatorStack(Stack):
         return out
 
     async def stop(self) -> None:
+        """Also after a start that failed part way."""
         await super().stop()
-        self.nats.close()
-        self.etcd.close()
+        for server in (getattr(self, "nats", None), getattr(self, "etcd", None)):
+            if server is not None:
+                server.close()
 
 
 class DynamoStack(Stack):
@@ -306,8 +312,9 @@ class DynamoStack(Stack):
             env,
             "frontend",
         )
-        await _wait_serving(self.base_url, self.procs)
+        await _wait_serving(self.base_url, self.procs, self._log_dir)
 
     async def stop(self) -> None:
         await super().stop()
-        shutil.rmtree(self._kv_dir, ignore_errors=True)
+        if getattr(self, "_kv_dir", None):
+            shutil.rmtree(self._kv_dir, ignore_errors=True)
