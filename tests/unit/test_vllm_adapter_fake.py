@@ -325,3 +325,27 @@ async def test_fake_vllm_a_missed_batch_is_replayed_and_a_lost_one_clears(engine
         more += await asyncio.wait_for(eng.kv_events(), 5)
     assert isinstance(more[0].data, KvCleared)  # the router forgets this worker's blocks, then goes on
     assert eng.kv_dump() == ([], {0: more[-1].event_id + 1})
+
+
+def test_a_workers_socket_folder_is_named_after_it_and_dead_workers_folders_are_swept(tmp_path: Path) -> None:
+    """A worker killed before its engine's shutdown leaves its IPC folder behind; the next one
+    started removes it, and never a live process's."""
+    import os
+    import subprocess
+    import sys
+
+    from commutator.engines.vllm import make_workdir
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    dead = tmp_path / f"commutator-vllm-{int(gone.stdout)}-abc123"
+    (dead / "kv-events").parent.mkdir()
+    (dead / "kv-events").write_bytes(b"")
+    live = tmp_path / f"commutator-vllm-{os.getppid()}-def456"
+    live.mkdir()
+    other = tmp_path / "commutator-vllm-notapid"
+    other.mkdir()
+
+    mine = make_workdir(tmp_path)
+    assert mine.is_dir() and mine.name.startswith(f"commutator-vllm-{os.getpid()}-")
+    assert not dead.exists()
+    assert live.is_dir() and other.is_dir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from commutator.engines.base import Engine
 from commutator.engines.registry import EngineError, EngineSpec, require_module
 from commutator.engines.vllm.engine import SchedulerLoad, VllmApi, VllmEngine
 
-__all__ = ["VllmApi", "VllmEngine", "make_engine"]
+__all__ = ["VllmApi", "VllmEngine", "make_engine", "make_workdir"]
 
 _OURS = ("--model", "--kv-events-config", "--disable-log-stats")
 
@@ -33,7 +34,7 @@ def make_engine(spec: EngineSpec) -> Engine:
     for token in spec.engine_args:
         if token.split("=", 1)[0] in _OURS:
             raise EngineError(f"--engine-args: {token.split('=', 1)[0]} is set by Commutator (use --model-path)")
-    workdir = Path(tempfile.mkdtemp(prefix="commutator-vllm-"))
+    workdir = make_workdir()
     kv, replay = f"ipc://{workdir}/kv-events", f"ipc://{workdir}/kv-replay"
     try:
         vllm_config, enable_lora = _engine_config(spec, kv, replay)
@@ -43,6 +44,32 @@ def make_engine(spec: EngineSpec) -> Engine:
     api = VllmApi(make_llm=lambda load: _make_llm(vllm_config, load), sampling_params=_sampling_params)
     connector = str(getattr(vllm_config.kv_transfer_config, "kv_connector", None) or "")
     return VllmEngine(api, kv, replay, workdir, allow_lora=enable_lora, kv_connector=connector)
+
+
+_WORKDIR_PREFIX = "commutator-vllm-"
+
+
+def make_workdir(tmp: Path | None = None) -> Path:
+    """The engine's folder for its IPC sockets, named after this process; the folders of this
+    user's workers that are gone (killed before their shutdown could remove theirs) go first."""
+    base = Path(tmp or tempfile.gettempdir())
+    for old in base.glob(f"{_WORKDIR_PREFIX}*-*"):
+        pid = old.name[len(_WORKDIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                if old.is_dir() and old.stat().st_uid == os.getuid():
+                    shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-", dir=base))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _engine_config(spec: EngineSpec, kv_endpoint: str, replay_endpoint: str) -> tuple[Any, bool]:
