@@ -253,3 +253,37 @@ async def test_a_stack_that_fails_to_start_leaves_no_process_behind(tmp_path: Pa
         await compare._with_stack(Broken(speedup=1.0, router_mode="kv", log_dir=tmp_path), ran.append)
     assert ran == []
     assert spawned[0].poll() is not None  # the role it spawned was stopped
+
+
+async def test_a_stack_that_does_not_start_is_started_again_on_fresh_ports(tmp_path: Path) -> None:
+    """A role that exits while starting (a port taken between its choice and the bind) costs a
+    second start on other ports, not the run; a stack that never starts fails with the last error."""
+    import sys
+
+    from commutator.cli.stacks import Stack, StackStartError
+
+    class Flaky(Stack):
+        def __init__(self, fail: int, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.fail, self.ports, self.spawned = fail, [], []
+
+        async def start(self) -> None:
+            self.ports.append(self.port)
+            self.spawned.append(self._spawn([sys.executable, "-c", "import time; time.sleep(60)"], {}, "worker"))
+            if len(self.ports) <= self.fail:
+                raise StackStartError(f"attempt {len(self.ports)}: port in use")
+
+    async def url(stack: Stack) -> str:
+        return stack.base_url
+
+    once = Flaky(1, speedup=1.0, router_mode="kv", log_dir=tmp_path / "once")
+    (tmp_path / "once").mkdir()
+    assert await compare._with_stack(once, url) == f"http://127.0.0.1:{once.ports[1]}/v1"
+    assert len(once.ports) == 2 and once.ports[0] != once.ports[1]
+    assert all(p.poll() is not None for p in once.spawned)  # the failed start's role, and the stack after
+    assert sorted(f.name for f in (tmp_path / "once").iterdir()) == ["worker-0.log", "worker-1.log"]
+
+    never = Flaky(99, speedup=1.0, router_mode="kv", log_dir=tmp_path)
+    with pytest.raises(StackStartError, match="attempt 3"):
+        await compare._with_stack(never, url)
+    assert len(never.ports) == 3 and all(p.poll() is not None for p in never.spawned)

@@ -229,7 +229,7 @@ async def _run(args: argparse.Namespace) -> int:
                     worker_args=tuple(shlex.split(args.worker_args)),
                     prefill_args=tuple(shlex.split(args.prefill_args)),
                 )
-            await stack.start()
+            await stack.launch()
             url = stack.base_url
             roles = stack.roles()
         m = await measure(

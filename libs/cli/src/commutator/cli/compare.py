@@ -281,7 +281,7 @@ class Run:
 
 async def _with_stack(stack: Stack, fn: Callable[[Stack], Any]) -> Any:
     try:  # a stack that fails to start is stopped too: none of its processes may outlive the run
-        await stack.start()
+        await stack.launch()
         return await fn(stack)
     finally:
         await stack.stop()

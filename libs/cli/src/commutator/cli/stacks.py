@@ -31,10 +31,23 @@ from commutator.cli.cpu import Role
 from commutator.common.local_servers import EtcdProcess, NatsProcess, free_port
 from commutator.engines.tiny_model import MODEL_NAME, ensure_tiny_model
 
-__all__ = ["DYNAMO_VERSION", "CommutatorStack", "DynamoStack", "Stack", "cpu_seconds", "ensure_dynamo", "repo_root"]
+__all__ = [
+    "DYNAMO_VERSION",
+    "CommutatorStack",
+    "DynamoStack",
+    "Stack",
+    "StackStartError",
+    "cpu_seconds",
+    "ensure_dynamo",
+    "repo_root",
+]
 
 DYNAMO_VERSION = "1.6.1"
 MOCKER = {"block_size": 64, "num_blocks": 16384, "max_num_seqs": 256, "max_batched_tokens": 8192}
+
+
+class StackStartError(RuntimeError):
+    """A stack's role exited while it started, or the stack did not serve in time."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -85,7 +98,7 @@ async def _wait_serving(
         while time.monotonic() < deadline:
             for p in procs:
                 if p.poll() is not None:
-                    raise RuntimeError(
+                    raise StackStartError(
                         f"a process of the stack exited with {p.returncode} while starting (logs in {log_dir})"
                     )
             try:
@@ -95,7 +108,7 @@ async def _wait_serving(
             except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.2)
-    raise RuntimeError(f"the stack at {base} did not serve within {timeout_s} s (logs in {log_dir})")
+    raise StackStartError(f"the stack at {base} did not serve within {timeout_s} s (logs in {log_dir})")
 
 
 class Stack:
@@ -135,9 +148,11 @@ class Stack:
         self._log_dir = log_dir or Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
         self._logs: list[object] = []
         self._labels: dict[int, str] = {}
+        self._spawned = 0
 
     def _spawn(self, cmd: list[str], env: dict[str, str], label: str) -> subprocess.Popen[bytes]:
-        log = open(self._log_dir / f"{label}-{len(self.procs)}.log", "wb")
+        self._spawned += 1
+        log = open(self._log_dir / f"{label}-{self._spawned - 1}.log", "wb")
         self._logs.append(log)
         p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
@@ -162,6 +177,23 @@ class Stack:
 
     async def start(self) -> None:
         raise NotImplementedError
+
+    async def launch(self, attempts: int = 3) -> None:
+        """:meth:`start`, again on fresh ports when a role exits while starting or the stack does not
+        serve: a port chosen free can be taken by another process before the role binds it (a run of
+        ``bench compare`` starts dozens of stacks). The last failure is raised, every process stopped."""
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.start()
+                return
+            except StackStartError as exc:
+                await self.stop()
+                if attempt == attempts:
+                    raise
+                print(f"  {self.name} stack did not start ({exc}); starting it again on fresh ports", flush=True)
+                self.port = free_port()
+                self.base_url = f"http://127.0.0.1:{self.port}/v1"
+                self.metrics_ports = {"decode": [], "prefill": []}
 
     async def stop(self) -> None:
         for p in reversed(self.procs):
