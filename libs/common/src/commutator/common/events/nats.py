@@ -352,14 +352,18 @@ class _NatsPullConsumer:
         try:
             if self._sub is None:
                 await self.bind()
-            msgs = await self._sub.fetch(batch, timeout=timeout_s)
-        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError):
-            return []
+            return await self._fetch(batch, timeout_s)
         except nats.js.errors.NotFoundError:
             await self._consumer_gone()
             return []
         except (*_TRANSIENT, nats.js.errors.APIError) as exc:
             await self._trouble(exc)
+            return []
+
+    async def _fetch(self, batch: int, timeout_s: float) -> list[Message]:
+        try:
+            msgs = await self._sub.fetch(batch, timeout=timeout_s)
+        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.FetchTimeoutError):
             return []
         self._backoff = 0.1
         return self._messages(msgs)
@@ -472,50 +476,39 @@ class _NatsStandingPull(_NatsPullConsumer):
         self._asked_at = time.monotonic()
         self._reconnects = nc.stats["reconnects"]
 
-    async def fetch(self, batch: int = 256, timeout_s: float = 1.0) -> list[Message]:
-        if self._closed:
-            raise EventPlaneError("consumer closed")
+    async def _fetch(self, batch: int, timeout_s: float) -> list[Message]:
         deadline = time.monotonic() + timeout_s
-        try:
-            if self._sub is None:
-                await self.bind()
-            while True:
-                self._wake.clear()  # before looking: whatever arrives from here on wakes the wait below
-                if self._arrived:
-                    out = self._messages(self._take(batch))
-                    if out:
-                        self._backoff = 0.1
-                        return out
-                    continue  # only repeats of messages already handed out
-                if self._gone:
-                    await self._consumer_gone()
+        while True:
+            self._wake.clear()  # before looking: whatever arrives from here on wakes the wait below
+            if self._arrived:
+                out = self._messages(self._take(batch))
+                if out:
+                    self._backoff = 0.1
+                    return out
+                continue  # only repeats of messages already handed out
+            if self._gone:
+                await self._consumer_gone()
+                return []
+            if self._refused:  # asked again after a pause, not in a loop
+                self._refused = False
+                await asyncio.sleep(self._backoff)
+                self._backoff = min(self._backoff * 2, 2.0)
+                return []
+            now = time.monotonic()
+            if (
+                self._left <= 0
+                or now - self._asked_at > self._EXPIRES_S + 5.0  # its expiry never came back
+                or self._plane.nc.stats["reconnects"] != self._reconnects  # the request may be lost
+            ):
+                await self._ask()
+            wait = deadline - now
+            if wait <= 0:
+                return []
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                if not self._arrived:
                     return []
-                if self._refused:  # asked again after a pause, not in a loop
-                    self._refused = False
-                    await asyncio.sleep(self._backoff)
-                    self._backoff = min(self._backoff * 2, 2.0)
-                    return []
-                now = time.monotonic()
-                if (
-                    self._left <= 0
-                    or now - self._asked_at > self._EXPIRES_S + 5.0  # its expiry never came back
-                    or self._plane.nc.stats["reconnects"] != self._reconnects  # the request may be lost
-                ):
-                    await self._ask()
-                wait = deadline - now
-                if wait <= 0:
-                    return []
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    if not self._arrived:
-                        return []
-        except nats.js.errors.NotFoundError:
-            await self._consumer_gone()
-            return []
-        except (*_TRANSIENT, nats.js.errors.APIError) as exc:
-            await self._trouble(exc)
-            return []
 
     def _take(self, batch: int) -> list[Msg]:
         arrived = self._arrived
