@@ -24,6 +24,13 @@ async def consume(consumer, want: int, timeout_s: float = 20.0) -> list[tuple[in
     return got
 
 
+async def publish_range(pub, subject: str, values: range, flush_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Each value of ``values`` as one message, then wait for every ack."""
+    for i in values:
+        await pub.publish(subject, str(i).encode())
+    await pub.flush(flush_s)
+
+
 @pytest.mark.parametrize("standing", [0, 64], ids=["fetch", "standing"])
 @pytest.mark.parametrize("how", ["graceful", "kill"])
 async def test_durable_consumer_resumes_after_server_restart(
@@ -35,9 +42,7 @@ async def test_durable_consumer_resumes_after_server_restart(
     await consumer_plane.connect()
     await publisher_plane.ensure_stream(StreamSpec(name=unique, subjects=(f"{unique}.>",)))
     pub = publisher_plane.publisher(unique, ack_timeout_s=1.0)
-    for i in range(200):
-        await pub.publish(f"{unique}.kv", str(i).encode())
-    await pub.flush(10)
+    await publish_range(pub, f"{unique}.kv", range(200))
 
     consumer = await consumer_plane.pull_consumer(
         ConsumerSpec(stream=unique, durable="router-a", ack_all=True, standing=standing)
@@ -56,9 +61,7 @@ async def test_durable_consumer_resumes_after_server_restart(
     await asyncio.sleep(1.0)
     nats_private.start()
     await pub.flush(30)
-    for i in range(300, 350):
-        await pub.publish(f"{unique}.kv", str(i).encode())
-    await pub.flush(10)
+    await publish_range(pub, f"{unique}.kv", range(300, 350))
 
     after = await consume(consumer, 230)
     # Every message published before (and during) the restart arrives once, in order, none skipped.
@@ -167,9 +170,7 @@ async def test_a_standing_pull_goes_on_after_its_request_expires(
     got: list[int] = []
     for round_ in range(3):
         assert await consumer.fetch(100, 0.8) == []  # idle past the request's expiry
-        for i in range(5):
-            await pub.publish(f"{unique}.kv", str(round_ * 5 + i).encode())
-        await pub.flush(5)
+        await publish_range(pub, f"{unique}.kv", range(round_ * 5, round_ * 5 + 5))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5
         while len(got) < 5 * (round_ + 1) and loop.time() < deadline:
@@ -191,15 +192,11 @@ async def test_a_standing_pull_recreates_a_deleted_consumer(nats_server: NatsPro
     spec = ConsumerSpec(stream=unique, durable="router-d", ack_all=True, standing=16)
     consumer = await plane.pull_consumer(spec)
     pub = plane.publisher(unique)
-    for i in range(10):
-        await pub.publish(f"{unique}.kv", str(i).encode())
-    await pub.flush(5)
+    await publish_range(pub, f"{unique}.kv", range(10))
     first = await consume(consumer, 10)
     assert [v for _, v in first] == list(range(10))
     assert await admin.delete_consumer(unique, "router-d")
-    for i in range(10, 20):
-        await pub.publish(f"{unique}.kv", str(i).encode())
-    await pub.flush(5)
+    await publish_range(pub, f"{unique}.kv", range(10, 20))
     # Re-created from the spec (from the first message): what was handed out already is not again.
     after = await consume(consumer, 10)
     assert [v for _, v in after] == list(range(10, 20))
