@@ -195,12 +195,14 @@ async def test_a_standing_pull_recreates_a_deleted_consumer(nats_server: NatsPro
     await publish_range(pub, f"{unique}.kv", range(10))
     first = await consume(consumer, 10)
     assert [v for _, v in first] == list(range(10))
+    subscriptions = len(plane.nc._subs)
     assert await admin.delete_consumer(unique, "router-d")
     await publish_range(pub, f"{unique}.kv", range(10, 20))
     # Re-created from the spec (from the first message): what was handed out already is not again.
     after = await consume(consumer, 10)
     assert [v for _, v in after] == list(range(10, 20))
     assert [s for s, _ in after] == list(range(11, 21))
+    assert len(plane.nc._subs) == subscriptions  # the old inbox was unsubscribed, not left behind
     await pub.close()
     await consumer.close()
     await plane.close()

@@ -340,9 +340,7 @@ class _NatsPullConsumer:
 
     async def bind(self) -> None:
         await self._ensure_consumer()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        await self._drop_sub()
         s = self.spec
         self._sub = await self._plane.js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
 
@@ -370,7 +368,7 @@ class _NatsPullConsumer:
 
     async def _consumer_gone(self) -> None:
         log.warning("consumer %s/%s is gone; re-creating it", self.spec.stream, self.spec.durable)
-        self._sub = None
+        await self._drop_sub()
         await asyncio.sleep(self._backoff)
 
     async def _trouble(self, exc: BaseException) -> None:
@@ -378,7 +376,14 @@ class _NatsPullConsumer:
         await asyncio.sleep(self._backoff)
         self._backoff = min(self._backoff * 2, 2.0)
         if self._plane.nc.is_connected:
-            self._sub = None  # re-check the consumer on the next fetch
+            await self._drop_sub()  # re-check the consumer on the next fetch
+
+    async def _drop_sub(self) -> None:
+        """Unsubscribe the inbox, so that a re-bind does not leave one more subscription behind."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     def _messages(self, msgs: list[Msg]) -> list[Message]:
         out: list[Message] = []
@@ -397,10 +402,7 @@ class _NatsPullConsumer:
 
     async def close(self) -> None:
         self._closed = True
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        await self._drop_sub()
 
 
 class _NatsStandingPull(_NatsPullConsumer):
@@ -434,9 +436,7 @@ class _NatsStandingPull(_NatsPullConsumer):
 
     async def bind(self) -> None:
         await self._ensure_consumer()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        await self._drop_sub()
         nc = self._plane.nc
         self._inbox = nc.new_inbox()
         self._left = 0
