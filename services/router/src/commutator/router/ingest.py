@@ -63,9 +63,9 @@ _SNAPSHOT_NAME = re.compile(r"^index-(\d{20})-([0-9a-f]+)$")
 _RECOVERY_BUFFER = 50_000
 _CONSUMER_NAME = re.compile(r"^router-([0-9a-f]+)$")
 CONSUMER_INACTIVE_S = 300.0
+"""The server deletes a router's durable consumer after this long without a reader (the router died)."""
 ACK_INTERVAL_S = 0.25
 """The longest an applied message waits for its ack (far below the consumer's ack wait)."""
-"""The server deletes a router's durable consumer after this long without a reader (the router died)."""
 SNAPSHOT_CHUNK = 32_768
 """Index entries copied per step of a snapshot (the event loop runs between steps)."""
 
