@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from commutator.common.errors import InvalidRequest
+from commutator.common.prompt import to_le_bytes
 from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.engine import MockerEngine
 from commutator.engines.mocker.tokens import token_at
@@ -78,17 +79,24 @@ async def served(
     await engine.shutdown()
 
 
-def request(rid: str, n_prompt: int, max_tokens: int, seed: int, bad: bool = False) -> common_pb2.GenerateRequest:
+def request(
+    rid: str, n_prompt: int, max_tokens: int, seed: int, bad: bool = False, packed: bool = False
+) -> common_pb2.GenerateRequest:
+    """``packed``: the prompt in ``token_bytes`` (as the frontend sends it), else in ``token_ids``."""
     rng = random.Random(seed)
     tokens = [rng.randrange(VOCAB) for _ in range(n_prompt)]
     if bad:
         tokens[3] = VOCAB + 5  # outside the vocabulary: the engine refuses it
-    return common_pb2.GenerateRequest(
+    req = common_pb2.GenerateRequest(
         request_id=rid,
-        token_ids=tokens,
         sampling=common_pb2.SamplingOptions(seed=seed),
         stop=common_pb2.StopConditions(max_tokens=max_tokens, ignore_eos=True),
     )
+    if packed:
+        req.token_bytes = to_le_bytes(tokens)
+    else:
+        req.token_ids.extend(tokens)
+    return req
 
 
 async def test_exact_tokens_usage_cancels_and_a_bad_request_on_both_paths(served) -> None:  # type: ignore[no-untyped-def]
@@ -98,7 +106,10 @@ async def test_exact_tokens_usage_cancels_and_a_bad_request_on_both_paths(served
     async def one(k: int) -> tuple[str, Any]:
         max_tokens, n_prompt = rng.randrange(3, 40), rng.randrange(5, 200)
         cancel_after = rng.randrange(1, 4) if k % 4 == 0 else None
-        req = mux.open(request(f"r{k}", n_prompt, max_tokens, seed=500 + k, bad=k == 13), timeout_s=60)
+        # Odd ones carry their prompt in token_bytes (the bad one among them), even ones in token_ids.
+        req = mux.open(
+            request(f"r{k}", n_prompt, max_tokens, seed=500 + k, bad=k == 13, packed=k % 2 == 1), timeout_s=60
+        )
         msgs = []
         try:
             async for m in req:

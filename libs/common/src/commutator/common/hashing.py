@@ -11,8 +11,10 @@ Pure module: no I/O, no asyncio. Never use Python's ``hash()`` for blocks.
 
 from __future__ import annotations
 
+import array
 import functools
 import struct
+import sys
 from collections.abc import Callable, Sequence
 
 import xxhash
@@ -73,9 +75,10 @@ def local_block_hashes(
 ) -> list[int]:
     """Local hashes of the full blocks of ``token_ids``.
 
-    ``token_ids`` is a sequence of ints, or its little-endian uint32 bytes
-    (as from :func:`tokens_to_bytes`, or a protobuf repeated field turned into
-    bytes by the caller). The partial block at the end is not hashed.
+    ``token_ids`` is a sequence of ints, an ``array('I')`` of them (hashed from
+    its buffer), or its little-endian uint32 bytes (as from
+    :func:`tokens_to_bytes`, or a request's ``token_bytes``). The partial block
+    at the end is not hashed.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
@@ -83,6 +86,14 @@ def local_block_hashes(
     data: bytes | memoryview
     if isinstance(token_ids, bytes):
         data = token_ids
+    elif isinstance(token_ids, array.array) and token_ids.typecode == "I" and token_ids.itemsize == 4:
+        # An array of uint32 (a prompt read from ``token_bytes``): its buffer, in one copy.
+        if sys.byteorder == "little":
+            data = token_ids.tobytes()
+        else:  # pragma: no cover - no big-endian machine in CI
+            swapped = array.array("I", token_ids)
+            swapped.byteswap()
+            data = swapped.tobytes()
     elif isinstance(token_ids, bytearray | memoryview):
         data = memoryview(token_ids).cast("B")
     else:

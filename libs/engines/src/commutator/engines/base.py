@@ -140,6 +140,8 @@ class KvLayout:
 class EngineRequest:
     request_id: str
     token_ids: Sequence[int]
+    """The prompt: a list, a protobuf repeated field, or an ``array('I')`` (from ``token_bytes``);
+    engines that need a list make one."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: StopParams = field(default_factory=StopParams)
     logprobs: int | None = None

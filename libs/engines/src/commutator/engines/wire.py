@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from commutator.common.prompt import prompt_ids
 from commutator.engines.base import (
     EngineOutput,
     EngineRequest,
@@ -54,7 +55,8 @@ def request_from_proto(req: common_pb2.GenerateRequest) -> EngineRequest:
     """The engine request for a wire request. Raises ``ValueError`` for values no engine can take."""
     if not req.request_id:
         raise ValueError("request_id is required")
-    if not req.token_ids:
+    tokens = prompt_ids(req)
+    if not tokens:
         raise ValueError("token_ids is empty")
     s = req.sampling
     sampling = SamplingParams(
@@ -81,7 +83,7 @@ def request_from_proto(req: common_pb2.GenerateRequest) -> EngineRequest:
         )
     return EngineRequest(
         request_id=req.request_id,
-        token_ids=req.token_ids,
+        token_ids=tokens,
         sampling=sampling,
         stop=StopParams(
             max_tokens=st.max_tokens,

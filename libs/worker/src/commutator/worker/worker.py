@@ -211,6 +211,7 @@ class Worker:
                 dp_size=cap.dp_size,
                 metadata={"engine": wc.engine},
                 stream_port=self.stream_server.port if self.stream_server else 0,
+                token_bytes=True,
             ),
         )
         if self.publishes_model_card:

@@ -132,7 +132,7 @@ class RouterService:
             rt.namespace,
             self.config.router_component,
             "route",
-            InstanceInfo(address=self.server.address, role="router"),
+            InstanceInfo(address=self.server.address, role="router", token_bytes=True),
         )
         log.info(
             "router ready",

@@ -99,6 +99,9 @@ class InstanceInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     stream_port: int = 0
     """TCP port of the worker stream on the host of ``address`` (0: none; docs/worker-stream.md)."""
+    token_bytes: bool = False
+    """The instance reads a ``GenerateRequest``'s prompt from ``token_bytes`` (docs/worker-stream.md,
+    "Prompts as bytes"); senders give the others ``token_ids``."""
 
     @property
     def stream_address(self) -> str:
@@ -127,6 +130,7 @@ class InstanceInfo:
                 "dp_size",
                 "metadata",
                 "stream_port",
+                "token_bytes",
             )
             if k in obj
         }

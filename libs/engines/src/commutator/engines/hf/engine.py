@@ -355,7 +355,7 @@ class HfEngine:
         for seq, n in batch.scheduled:
             start = seq.num_computed
             spec = self._sample_spec(seq) if id(seq) in sampling else None
-            works.append(SeqWork(seq.tokens[start : start + n], start, list(seq.blocks), spec))
+            works.append(SeqWork(list(seq.tokens[start : start + n]), start, list(seq.blocks), spec))
         return works
 
     @staticmethod

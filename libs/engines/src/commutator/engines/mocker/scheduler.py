@@ -53,15 +53,17 @@ a remote prefill aside: they come back when the transfer ends).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass, field
 
 from commutator.common.hashing import block_hash_seed, extend_sequence_hash, local_block_hashes, sequence_hashes
+from commutator.common.prompt import TokenArray, token_array
 from commutator.engines.base import EngineRequest, FinishReason, SamplingParams, TokenLogprob
 from commutator.engines.mocker.block_pool import BlockPool
 from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.timing import pass_ms
 from commutator.engines.mocker.tokens import request_seed, synthetic_logprobs, token_at
+from commutator.engines.vocab import first_outside
 
 __all__ = ["Batch", "Scheduler", "Seq", "StepResult"]
 
@@ -92,7 +94,7 @@ class Seq:
         "tokens",
     )
 
-    def __init__(self, request_id: str, tokens: list[int], hash_seed: int) -> None:
+    def __init__(self, request_id: str, tokens: MutableSequence[int], hash_seed: int) -> None:
         self.request_id = request_id
         self.tokens = tokens
         self.num_prompt = len(tokens)
@@ -199,11 +201,15 @@ class Scheduler:
                 f" tokens, {self._watermark_blocks} kept free for admissions) runs sequences of at most"
                 f" {self.kv_max_tokens} tokens, so at most {self.kv_max_tokens - 1} prompt tokens"
             )
-        tokens = req.token_ids[:]  # a list from a list or a protobuf field (faster than list() from one)
-        if not isinstance(tokens, list):
-            tokens = list(tokens)
-        if min(tokens) < 0 or max(tokens) >= self.vocab_size:  # two C loops, not one in Python per token
-            bad = next(t for t in tokens if not 0 <= t < self.vocab_size)
+        # The sequence's own copy, as uint32 (it grows by the output): one memcpy from a prompt read
+        # from token_bytes, one C loop from a list; a protobuf field is first read as a list.
+        src = req.token_ids
+        try:
+            tokens = token_array(src if isinstance(src, list | TokenArray) else src[:])
+            bad = first_outside(tokens, self.vocab_size)
+        except ValueError:
+            bad = next(t for t in src if not (isinstance(t, int) and 0 <= t < self.vocab_size))
+        if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         seq = Seq(req.request_id, tokens, block_hash_seed(req.lora_name, req.cache_salt))
         seq.local_hashes = local_block_hashes(tokens, self.block_size, seq.hash_seed)
