@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import pytest
@@ -83,12 +84,24 @@ def test_bad_chat_values(body: dict[str, Any], field: str) -> None:
 def test_completion_prompt_forms() -> None:
     assert parse_completion({"model": "m", "prompt": "x"}).prompts == ["x"]
     assert parse_completion({"model": "m", "prompt": ["a", "b"]}).prompts == ["a", "b"]
-    assert parse_completion({"model": "m", "prompt": [1, 2, 3]}).prompts == [[1, 2, 3]]
-    assert parse_completion({"model": "m", "prompt": [[1], [2, 3]]}).prompts == [[1], [2, 3]]
+    # Token-id prompts come back as uint32 arrays (what token_bytes and the block hashes read).
+    assert parse_completion({"model": "m", "prompt": [1, 2, 3]}).prompts == [array("I", [1, 2, 3])]
+    assert parse_completion({"model": "m", "prompt": [[1], [2, 3]]}).prompts == [array("I", [1]), array("I", [2, 3])]
+    assert parse_completion({"model": "m", "prompt": [0, 1.0, 2**32 - 1]}).prompts == [array("I", [0, 1, 2**32 - 1])]
     assert parse_completion({"model": "m", "prompt": "x", "logprobs": 2}).sampling.logprobs == 2
-    for bad in ("", [], [[]], [1, "a"], None, 5, [True]):
-        with pytest.raises(ApiError):
+    for bad in ("", [], [[]], [1, "a"], None, 5, [True], [5, 0, False, 9], [[2], [1, True]], [-1], [2**32], [1.5]):
+        with pytest.raises(ApiError) as err:
             parse_completion({"model": "m", "prompt": bad})
+        assert err.value.param == "prompt"
+
+
+def test_long_token_prompt_checked_in_c() -> None:
+    """A long prompt whose ids include 0 and 1 as ints is taken; JSON's false among them is not."""
+    ids = [i % 50_000 for i in range(12_000)]  # 0 and 1 appear 240 times each
+    (got,) = parse_completion({"model": "m", "prompt": ids}).prompts
+    assert got == array("I", ids)
+    with pytest.raises(ApiError, match="got False"):
+        parse_completion({"model": "m", "prompt": [*ids[:7_000], False, *ids[7_000:]]})
     with pytest.raises(ApiError, match="JSON object"):
         parse_completion([1, 2])
 

@@ -33,6 +33,8 @@ from commutator.common.errors import (
     Overloaded,
     Unavailable,
 )
+from commutator.common.prompt import TokenArray, token_array
+from commutator.engines.vocab import first_outside
 from commutator.frontend.choice import Choice, chat_delta, logprobs_json, piece
 from commutator.frontend.detokenize import TextStream
 from commutator.frontend.models import ModelRegistry
@@ -60,10 +62,10 @@ class Backend(Protocol):
         self,
         request: common_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str]],
-        prompt: list[int] | None = None,
+        prompt: Sequence[int] | None = None,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
-        """``prompt``: ``request.token_ids`` as the list they were built from, for a backend that reads
-        them (reading a protobuf repeated field costs several times more than reading a list)."""
+        """``prompt``: the request's prompt (``token_bytes``) as the ``array('I')`` it was built from, for
+        a backend that reads it (reading it back from the message would cost a conversion)."""
         ...
 
 
@@ -195,7 +197,7 @@ class OpenAIApi:
             raise ApiError.bad(str(exc), "messages") from None
         if pre.over_context(text):
             raise _over_context(pre, "messages")
-        tokens = pre.encode(text)
+        tokens = token_array(pre.encode(text))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._generate(request, t0, rid, req.model, pre, [tokens], req.sampling, chat=True)
 
@@ -204,15 +206,13 @@ class OpenAIApi:
         pre = await self.registry.preprocessor(req.model)
         if any(isinstance(p, str) and pre.over_context(p) for p in req.prompts):
             raise _over_context(pre, "prompt")
-        prompts = [pre.encode(p) if isinstance(p, str) else p for p in req.prompts]
+        prompts = [token_array(pre.encode(p)) if isinstance(p, str) else p for p in req.prompts]
         vocab = pre.tokenizer.get_vocab_size(with_added_tokens=True)
         for p in prompts:
             if not p:
                 raise ApiError.bad("the prompt tokenizes to nothing", "prompt")
-            # One C loop (a prompt has thousands of ids): token-id prompts were checked to be >= 0 when
-            # parsed, and the tokenizer's ids are.
-            if max(p) >= vocab:
-                bad = next(t for t in p if not 0 <= t < vocab)
+            bad = first_outside(p, vocab)  # numpy over the uint32 ids (a prompt has thousands)
+            if bad is not None:
                 raise ApiError.bad(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         echo = [p if isinstance(p, str) else pre.decode(p) for p in req.prompts] if req.echo else None
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -227,10 +227,10 @@ class OpenAIApi:
         stop: list[str],
         index: int,
         md: Sequence[tuple[str, str]],
-        prompt: list[int],
+        prompt: TokenArray,
     ) -> tuple[Choice, common_pb2.GenerateResponse | None]:
         """Start one choice and wait for its first message (so that errors still have an HTTP status);
-        ``prompt``: its token ids (``greq.token_ids``) as a list."""
+        ``prompt``: its token ids (``greq.token_bytes``) as an ``array('I')``."""
         for attempt in range(_RETRIES_BEFORE_FIRST_TOKEN + 1):
             agen = self.backend.generate(greq, md, prompt)
             choice = Choice(index, agen, TextStream(pre.tokenizer, stop))
@@ -258,7 +258,7 @@ class OpenAIApi:
         rid: str,
         model: str,
         pre: Preprocessor,
-        prompts: list[list[int]],
+        prompts: list[TokenArray],
         s: SamplingRequest,
         *,
         chat: bool,
@@ -282,7 +282,7 @@ class OpenAIApi:
         model: str,
         pre: Preprocessor,
         greqs: list[common_pb2.GenerateRequest],
-        prompts: list[list[int]],
+        prompts: list[TokenArray],
         s: SamplingRequest,
         chat: bool,
         md: list[tuple[str, str]],

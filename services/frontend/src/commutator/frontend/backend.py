@@ -11,6 +11,7 @@ from commutator.common import metrics
 from commutator.common.discovery import Discovery
 from commutator.common.errors import Unavailable
 from commutator.common.grpc import EndpointClient
+from commutator.common.prompt import with_token_ids
 from commutator.common.tls import MutualTls
 from commutator.router.core import Router
 from commutator.router.migration import Progress
@@ -31,7 +32,7 @@ class EmbeddedRouterBackend:
         self,
         request: common_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str]],
-        prompt: list[int] | None = None,
+        prompt: Sequence[int] | None = None,
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         return self.router.generate(request, metadata=metadata, prompt=prompt)
 
@@ -75,7 +76,7 @@ class RouterServiceBackend:
         self,
         request: common_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str]],
-        prompt: list[int] | None = None,  # the router service hashes the prompt itself
+        prompt: Sequence[int] | None = None,  # the router service hashes the prompt itself
     ) -> AsyncIterator[common_pb2.GenerateResponse]:
         progress = Progress(request) if self.migration_limit > 0 else None
         give_up_at = 0.0  # while no router answers: when to stop trying
@@ -85,8 +86,11 @@ class RouterServiceBackend:
             answered = False
             if not self.client.instances:
                 await self._wait_for_a_router(request.request_id)
+            sent = request
+            if request.token_bytes and not all(i.info.token_bytes for i in self.client.instances.values()):
+                sent = with_token_ids(request)  # a router service that does not read token_bytes (an older one)
             try:
-                async for resp in self.client.stream("Generate", request, metadata=metadata):
+                async for resp in self.client.stream("Generate", sent, metadata=metadata):
                     answered = streamed = True
                     if progress is not None:
                         progress.take(resp)

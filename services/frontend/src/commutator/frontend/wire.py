@@ -7,6 +7,7 @@ what depends on the model (the context length) is checked here, as a 400.
 
 from __future__ import annotations
 
+from commutator.common.prompt import TokenArray, to_le_bytes
 from commutator.frontend.protocol import ApiError, SamplingRequest
 from commutator.v1 import common_pb2
 
@@ -16,7 +17,7 @@ __all__ = ["generate_requests"]
 def generate_requests(
     rid: str,
     model: str,
-    prompts: list[list[int]],
+    prompts: list[TokenArray],
     s: SamplingRequest,
     context_length: int,
     *,
@@ -42,8 +43,9 @@ def generate_requests(
             raise ApiError.bad(
                 f"'min_tokens' is {s.min_tokens} but at most {max_tokens} tokens can follow this prompt", "min_tokens"
             )
+        packed = to_le_bytes(tokens)  # one copy of the array's buffer (token_ids: an int per token)
         for i in range(s.n):
-            g = common_pb2.GenerateRequest(request_id=f"{rid}-{p_index * s.n + i}", model=model, token_ids=tokens)
+            g = common_pb2.GenerateRequest(request_id=f"{rid}-{p_index * s.n + i}", model=model, token_bytes=packed)
             st = g.stop
             st.max_tokens = max_tokens
             st.min_tokens = s.min_tokens

@@ -51,6 +51,7 @@ from commutator.common.errors import (
 from commutator.common.events import EventPlane, EventPlaneError, Subscription
 from commutator.common.grpc import EndpointClient
 from commutator.common.logging import Throttle
+from commutator.common.prompt import prompt_ids, with_token_ids
 from commutator.common.tasks import Supervisor
 from commutator.common.tls import MutualTls
 from commutator.router.adaptive import AdaptiveTuner
@@ -597,9 +598,10 @@ class Router:
         ended (``StopAsyncIteration``) or raises its error. Where that is not possible (a unary
         worker stream) ``asend`` returns the next response as ``__anext__`` would.
 
-        ``prompt``: ``request.token_ids`` as a list, when the caller built the request from one (the
-        frontend does). Routing hashes the prompt; reading a thousand ids from a protobuf repeated
-        field takes 35-60 µs, from a list 8 µs. It must hold the same ids: only routing reads it.
+        ``prompt``: the request's prompt (``token_ids``, or ``token_bytes`` as an ``array('I')``) as the
+        caller built the request from it (the frontend does). Routing hashes the prompt; reading a
+        thousand ids from a protobuf repeated field takes 35-60 µs, from a list 8 µs, from an array 1 µs.
+        It must hold the same ids: only routing reads it.
         """
         if not request.request_id:
             raise InvalidRequest("request_id is required")
@@ -610,7 +612,10 @@ class Router:
         sink: Callable[[common_pb2.GenerateResponse], bool] | None = None  # a push consumer, once handed over
         deadline = time.monotonic() + self.config.generate_timeout_s
         while True:
-            tokens = request.token_ids if prompt is None else prompt
+            try:
+                tokens = prompt_ids(request) if prompt is None else prompt
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
             if requested is None:
                 result = self._route_observed(request.model, tokens, request.lora_name, request.cache_salt)
             else:
@@ -708,6 +713,8 @@ class Router:
         """The worker's responses to ``request``: over its multiplexed stream, or a Generate call of its own."""
         if timeout_s <= 0:
             raise DeadlineExceeded(f"request {request.request_id}: generate timeout reached while migrating it")
+        if request.token_bytes and not self.workers.pick("direct", worker_id).info.token_bytes:
+            request = with_token_ids(request)  # a worker that does not read token_bytes (an older one)
         if self.config.worker_stream == "unary":
             return self.workers.stream(
                 "Generate", request, instance_id=worker_id, timeout_s=timeout_s, metadata=metadata

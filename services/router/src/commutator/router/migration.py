@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from commutator.common.errors import Unavailable
+from commutator.common.prompt import prompt_len, to_le_bytes
 from commutator.v1 import common_pb2
 
 __all__ = ["Progress"]
@@ -29,7 +30,7 @@ class Progress:
     __slots__ = ("generated", "max_tokens", "migrations", "min_tokens", "prompt_len", "prompt_seen", "started")
 
     def __init__(self, request: common_pb2.GenerateRequest) -> None:
-        self.prompt_len = len(request.token_ids)
+        self.prompt_len = prompt_len(request)
         self.max_tokens = request.stop.max_tokens
         self.min_tokens = request.stop.min_tokens
         self.generated: list[int] = []
@@ -71,8 +72,11 @@ class Progress:
         new = common_pb2.GenerateRequest()
         new.CopyFrom(request)
         n = len(self.generated)
-        del new.token_ids[self.prompt_len :]
-        new.token_ids.extend(self.generated)
+        if new.token_bytes:
+            new.token_bytes = new.token_bytes[: self.prompt_len * 4] + to_le_bytes(self.generated)
+        else:
+            del new.token_ids[self.prompt_len :]
+            new.token_ids.extend(self.generated)
         if self.max_tokens:
             new.stop.max_tokens = max(0, self.max_tokens - n)
         new.stop.min_tokens = max(0, self.min_tokens - n)
