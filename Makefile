@@ -173,6 +173,10 @@ bench-routing: setup servers ## Routing quality: ours (kv, round-robin, random, 
 bench-hashing: setup ## Block hashing of a 4096-token prompt
 	$(PY) benchmarks/bench_hashing.py
 
+.PHONY: bench-prompt
+bench-prompt: setup ## A long token-id prompt from the HTTP body to the engine, per stage
+	$(PY) benchmarks/bench_prompt.py
+
 .PHONY: bench-mocker
 bench-mocker: setup servers ## Mocker scheduler pass cost; tokens/s one worker streams (speedup 0)
 	$(PY) benchmarks/bench_mocker.py

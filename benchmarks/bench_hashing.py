@@ -11,6 +11,7 @@ import statistics
 import time
 
 from commutator.common.hashing import local_block_hashes, sequence_hashes, tokens_to_bytes
+from commutator.common.prompt import token_array
 
 
 def per_call_us(fn, reps: int = 200, inner: int = 50) -> list[float]:  # type: ignore[no-untyped-def]
@@ -43,6 +44,8 @@ def main() -> None:
     report("local hashes, block 16 (pack + 256 x XXH3)", per_call_us(lambda: local_block_hashes(tokens, 16)))
     report("  of which: pack 4096 ids to LE uint32 bytes", per_call_us(lambda: tokens_to_bytes(tokens)))
     report("  of which: 64 x XXH3 on slices of the bytes", per_call_us(lambda: local_block_hashes(data, 64)))
+    ids = token_array(tokens)
+    report("local hashes, block 64, of an array('I') (token_bytes)", per_call_us(lambda: local_block_hashes(ids, 64)))
     report("sequence hashes of 64 local hashes", per_call_us(lambda: sequence_hashes(local64)))
 
 
