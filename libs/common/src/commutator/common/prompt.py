@@ -38,7 +38,6 @@ _CODE = "I"
 if array.array(_CODE).itemsize != 4:  # pragma: no cover - every platform Python supports has a 4-byte C int
     raise ImportError("array('I') is not 4 bytes on this platform; token ids need uint32 storage")
 _NATIVE_LE = sys.byteorder == "little"
-UINT32_MAX = 2**32 - 1
 
 
 def token_array(ids: Iterable[int] = ()) -> array.array[int]:
