@@ -57,10 +57,17 @@ def _packer(length: int) -> Callable[..., bytes]:
 
 
 def tokens_to_bytes(token_ids: Sequence[int]) -> bytes:
-    """Token ids as little-endian uint32 bytes.
+    """Token ids as little-endian uint32 bytes: a copy of an ``array('I')``'s buffer (a prompt read
+    from ``token_bytes``), else one C call over the ints.
 
     Raises ``ValueError`` when an id is negative, above 2^32 - 1, or not an int.
     """
+    if isinstance(token_ids, array.array) and token_ids.typecode == "I" and token_ids.itemsize == 4:
+        if sys.byteorder == "little":
+            return token_ids.tobytes()
+        swapped = array.array("I", token_ids)  # pragma: no cover - no big-endian machine in CI
+        swapped.byteswap()  # pragma: no cover
+        return swapped.tobytes()  # pragma: no cover
     try:
         # One C call for the whole list, with a compiled Struct per prompt length.
         return _packer(len(token_ids))(*token_ids)
@@ -86,14 +93,6 @@ def local_block_hashes(
     data: bytes | memoryview
     if isinstance(token_ids, bytes):
         data = token_ids
-    elif isinstance(token_ids, array.array) and token_ids.typecode == "I" and token_ids.itemsize == 4:
-        # An array of uint32 (a prompt read from ``token_bytes``): its buffer, in one copy.
-        if sys.byteorder == "little":
-            data = token_ids.tobytes()
-        else:  # pragma: no cover - no big-endian machine in CI
-            swapped = array.array("I", token_ids)
-            swapped.byteswap()
-            data = swapped.tobytes()
     elif isinstance(token_ids, bytearray | memoryview):
         data = memoryview(token_ids).cast("B")
     else:

@@ -19,6 +19,7 @@ import array
 import sys
 from collections.abc import Iterable, Sequence
 
+from commutator.common.hashing import tokens_to_bytes
 from commutator.v1 import common_pb2
 
 __all__ = [
@@ -62,15 +63,10 @@ def from_le_bytes(data: bytes) -> array.array[int]:
 
 
 def to_le_bytes(ids: Sequence[int]) -> bytes:
-    """``ids`` as ``token_bytes``: a copy of an ``array('I')``'s buffer, else one C loop over the ints.
-    Raises ``ValueError`` for an id that is not an integer in [0, 2^32)."""
-    if isinstance(ids, array.array) and ids.typecode == _CODE:
-        if _NATIVE_LE:
-            return ids.tobytes()
-        swapped = array.array(_CODE, ids)  # pragma: no cover
-        swapped.byteswap()  # pragma: no cover
-        return swapped.tobytes()  # pragma: no cover
-    return to_le_bytes(token_array(ids))
+    """``ids`` as ``token_bytes`` (:func:`commutator.common.hashing.tokens_to_bytes`: a copy of an
+    ``array('I')``'s buffer, else one C call over the ints). Raises ``ValueError`` for an id that is
+    not an integer in [0, 2^32)."""
+    return tokens_to_bytes(ids)
 
 
 def prompt_ids(request: common_pb2.GenerateRequest) -> Sequence[int]:
