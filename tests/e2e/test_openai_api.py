@@ -197,6 +197,19 @@ async def test_a_stream_opens_with_its_headers_role_and_first_token_in_one_write
             assert more
             rest += more
         assert rest.count(b"data: {") == 1 and b"data: [DONE]" in rest  # the second token, then the end
+        # The connection is at a clean end (the push path writes the body's end itself; nothing more
+        # follows it) and serves the next request.
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        again = b""
+        while not again.endswith(b"0\r\n\r\n"):
+            more = await asyncio.wait_for(reader.read(1 << 16), 30)
+            assert more
+            again += more
+        assert again.startswith(b"HTTP/1.1 200 OK\r\n") and again.count(b"data: {") == 3
+        assert again.count(b"data: [DONE]") == 1
     finally:
         writer.close()
 

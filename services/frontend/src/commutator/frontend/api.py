@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -323,9 +323,13 @@ class OpenAIApi:
         chat: bool,
         s: SamplingRequest,
         pre: Preprocessor,
+        closing: Callable[[], bytes],
     ) -> common_pb2.GenerateResponse | None:
         """Write the rest of ``choice`` as its messages arrive; None once it has ended, or the next
-        message when its stream cannot push (then the caller reads on)."""
+        message when its stream cannot push (then the caller reads on). The last message's event
+        leaves with ``closing()`` (the usage event if asked, ``[DONE]``) and the end of the chunked
+        body, in one write from the message's own turn: the client has the whole response without
+        waiting for the handler's task to be scheduled, and ``writer`` then counts as ended."""
         writer.send_headers()  # before any body bytes go straight to the transport
         transport = request.transport
         want_logprobs = s.logprobs is not None
@@ -337,8 +341,13 @@ class OpenAIApi:
                 if transport is None or transport.is_closing():
                     raise ClientConnectionResetError("the client went away")  # what aiohttp's writer raises
                 data = b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n"
-                transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # one HTTP/1.1 chunk
                 choice.chunks += 1
+                if choice.finish is not None:
+                    data += closing()
+                    transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))  # the last chunk, then the end
+                    writer._eof = True  # aiohttp's own write_eof then writes nothing (the end is out)
+                    return True
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))  # one HTTP/1.1 chunk
                 if transport.get_write_buffer_size() > _PUSH_BUFFER_LIMIT:
                     raise ClientConnectionResetError(f"the client left {_PUSH_BUFFER_LIMIT} bytes unread")
             return choice.finish is not None
@@ -449,6 +458,17 @@ class OpenAIApi:
                 lead.append(b"data: " + head + piece(chat, choice, choice.echo, s, pre) + b"]}\n\n")
         queue: asyncio.Queue[tuple[Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
         readers: list[asyncio.Task[None]] = []
+        closed = False  # the usage event and [DONE] are written (closing() was called)
+
+        def closing() -> bytes:
+            """The stream's last events: the usage (when asked) and ``[DONE]``; counts the usage once."""
+            nonlocal closed
+            closed = True
+            usage = self._usage([c for c, _ in opened], s.n)
+            if s.include_usage:
+                return b"data: " + head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n" + _DONE
+            return _DONE
+
         try:
             if len(opened) == 1:
                 choice, first = opened[0]
@@ -457,6 +477,10 @@ class OpenAIApi:
                     if text or choice.finish is not None or (s.logprobs is not None and choice.logprobs):
                         lead.append(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                         chunks += 1
+                if choice.finish is not None:  # the first message ended it: the whole response in one write
+                    lead.append(closing())
+                    await resp.write_eof(b"".join(lead))
+                    return resp
                 if lead:
                     await write(b"".join(lead))
                 # After the first message, the rest are written from the worker stream's reader as they
@@ -470,7 +494,7 @@ class OpenAIApi:
                     if push_to is not None:
                         pw, push_to = push_to, None
                         try:
-                            nxt = await self._push_rest(request, pw, choice, head, chat, s, pre)
+                            nxt = await self._push_rest(request, pw, choice, head, chat, s, pre, closing)
                         except StopAsyncIteration:
                             nxt = None
                         if nxt is None:  # pushed to the end
@@ -533,9 +557,8 @@ class OpenAIApi:
                     if choice.finish is not None:
                         remaining -= 1
                         pumps[id(choice)].cancel()  # a stop string ends it early: stop its worker
-            usage = self._usage([c for c, _ in opened], s.n)
-            if s.include_usage:
-                await write(b"data: " + head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n")
+            if not closed:
+                await resp.write_eof(closing())
         except CommutatorError as exc:
             err = _api_error(exc, model)
             log.warning("stream %s failed after it started: %s", rid, exc)
@@ -545,8 +568,8 @@ class OpenAIApi:
                 t.cancel()
             if readers:
                 await asyncio.gather(*readers, return_exceptions=True)
-        # [DONE] and the end of the chunked body in one write: a client that stops reading at [DONE]
-        # finds the connection at a clean end, ready for its next request.
+        # [DONE] and the end of the chunked body leave in one write (above; after an error, here): a client
+        # that stops reading at [DONE] finds the connection at a clean end, ready for its next request.
         await resp.write_eof(_DONE)
         return resp
 
