@@ -45,6 +45,7 @@ from typing import IO, Any
 
 import aiohttp
 from commutator.common.discovery import Discovery, EtcdBackend
+from commutator.common.errors import NotFound, Unavailable
 from commutator.common.grpc import EndpointClient
 from commutator.common.local_servers import EtcdProcess, NatsProcess, free_port
 from commutator.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -323,11 +324,13 @@ class _Chaos:
             return False
         return True
 
-    async def _healthy(self, timeout_s: float) -> bool:
+    async def _healthy(self, timeout_s: float, gone: int | None = None) -> bool:
+        """Both frontends answer and the routers route to the 3 live workers; ``gone`` (a killed worker)
+        among them does not count: until its lease expires it still looks live."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             oks = await asyncio.gather(*(self._probe(base) for _, base in self.frontends.values()))
-            if all(oks) and await self._routers_know_all_workers():
+            if all(oks) and gone not in self.worker_client.instances and await self._routers_know_all_workers():
                 return True
             await asyncio.sleep(0.2)
         return False
@@ -399,16 +402,19 @@ class _Chaos:
         self.done.set()
 
     # -- the faults ---------------------------------------------------------------------------
+    @staticmethod
+    def _instance_id(worker: _Role) -> int | None:
+        m = re.search(r"worker ready .*?instance_id=([0-9a-f]+)", worker.log())
+        return None if m is None else int(m.group(1), 16)
+
     async def _busiest_worker(self) -> _Role:
         best, most = self.workers[0], -1
         for w in self.workers:
-            m = re.search(r"worker ready .*?instance_id=([0-9a-f]+)", w.log())
-            if m is None:
+            wid = self._instance_id(w)
+            if wid is None:
                 continue
             try:
-                resp = await self.worker_client.call(
-                    "Stats", worker_pb2.StatsRequest(), instance_id=int(m.group(1), 16), timeout_s=2
-                )
+                resp = await self.worker_client.call("Stats", worker_pb2.StatsRequest(), instance_id=wid, timeout_s=2)
             except Exception:
                 continue
             n = sum(r.running_requests for r in resp.ranks)
@@ -419,9 +425,11 @@ class _Chaos:
     async def _inject(self, kind: str) -> None:
         fault = Fault(kind, self.now())
         self.report.faults.append(fault)
+        gone: int | None = None  # a killed worker's instance, which must be gone before it counts as recovered
         if kind == "worker":
             victim = await self._busiest_worker()
             fault.at = self.now()
+            gone = self._instance_id(victim)
             victim.kill()
             self.workers.remove(victim)
             await asyncio.sleep(self.cfg.down_s)
@@ -441,7 +449,7 @@ class _Chaos:
             await asyncio.to_thread(self.nats.start)
         else:
             raise ValueError(f"unknown fault {kind!r}")
-        if await self._healthy(timeout_s=90):
+        if await self._healthy(timeout_s=90, gone=gone):
             fault.recovered = self.now()
 
     async def schedule(self) -> None:
@@ -457,7 +465,7 @@ class _Chaos:
     async def compare_index(self) -> None:
         """The router service's index against every worker's dump, once events have settled."""
 
-        async def snapshot() -> tuple[dict[int, set[tuple[int, int]]], dict[int, set[tuple[int, int]]]]:
+        async def snapshot() -> tuple[dict[int, set[tuple[int, int]]], dict[int, set[tuple[int, int]]], list[int]]:
             routed: dict[int, set[tuple[int, int]]] = {}
             async for batch in self.router_client.stream("Dump", router_pb2.DumpRequest(), timeout_s=30):  # type: ignore[arg-type]
                 for ev in batch.events:
@@ -465,20 +473,30 @@ class _Chaos:
                         (b.block_hash, b.sequence_hash) for b in ev.stored.blocks
                     )
             own: dict[int, set[tuple[int, int]]] = {}
+            gone: list[int] = []
             for wid in list(self.worker_client.instances):
-                d = await self.worker_client.call(
-                    "DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=wid, timeout_s=30
-                )
+                try:
+                    d = await self.worker_client.call(
+                        "DumpKvState", worker_pb2.DumpKvStateRequest(), instance_id=wid, timeout_s=30
+                    )
+                except (Unavailable, NotFound):
+                    # A killed worker whose registration has not expired yet (its lease outlives it by up to
+                    # the TTL, and an etcd restart renews every lease): not settled yet.
+                    gone.append(wid)
+                    continue
                 own[wid] = {(b.block_hash, b.sequence_hash) for ev in d.events for b in ev.stored.blocks}
-            return routed, own
+            return routed, own, gone
 
         routed: dict[int, set[tuple[int, int]]] = {}
         own: dict[int, set[tuple[int, int]]] = {}
+        gone: list[int] = []
         for _ in range(60):  # events in flight, a worker's registration still expiring: give it time
-            routed, own = await snapshot()
-            if {w: routed.get(w, set()) for w in own} == own and set(routed) <= set(own):
+            routed, own, gone = await snapshot()
+            if not gone and {w: routed.get(w, set()) for w in own} == own and set(routed) <= set(own):
                 break
             await asyncio.sleep(0.5)
+        for wid in gone:
+            self.report.index_mismatches[f"{wid:x}"] = "still registered but not answering after 30 s"
         self.report.workers_compared = len(own)
         for wid, blocks in own.items():
             got = routed.get(wid, set())
