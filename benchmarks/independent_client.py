@@ -197,9 +197,15 @@ class Outcome:
     prompt_tokens: int = 0
 
 
-def _has_text(obj: dict[str, Any]) -> bool:
+def _has_token(obj: dict[str, Any]) -> bool:
+    """An event that carries a generated token: text, or empty text for a token whose text is not out
+    yet (part of a character; vLLM streams those as empty chunks), not a role-only or closing chunk."""
     for choice in obj.get("choices") or ():
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+        delta = choice.get("delta") or {}
+        if choice.get("text") or delta.get("content"):
+            return True
+        empty = "text" in choice or "content" in delta
+        if empty and choice.get("finish_reason") is None and "role" not in delta:
             return True
     return False
 
@@ -227,7 +233,7 @@ async def one_request(http: aiohttp.ClientSession, url: str, body: bytes) -> Out
                     if obj.get("error"):
                         out.error = "error event"
                         return out
-                    if _has_text(obj):
+                    if _has_token(obj):
                         if out.ttft_s is None:
                             out.ttft_s = now - out.start
                         else:

@@ -21,7 +21,7 @@ from commutator.frontend.detokenize import TextStream
 from commutator.frontend.preprocess import Preprocessor
 from commutator.frontend.protocol import RequestLimits, parse_completion
 from commutator.v1 import common_pb2
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, decoders, models
 
 pytestmark = pytest.mark.unit
 
@@ -90,19 +90,21 @@ def tokens(
     return common_pb2.GenerateResponse(token_ids=list(ids), finish_reason=finish, prompt_tokens=prompt)
 
 
-async def stream(messages: list[common_pb2.GenerateResponse], **body: Any) -> tuple[list[bytes], PushedStream]:
+async def stream(
+    messages: list[common_pb2.GenerateResponse], *, chat: bool = False, tokenizer: Tokenizer | None = None, **body: Any
+) -> tuple[list[bytes], PushedStream]:
     transport = RecordingTransport()
     protocol = mock.Mock(transport=transport, _paused=False)
     writer = StreamWriter(protocol, asyncio.get_running_loop())
     request = make_mocked_request("POST", "/v1/completions", writer=writer, transport=transport, protocol=protocol)
-    tok = Tokenizer(models.BPE(vocab={chr(c): c for c in range(32, 127)}, merges=[]))
+    tok = tokenizer or Tokenizer(models.BPE(vocab={chr(c): c for c in range(32, 127)}, merges=[]))
     pre = Preprocessor(tok, None, (), context_length=4096)
     s = parse_completion({"model": MODEL, "prompt": [40, 41], "stream": True, **body}).sampling
     fake = PushedStream(messages)
     choice = Choice(0, fake, TextStream(tok, []))
     first = await fake.__anext__()
     api = OpenAIApi(None, None, limits=RequestLimits(), max_inflight_requests=1)  # type: ignore[arg-type]
-    await api._stream(request, "cmpl-1", MODEL, 0, pre, [(choice, first)], s, False)
+    await api._stream(request, "cmpl-1", MODEL, 0, pre, [(choice, first)], s, chat)
     return transport.writes, fake
 
 
@@ -142,3 +144,42 @@ async def test_a_response_its_first_message_ends_is_one_write(usage: bool) -> No
     got = events(only)
     assert got[0]["choices"][0]["text"].strip() == "H" and got[-1] == "[DONE]"
     assert ("usage" in got[1]) is usage
+
+
+def _byte_level() -> Tokenizer:
+    """A byte-level BPE (as Llama 3's and GPT-2's) with one token per byte: token ``b`` is byte ``b``."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(shifted)}
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_a_token_whose_text_is_held_back_still_gets_its_event(chat: bool) -> None:
+    # "é" is two bytes, C3 A9, so two tokens here: the first has no text of its own until the second comes.
+    # Its event still goes out, with empty text (as vLLM streams it): a client sees every engine step, and
+    # a gap between events is one step, not two.
+    msgs = [
+        tokens(ord("H"), prompt=2),
+        tokens(0xC3),
+        tokens(0xA9),
+        tokens(ord("I"), finish=common_pb2.FINISH_REASON_LENGTH),
+    ]
+    writes, _ = await stream(msgs, max_tokens=4, chat=chat, tokenizer=_byte_level())
+    got = [e["choices"][0] for w in writes for e in events(w) if e != "[DONE]" and e["choices"]]
+    if chat:
+        assert got[0]["delta"] == {"role": "assistant", "content": ""}
+        got = got[1:]
+        assert [c["delta"] for c in got] == [{"content": "H"}, {"content": ""}, {"content": "é"}, {"content": "I"}]
+    else:
+        assert [c["text"] for c in got] == ["H", "", "é", "I"]
+    assert [c["finish_reason"] for c in got] == [None, None, None, "length"]
+
+
+async def test_a_message_without_tokens_or_text_writes_no_event() -> None:
+    msgs = [tokens(72, prompt=2), tokens(), tokens(73, finish=common_pb2.FINISH_REASON_LENGTH)]
+    writes, _ = await stream(msgs, max_tokens=2)
+    got = [e["choices"][0]["text"].strip() for w in writes for e in events(w) if e != "[DONE]" and e["choices"]]
+    assert got == ["H", "I"]

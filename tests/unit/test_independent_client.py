@@ -83,3 +83,28 @@ def test_the_independent_report_reads_as_a_summary() -> None:
     }
     s = summary_from_report(rep)
     assert s["output_tokens_per_s"] == 3200.0 and s["chunk_ms"] == rep["chunk_gap_ms"] and s["errors"] == rep["errors"]
+
+
+# (choice as streamed, carries a generated token)
+_CHUNKS = [
+    ({"index": 0, "text": "Hi", "logprobs": None, "finish_reason": None}, True),
+    ({"index": 0, "text": "", "logprobs": None, "finish_reason": None}, True),  # a token whose text is held back
+    ({"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}, False),  # the closing chunk
+    ({"index": 0, "text": "!", "logprobs": None, "finish_reason": "length"}, True),  # the last token, closing
+    ({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}, False),  # the role
+    ({"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}, True),
+    ({"index": 0, "delta": {"content": ""}, "finish_reason": None}, True),
+    ({"index": 0, "delta": {}, "finish_reason": "stop"}, False),
+    ({"index": 0, "delta": {}, "finish_reason": None}, False),  # nothing in it
+]
+
+
+@pytest.mark.parametrize(("choice", "token"), _CHUNKS)
+def test_both_clients_count_the_chunks_that_carry_a_token(choice: dict[str, object], token: bool) -> None:
+    # Both stacks stream one chunk per generated token, with empty text while a character's bytes are
+    # incomplete: gaps and TTFT are taken between those chunks, in the harness's client and in the
+    # independent one alike.
+    from commutator.cli.loadgen import carries_token
+
+    assert carries_token(choice) is token
+    assert independent_client()._has_token({"choices": [choice]}) is token

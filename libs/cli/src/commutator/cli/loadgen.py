@@ -153,6 +153,17 @@ def summarize(
     )
 
 
+def carries_token(choice: dict[str, Any]) -> bool:
+    """A streamed choice that carries a generated token: text, or empty text for a token whose text is
+    not out yet (part of a UTF-8 character; vLLM and Commutator stream those as empty chunks). A role-only
+    chunk and a closing chunk (empty, with its finish reason) carry none."""
+    delta = choice.get("delta") or {}
+    if choice.get("text") or delta.get("content"):
+        return True
+    empty = "text" in choice or "content" in delta
+    return empty and choice.get("finish_reason") is None and "role" not in delta
+
+
 async def _one(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any], counters: ClientCounters | None = None
 ) -> RequestResult:
@@ -181,7 +192,7 @@ async def _one(
                     return result
                 now = time.perf_counter()
                 choices = chunk.get("choices")
-                if choices and (choices[0].get("delta", {}).get("content") or choices[0].get("text")):
+                if choices and carries_token(choices[0]):
                     if last is None:
                         result.ttft_s = now - start
                     else:

@@ -337,7 +337,7 @@ class OpenAIApi:
 
         def sink(msg: common_pb2.GenerateResponse) -> bool:
             text = choice.take(msg)
-            if text or choice.finish is not None or (want_logprobs and choice.logprobs):
+            if text or msg.token_ids or choice.finish is not None or (want_logprobs and choice.logprobs):
                 if transport is None or transport.is_closing():
                     raise ClientConnectionResetError("the client went away")  # what aiohttp's writer raises
                 data = b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n"
@@ -459,6 +459,7 @@ class OpenAIApi:
         queue: asyncio.Queue[tuple[Choice, common_pb2.GenerateResponse | BaseException | None]] | None = None
         readers: list[asyncio.Task[None]] = []
         closed = False  # the usage event and [DONE] are written (closing() was called)
+        want_logprobs = s.logprobs is not None
 
         def closing() -> bytes:
             """The stream's last events: the usage (when asked) and ``[DONE]``; counts the usage once."""
@@ -474,7 +475,9 @@ class OpenAIApi:
                 choice, first = opened[0]
                 if first is not None:
                     text = choice.take(first)
-                    if text or choice.finish is not None or (s.logprobs is not None and choice.logprobs):
+                    # Every message with tokens gets its event, with empty text while the detokenizer holds
+                    # bytes back (as vLLM streams them): a client sees each engine step.
+                    if text or first.token_ids or choice.finish is not None or (want_logprobs and choice.logprobs):
                         lead.append(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                         chunks += 1
                 if choice.finish is not None:  # the first message ended it: the whole response in one write
@@ -513,7 +516,7 @@ class OpenAIApi:
                                 await write(b"data: " + head + piece(chat, choice, "", s, pre) + b"]}\n\n")
                             break
                     text = choice.take(msg)
-                    if text or choice.finish is not None or (s.logprobs is not None and choice.logprobs):
+                    if text or msg.token_ids or choice.finish is not None or (want_logprobs and choice.logprobs):
                         await write(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                         chunks += 1
                     if choice.finish is not None:
@@ -552,7 +555,7 @@ class OpenAIApi:
                     text = "" if item is None else choice.take(item)
                     if item is None and choice.finish is None:
                         choice.finish = "stop"
-                    if text or choice.finish is not None:
+                    if text or choice.finish is not None or (item is not None and item.token_ids):
                         await write(b"data: " + head + piece(chat, choice, text, s, pre) + b"]}\n\n")
                     if choice.finish is not None:
                         remaining -= 1

@@ -92,7 +92,9 @@ def piece(chat: bool, choice: Choice, text: str, s: SamplingRequest, pre: Prepro
         lp = logprobs_json(pre, choice.logprobs, chat)
         choice.logprobs = []
     if chat:
-        return chat_delta(choice.index, {"content": text} if text else {}, choice.finish, lp)
+        # A token whose text is not out yet (bytes of a character still to come, a skipped special token)
+        # still gets its chunk, with empty content; the chunk that ends the choice has an empty delta.
+        return chat_delta(choice.index, {"content": text} if text or choice.finish is None else {}, choice.finish, lp)
     return orjson.dumps({"index": choice.index, "text": text, "logprobs": lp, "finish_reason": choice.finish})
 
 
