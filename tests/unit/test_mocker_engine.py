@@ -140,3 +140,42 @@ async def test_a_tiny_cache_refuses_what_it_cannot_hold_and_never_stalls() -> No
     assert engine.stats()[0].kv_blocks_used == 0
     assert engine.capacity.context_length == 97  # what the worker advertises in its model card
     await engine.shutdown()
+
+
+async def test_with_the_models_tokenizer_every_generated_token_has_text_of_its_own() -> None:
+    # Random ids over the tiny model's byte-level vocabulary are about 3% single bytes of multi-byte
+    # characters and special tokens; the mocker built for the model draws from the ids whose text stands
+    # alone (and its EOS ids), so a stream decodes token by token, with no U+FFFD.
+    from commutator.engines.mocker.tokens import text_token_ids
+    from commutator.engines.model_info import ModelInfo
+    from commutator.engines.tiny_model import ensure_tiny_model
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import DecodeStream
+
+    model = ensure_tiny_model()
+    info = ModelInfo.load(model)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    table = text_token_ids(model / "tokenizer.json", info.vocab_size, keep=info.eos_token_ids)
+    specials = set(tok.get_added_tokens_decoder())
+    assert set(info.eos_token_ids) <= set(table) and len(table) < info.vocab_size - len(specials)
+    assert all(i in info.eos_token_ids or i not in specials for i in table)
+
+    engine = MockerEngine.for_model(MockerConfig(watermark=0.0, speedup_ratio=0.0), model, engine_salt=3)
+    await engine.start()
+    try:
+        ids: list[int] = []
+        for k in range(20):
+            req = EngineRequest(f"r{k}", list(range(100, 116)), stop=StopParams(max_tokens=50, ignore_eos=True))
+            async for out in engine.generate(req):
+                ids.extend(out.token_ids)
+    finally:
+        await engine.shutdown()
+    assert len(ids) == 1000 and set(ids) <= set(table)
+    stream = DecodeStream(skip_special_tokens=True)
+    pieces = [(t, stream.step(tok, t)) for t in ids]
+    # Only an EOS id (kept, so that a request without ignore_eos can end on it: 2 ids in 3,965) is silent.
+    assert all((p and "\ufffd" not in p) or t in info.eos_token_ids for t, p in pieces)
+    assert sum(t in info.eos_token_ids for t in ids) < 5
+    # An explicit vocabulary size keeps the whole range (what tests of the wire use).
+    whole = MockerEngine.for_model(MockerConfig(vocab_size=4096), model)
+    assert whole.scheduler.output_ids is None

@@ -191,18 +191,20 @@ class _Role:
 
 def _expected_texts(cfg: ChaosConfig, n: int) -> tuple[list[list[int]], list[str]]:
     """Every request's prompt and the exact text the mocker streams for it."""
-    from commutator.engines.mocker.tokens import token_at
+    from commutator.engines.mocker.tokens import text_token_ids, token_at
+    from commutator.engines.model_info import ModelInfo
     from commutator.engines.tiny_model import ensure_tiny_model
     from commutator.frontend.detokenize import TextStream
     from tokenizers import Tokenizer
 
     model_dir = ensure_tiny_model()
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    info = ModelInfo.load(model_dir)
+    table = text_token_ids(model_dir / "tokenizer.json", info.vocab_size, keep=info.eos_token_ids)  # as the mocker
     prompts, texts = [], []
     for i in range(n):
         p = [10 + (i * 7919 + j * 31) % 4000 for j in range(cfg.prompt_tokens)]
-        ids = [token_at(_seed(i), len(p) + k, vocab) for k in range(cfg.max_tokens)]
+        ids = [token_at(_seed(i), len(p) + k, info.vocab_size, table) for k in range(cfg.max_tokens)]
         ts = TextStream(tok)
         prompts.append(p)
         texts.append(ts.push(ids) + ts.flush())

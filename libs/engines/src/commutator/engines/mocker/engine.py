@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 
 from commutator.common.clock import Clock, PreciseClock
@@ -29,6 +29,7 @@ from commutator.engines.base import (
 )
 from commutator.engines.mocker.config import MockerConfig
 from commutator.engines.mocker.scheduler import Scheduler, Seq
+from commutator.engines.mocker.tokens import text_token_ids
 from commutator.engines.model_info import ModelInfo
 from commutator.engines.outputs import KvEventBuffer, OutputChannel
 
@@ -53,10 +54,12 @@ class MockerEngine:
         clock: Clock | None = None,
         engine_salt: int | None = None,
         hold_prefill: bool = False,
+        output_ids: Sequence[int] | None = None,
     ) -> None:
         """``hold_prefill`` (a prefill worker's engine): a finished ``prefill_only`` request keeps its
         prompt's blocks until :meth:`release_prefill`, as a real engine keeps them until its KV has
-        been moved to the decode worker."""
+        been moved to the decode worker. ``output_ids``: the ids generated tokens are drawn from (None:
+        any id of the vocabulary)."""
         config.validate()
         self.config = config
         self._own_clock: PreciseClock | None = None
@@ -71,6 +74,7 @@ class MockerEngine:
             eos_token_ids=config.eos_token_ids or eos_token_ids,
             engine_salt=salt,
             hold_prefill_blocks=hold_prefill,
+            output_ids=output_ids,
         )
         self._capacity = EngineCapacity(
             block_size=config.block_size,
@@ -89,13 +93,21 @@ class MockerEngine:
 
     @classmethod
     def for_model(cls, config: MockerConfig, model_path: str | Path | None, **kwargs: object) -> MockerEngine:
-        """A mocker with the vocabulary, context length and EOS ids of the model at ``model_path``."""
+        """A mocker with the vocabulary, context length and EOS ids of the model at ``model_path``; with
+        the model's own vocabulary (no ``vocab_size`` in ``config``) and its ``tokenizer.json``, generated
+        tokens are drawn from the ids whose text stands alone (:func:`.tokens.text_token_ids`)."""
         info = ModelInfo.load(model_path) if model_path else ModelInfo()
+        output_ids = None
+        tokenizer_file = Path(model_path) / "tokenizer.json" if model_path else None
+        if not config.vocab_size and tokenizer_file is not None and tokenizer_file.is_file():
+            eos = config.eos_token_ids or info.eos_token_ids
+            output_ids = text_token_ids(tokenizer_file, info.vocab_size, keep=eos) or None
         return cls(
             config,
             vocab_size=info.vocab_size,
             context_length=info.context_length,
             eos_token_ids=info.eos_token_ids,
+            output_ids=output_ids,
             **kwargs,  # type: ignore[arg-type]
         )
 

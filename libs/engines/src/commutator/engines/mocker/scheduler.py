@@ -160,13 +160,17 @@ class Scheduler:
         eos_token_ids: tuple[int, ...] = (),
         engine_salt: int = 0,
         hold_prefill_blocks: bool = False,
+        output_ids: Sequence[int] | None = None,
     ) -> None:
         """``hold_prefill_blocks``: a finished ``prefill_only`` sequence keeps its blocks (in :attr:`held`)
-        until :meth:`release_held`, so that an engine can export its prompt's KV (disaggregated prefill)."""
+        until :meth:`release_held`, so that an engine can export its prompt's KV (disaggregated prefill).
+        ``output_ids``: the ids generated tokens are drawn from (:func:`.tokens.text_token_ids`); None: any
+        id of the vocabulary."""
         config.validate()
         self.config = config
         self.block_size = config.block_size
         self.vocab_size = vocab_size
+        self.output_ids = output_ids or None
         self.context_length = context_length
         self.eos = frozenset(eos_token_ids)
         self.pool = BlockPool(config.num_blocks, config.block_size, engine_salt)
@@ -329,12 +333,13 @@ class Scheduler:
         """One mocker pass: :meth:`schedule`, then :meth:`complete` with synthetic tokens."""
         batch = self.schedule()
         vocab = self.vocab_size
+        ids = self.output_ids
         sampled: list[tuple[int, TokenLogprob | None]] = []
         for seq in batch.samples:
             # The position in the whole sequence, as a model sees it: a request continued elsewhere
             # (migrated: its prompt is the old prompt plus the tokens streamed so far) goes on exactly.
             position = seq.num_prompt + seq.num_output
-            token = token_at(seq.seed, position, vocab)
+            token = token_at(seq.seed, position, vocab, ids)
             lp = None
             if seq.logprobs is not None:
                 chosen, top = synthetic_logprobs(seq.seed, position, token, vocab, seq.logprobs)
