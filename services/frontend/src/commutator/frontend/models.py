@@ -46,8 +46,11 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, discovery: Discovery, events: EventPlane, namespace: str, cache_dir: Path) -> None:
+    def __init__(
+        self, discovery: Discovery, events: EventPlane, namespace: str, cache_dir: Path, *, tiktoken: bool = True
+    ) -> None:
         self._discovery = discovery
+        self._tiktoken = tiktoken
         self._events = events
         self._namespace = namespace
         self._cache = cache_dir
@@ -165,8 +168,14 @@ class ModelRegistry:
             chat_template=card.chat_template,
             eos_token_ids=card.eos_token_ids,
             context_length=card.context_length,
+            tiktoken=self._tiktoken,
         )
-        log.info("model %s: tokenizer and chat template loaded", card.name)
+        assert pre.encoder is not None
+        log.info(
+            "model %s: tokenizer and chat template loaded (tokenized through %s)",
+            card.name,
+            "tiktoken" if pre.encoder.fast is not None else "tokenizers",
+        )
         return pre
 
 

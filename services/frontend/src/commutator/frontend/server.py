@@ -187,7 +187,9 @@ class Frontend:
             if self.config.model_cache_dir
             else (Path.home() / ".cache" / "commutator" / "frontend")
         )
-        self.registry = ModelRegistry(rt.discovery, rt.events, rt.namespace, cache)
+        self.registry = ModelRegistry(
+            rt.discovery, rt.events, rt.namespace, cache, tiktoken=not self.config.no_tiktoken
+        )
         await self.registry.start()
         rt.on_close(self.registry.close)
         backend: Backend
