@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -88,14 +89,25 @@ def test_a_llama3_shaped_tokenizer_is_taken_and_agrees_on_every_text(
     assert special_ids <= set(fast.encode(texts[-1]))  # added tokens in the text are recognised
 
 
+def test_an_nfc_normalizer_is_applied_first_as_tokenizers_does(llama3_shaped: Tokenizer) -> None:
+    tok = _with(llama3_shaped, lambda s: s.update(normalizer={"type": "NFC"}))  # Qwen's normalizer
+    fast = fast_bpe(tok, _self_check_text())
+    assert fast is not None
+    texts = [unicodedata.normalize("NFD", t) for t in _texts(4, 100)]
+    texts += ["cafe\u0301 A\u030astro\u0308m", "e\u0301" * 50, SPECIALS[0] + "\u0301x"]
+    for i, text in enumerate(texts):
+        assert fast.encode(text) == tok.encode(text, add_special_tokens=False).ids, f"text {i}"
+    assert fast.encode("cafe\u0301") == fast.encode("café")
+
+
 def test_shapes_tiktoken_cannot_express_are_left_to_tokenizers(llama3_shaped: Tokenizer) -> None:
     check = _self_check_text()
     tiny = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
     assert fast_bpe(tiny, check) is not None
 
-    nfc = Tokenizer.from_str(tiny.to_str())
-    nfc.normalizer = normalizers.NFC()
-    assert fast_bpe(nfc, check) is None  # a normalizer
+    nfkc = Tokenizer.from_str(tiny.to_str())
+    nfkc.normalizer = normalizers.NFKC()
+    assert fast_bpe(nfkc, check) is None  # a normalizer other than NFC
 
     prefix_space = _with(tiny, lambda s: s["pre_tokenizer"].update(add_prefix_space=True))
     assert fast_bpe(prefix_space, check) is None

@@ -8,13 +8,14 @@ a shape it can express, and only after the two agree on a text with every kind o
 (:func:`fast_bpe`); :class:`~commutator.frontend.preprocess.ChunkedEncoder` keeps checking a sample
 of requests against ``tokenizers`` and turns it off on any difference.
 
-The shapes taken: a BPE model (no dropout, no subword prefix or word suffix, no byte fallback), no
-normalizer, and as pre-tokenizer either ``ByteLevel`` with its own (GPT-2) split or one ``Split`` by a
-regex (behaviour ``Isolated``) followed by ``ByteLevel`` without its split; no prefix space added. The
-merges must rank their results in id order (tiktoken ranks a merge by the id of what it makes), every
-byte must have a token, and added tokens must match as plain strings (no ``lstrip``, ``rstrip`` or
-``single_word``; none the prefix of another, since tiktoken matches the first alternative where
-``tokenizers`` matches the longest).
+The shapes taken: a BPE model (no dropout, no subword prefix or word suffix, no byte fallback); no
+normalizer, or NFC (Qwen's; done with ``unicodedata`` first, on text that is not NFC already); as
+pre-tokenizer either ``ByteLevel`` with its own (GPT-2) split, or one ``Split`` by a regex (behaviour
+``Isolated``) followed by ``ByteLevel`` without its split; no prefix space added. The merges must rank
+their results in id order (tiktoken ranks a merge by the id of what it makes), every byte must have a
+token, and added tokens must match as plain strings (no ``lstrip``, ``rstrip`` or ``single_word``;
+none the prefix of another, since tiktoken matches the first alternative where ``tokenizers`` matches
+the longest).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import unicodedata
 from typing import Any
 
 import tiktoken
@@ -50,14 +52,17 @@ def _byte_alphabet() -> dict[str, int]:
 class FastBpe:
     """A tiktoken encoding equal to a tokenizer.json's (as checked by :func:`fast_bpe`)."""
 
-    __slots__ = ("_encoding", "_specials")
+    __slots__ = ("_encoding", "_nfc", "_specials")
 
-    def __init__(self, encoding: tiktoken.Encoding, specials: frozenset[str]) -> None:
+    def __init__(self, encoding: tiktoken.Encoding, specials: frozenset[str], nfc: bool) -> None:
         self._encoding = encoding
         self._specials = specials
+        self._nfc = nfc
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with added tokens in it recognised, no special tokens added."""
+        if self._nfc and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
         return self._encoding.encode(text, allowed_special=self._specials, disallowed_special=())
 
 
@@ -94,8 +99,9 @@ def _why_not(spec: dict[str, Any]) -> str | None:
         return "BPE with dropout, a subword prefix or a word suffix"
     if model.get("byte_fallback"):
         return "BPE with byte fallback"
-    if spec.get("normalizer") is not None:
-        return "a normalizer"
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        return "a normalizer other than NFC"
     if _split_pattern(spec.get("pre_tokenizer")) is None:
         return "a pre-tokenizer other than (Split then) ByteLevel without a prefix space"
     for added in spec.get("added_tokens") or []:
@@ -104,10 +110,13 @@ def _why_not(spec: dict[str, Any]) -> str | None:
     return None
 
 
-def _build(spec: dict[str, Any]) -> tuple[tiktoken.Encoding, frozenset[str]] | str:
+def _build(spec: dict[str, Any]) -> FastBpe | str:
     model = spec["model"]
     vocab: dict[str, int] = model["vocab"]
     added = {a["content"]: int(a["id"]) for a in spec.get("added_tokens") or []}
+    nfc = spec.get("normalizer") is not None
+    if nfc and any(not unicodedata.is_normalized("NFC", content) for content in added):
+        return "an added token that NFC would change"
     contents = sorted(added)
     for a, b in itertools.pairwise(contents):
         if b.startswith(a):
@@ -144,7 +153,7 @@ def _build(spec: dict[str, Any]) -> tuple[tiktoken.Encoding, frozenset[str]] | s
         )
     except Exception as exc:  # tiktoken's own refusal (a pattern its regex engine does not take, ...)
         return f"tiktoken refused it: {type(exc).__name__}: {exc}"
-    return encoding, frozenset(added)
+    return FastBpe(encoding, frozenset(added), nfc)
 
 
 def fast_bpe(tokenizer: Tokenizer, check_text: str) -> FastBpe | None:
@@ -158,13 +167,13 @@ def fast_bpe(tokenizer: Tokenizer, check_text: str) -> FastBpe | None:
     except (ValueError, AttributeError):
         return None
     why = _why_not(spec)
-    built = _build(spec) if why is None else why
-    if isinstance(built, str):
-        log.debug("tokenization through tokenizers, not tiktoken: %s", built)
+    fast = _build(spec) if why is None else why
+    if isinstance(fast, str):
+        log.debug("tokenization through tokenizers, not tiktoken: %s", fast)
         return None
-    fast = FastBpe(*built)
     texts = [check_text, *(check_text[i : i + 97] for i in range(0, len(check_text), 97))]
-    for i, content in enumerate(sorted(built[1])):
+    texts.append(unicodedata.normalize("NFD", check_text[:3000]))  # accents as combining characters
+    for i, content in enumerate(sorted(fast._specials)):
         at = (i * 7919) % max(1, len(check_text))
         texts.append(f"{check_text[:at]}{content}{check_text[at : at + 200]} {content}\n{content}{content}x")
     for text in texts:
