@@ -163,7 +163,10 @@ class ModelRegistry:
                     tmp.rename(folder)  # noqa: ASYNC240 - once per model
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        pre = Preprocessor.load(
+        # Off the event loop: reading a large tokenizer.json, building tiktoken's tables and checking the
+        # two against each other take a good part of a second for a 150k-token vocabulary.
+        pre = await asyncio.to_thread(
+            Preprocessor.load,
             folder,
             chat_template=card.chat_template,
             eos_token_ids=card.eos_token_ids,

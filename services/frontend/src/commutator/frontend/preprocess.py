@@ -163,18 +163,18 @@ class ChunkedEncoder:
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._verify_every = verify_every
         self._calls = 0
-        self.fast: FastBpe | None = fast_bpe(tokenizer, _self_check_text()) if fast else None
+        check = _self_check_text()
+        self.fast: FastBpe | None = fast_bpe(tokenizer, check) if fast else None
         """tiktoken standing in for ``tokenizers`` (:mod:`commutator.frontend.fast_bpe`); None: not used."""
         self.enabled = _byte_level_without_prefix_space(tokenizer)
         self.hits = 0
         self.misses = 0
         if self.enabled:
-            self.enabled = self._self_check()
+            self.enabled = self._self_check(check)
 
-    def _self_check(self) -> bool:
-        """Whether chunks tokenize exactly as the whole: text cut at every possible cut, in pieces
+    def _self_check(self, text: str) -> bool:
+        """Whether chunks tokenize exactly as the whole: ``text`` cut at every possible cut, in pieces
         of 1 to 40 cuts, and through :meth:`_chunked` as requests are."""
-        text = _self_check_text()
         whole = self._whole(text)
         cuts = [m.end() for m in _CUT.finditer(text)]
         rng = random.Random(7)
