@@ -175,7 +175,10 @@ def fast_bpe(tokenizer: Tokenizer, check_text: str) -> FastBpe | None:
     texts.append(unicodedata.normalize("NFD", check_text[:3000]))  # accents as combining characters
     for i, content in enumerate(sorted(fast._specials)):
         at = (i * 7919) % max(1, len(check_text))
-        texts.append(f"{check_text[:at]}{content}{check_text[at : at + 200]} {content}\n{content}{content}x")
+        # Text on both sides of it, not the whole check text before it: Llama 3 has 256 added tokens.
+        texts.append(
+            f"{check_text[max(0, at - 300) : at]}{content}{check_text[at : at + 200]} {content}\n{content}{content}x"
+        )
     for text in texts:
         if fast.encode(text) != tokenizer.encode(text, add_special_tokens=False).ids:
             log.warning("tiktoken tokenizes a check text differently from tokenizers; tokenizers it is")
