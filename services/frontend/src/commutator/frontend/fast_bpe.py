@@ -29,7 +29,7 @@ from typing import Any
 import tiktoken
 from tokenizers import Tokenizer
 
-__all__ = ["FastBpe", "fast_bpe"]
+__all__ = ["FastBpe", "fast_bpe", "tokenizer_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,25 @@ def _build(spec: dict[str, Any]) -> FastBpe | str:
     return FastBpe(encoding, frozenset(added), nfc)
 
 
-def fast_bpe(tokenizer: Tokenizer, check_text: str) -> FastBpe | None:
-    """A tiktoken stand-in for ``tokenizer``, or None where it is not one (logged at debug level).
-
-    ``check_text`` must tokenize the same through both, whole, with every added token put into it at
-    a few places, and cut into short pieces each tokenized alone; any difference means None.
-    """
+def tokenizer_spec(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The tokenizer's tokenizer.json, parsed ({} where it has none): read once per model load."""
     try:
         spec = json.loads(tokenizer.to_str())
     except (ValueError, AttributeError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def fast_bpe(tokenizer: Tokenizer, check_text: str, spec: dict[str, Any] | None = None) -> FastBpe | None:
+    """A tiktoken stand-in for ``tokenizer``, or None where it is not one (logged at debug level).
+
+    ``spec`` is its :func:`tokenizer_spec` (read here when not given). ``check_text`` must tokenize
+    the same through both, whole, with every added token put into it at a few places, and cut into
+    short pieces each tokenized alone; any difference means None.
+    """
+    if spec is None:
+        spec = tokenizer_spec(tokenizer)
+    if not spec:
         return None
     why = _why_not(spec)
     fast = _build(spec) if why is None else why

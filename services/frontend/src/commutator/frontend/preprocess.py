@@ -25,7 +25,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from commutator.frontend.fast_bpe import FastBpe, fast_bpe
+from commutator.frontend.fast_bpe import FastBpe, fast_bpe, tokenizer_spec
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -164,9 +164,12 @@ class ChunkedEncoder:
         self._verify_every = verify_every
         self._calls = 0
         check = _self_check_text()
-        self.fast: FastBpe | None = fast_bpe(tokenizer, check) if fast else None
+        spec = tokenizer_spec(tokenizer)  # a large vocabulary's JSON is megabytes: parsed once
+        self.fast: FastBpe | None = fast_bpe(tokenizer, check, spec) if fast else None
         """tiktoken standing in for ``tokenizers`` (:mod:`commutator.frontend.fast_bpe`); None: not used."""
-        self.enabled = _byte_level_without_prefix_space(tokenizer)
+        self.byte_level = _byte_level_without_prefix_space(spec)
+        """Byte-level BPE with no prefix space: what the chunk cache and ``Preprocessor.max_token_chars`` need."""
+        self.enabled = self.byte_level
         self.hits = 0
         self.misses = 0
         if self.enabled:
@@ -253,11 +256,8 @@ class ChunkedEncoder:
         return out
 
 
-def _byte_level_without_prefix_space(tokenizer: Tokenizer) -> bool:
-    try:
-        spec = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
-    except (ValueError, AttributeError):
-        return False
+def _byte_level_without_prefix_space(tokenizer_json: dict[str, Any]) -> bool:
+    spec = tokenizer_json.get("pre_tokenizer") or {}
     parts = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
     kinds = [p.get("type") for p in parts]
     if not kinds or kinds[-1] != "ByteLevel" or any(k not in ("ByteLevel", "Split") for k in kinds):
@@ -283,7 +283,7 @@ class Preprocessor:
         if self.encoder is None:
             self.encoder = ChunkedEncoder(self.tokenizer)
         if not self.max_token_chars and self.tokenizer.normalizer is None:
-            if _byte_level_without_prefix_space(self.tokenizer):
+            if self.encoder.byte_level:
                 self.max_token_chars = max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=0)
 
     def over_context(self, text: str) -> bool:
