@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from commutator.engines.tiny_model import ensure_tiny_model
-from commutator.frontend.fast_bpe import fast_bpe
+from commutator.frontend.fast_bpe import _build, fast_bpe, tokenizer_spec
 from commutator.frontend.preprocess import ChunkedEncoder, Preprocessor, _self_check_text
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -134,6 +134,36 @@ def test_shapes_tiktoken_cannot_express_are_left_to_tokenizers(llama3_shaped: To
         lambda s: s["pre_tokenizer"]["pretokenizers"].insert(0, s["pre_tokenizer"]["pretokenizers"][0]),
     )
     assert fast_bpe(two_splits, check) is None
+
+
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_a_vocabulary_entry_no_merge_makes_is_left_to_tokenizers(llama3_shaped: Tokenizer, ignore_merges: bool) -> None:
+    """tiktoken joins any neighbours whose bytes are an entry, and looks a whole word up first;
+    tokenizers joins only the pairs its merges list, and looks up only with ``ignore_merges``. An entry
+    that no merge makes comes out of tiktoken where tokenizers never makes it: inside a longer word
+    (" thethes": " the" and "the" joined), and without ``ignore_merges`` as a word of its own (" zqxj").
+    A check on texts would have to contain those words to see it; the check of every entry does."""
+    alone = "Ġzqxj"
+
+    def unmade_entries(spec):  # type: ignore[no-untyped-def]
+        spec["model"]["ignore_merges"] = ignore_merges
+        vocab = spec["model"]["vocab"]
+        assert "Ġthe" in vocab and "the" in vocab
+        for entry in ("Ġthethe", alone):
+            vocab[entry] = len(vocab)
+
+    tok = _with(llama3_shaped, unmade_entries)
+    unchecked = _build(tokenizer_spec(tok))
+    assert not isinstance(unchecked, str)
+    cases = [(" thethes is", tok.token_to_id("Ġthethe"))]
+    if not ignore_merges:
+        cases.append((" zqxj", tok.token_to_id(alone)))
+    for text, unmade in cases:
+        assert unmade not in tok.encode(text, add_special_tokens=False).ids
+        assert unmade in unchecked.encode(text)  # tiktoken unchecked would differ here
+        assert text.strip() not in _self_check_text()
+    assert fast_bpe(tok, _self_check_text()) is None
+    assert fast_bpe(_with(llama3_shaped, lambda s: s["model"].update(ignore_merges=ignore_merges)), _self_check_text())
 
 
 def test_a_difference_on_a_request_turns_tiktoken_and_the_cache_off(caplog: pytest.LogCaptureFixture) -> None:
