@@ -166,6 +166,20 @@ def test_a_vocabulary_entry_no_merge_makes_is_left_to_tokenizers(llama3_shaped: 
     assert fast_bpe(_with(llama3_shaped, lambda s: s["model"].update(ignore_merges=ignore_merges)), _self_check_text())
 
 
+def test_a_check_that_cannot_run_keeps_tokenizers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import commutator.frontend.fast_bpe as fast_bpe_module
+
+    def broken(*_args: object) -> None:
+        raise ValueError("a merge names an entry the vocabulary lacks")
+
+    monkeypatch.setattr(fast_bpe_module, "_entries_differ", broken)
+    tiny = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
+    assert fast_bpe(tiny, _self_check_text()) is None  # not an exception out of the model's load
+    pre = Preprocessor.load(ensure_tiny_model())
+    assert pre.encoder is not None and pre.encoder.fast is None
+    assert pre.encode("still tokenized") == pre.tokenizer.encode("still tokenized", add_special_tokens=False).ids
+
+
 def test_a_difference_on_a_request_turns_tiktoken_and_the_cache_off(caplog: pytest.LogCaptureFixture) -> None:
     tiny = Tokenizer.from_file(str(ensure_tiny_model() / "tokenizer.json"))
     enc = ChunkedEncoder(tiny, verify_every=1)

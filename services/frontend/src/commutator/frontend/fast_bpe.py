@@ -225,7 +225,10 @@ def fast_bpe(tokenizer: Tokenizer, check_text: str, spec: dict[str, Any] | None 
     why = _why_not(spec)
     fast = _build(spec) if why is None else why
     if not isinstance(fast, str):
-        fast = _entries_differ(tokenizer, spec) or fast
+        try:
+            fast = _entries_differ(tokenizer, spec) or fast
+        except Exception as exc:  # a check that cannot run keeps tokenizers; it must not fail the load
+            fast = f"the check of the vocabulary entries failed: {type(exc).__name__}: {exc}"
     if isinstance(fast, str):
         log.debug("tokenization through tokenizers, not tiktoken: %s", fast)
         return None
