@@ -42,6 +42,8 @@ def test_quick_shortens_every_phase_and_leaves_the_page_alone() -> None:
         ("independent", "completions"),
     ]
     assert max(quick.overhead_duration, quick.open_duration, quick.slow_duration, quick.clients_duration) <= 2.0
+    assert (full.slow_settle, full.slow_steady_duration) == (30.0, 30.0)
+    assert quick.slow_settle + quick.slow_steady_duration <= 3.0
     assert quick.open_fractions == (0.4, 0.8)
     with pytest.raises(SystemExit):
         p.parse_args(["--open-fractions", "0.5,3"])
@@ -160,6 +162,28 @@ def test_the_figures_region_has_each_scenario_run_and_its_ratios() -> None:
     summary = compare.summary_table(out)
     assert summary.splitlines()[0].startswith("| Commutator / Dynamo | req/s |")
     assert "| (a) open 50% | 1.00 |" in summary and "| (d) c=64 independent chat | 0.91 |" in summary
+
+
+def test_the_slow_stream_shows_its_steady_state_closed_loop_beside_the_first() -> None:
+    out = canned_out()
+    out["slow_stream"] = {
+        "isl": 200,
+        "osl": 256,
+        "concurrency": 32,
+        "runs": {
+            "commutator/closed": [measured(18.0, 7.0, 7.0)],
+            "dynamo/closed": [measured(18.0, 11.0, 7.0)],
+            "commutator/steady": [measured(19.0, 6.0, 7.0)],
+            "dynamo/steady": [measured(18.0, 10.0, 7.0)],
+        },
+    }
+    text = compare_page.page(out, [])
+    assert "*Steady*: a second closed loop, 30 s measured after 30 s of discarded load" in text
+    assert "| closed c=32, steady | commutator | 19.0 |" in text and "| closed c=32, steady | 0.60 |" in text
+    summary = compare.summary_table(out)
+    assert "| (c) slow stream c=32 | 1.00 |" in summary and "| (c) slow stream c=32 steady | 1.06 |" in summary
+    del out["slow_stream"]["runs"]["commutator/steady"], out["slow_stream"]["runs"]["dynamo/steady"]
+    assert "steady" not in compare_page.page(out, []) and "steady" not in compare.summary_table(out)
 
 
 def test_routing_modes_carry_router_flags() -> None:

@@ -1,15 +1,18 @@
-"""The benchmark harness's own logic: workloads, trace replay, statistics."""
+"""The benchmark harness's own logic: workloads, trace replay, statistics, the settled closed loop."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import statistics
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from commutator.cli.loadgen import RequestResult, arrival_offsets, summarize
+from aiohttp import web
+from commutator.cli.loadgen import ClientCounters, RequestResult, arrival_offsets, run_closed_loop, summarize
 from commutator.cli.workloads import (
     ChatWorkload,
     ConversationWorkload,
@@ -172,3 +175,54 @@ def test_hit_share_windows_group_by_send_time() -> None:
         {"start_s": 5.0, "requests": 1, "hit_share": 0.75},
     ]
     assert hit_share_windows([], 5.0) == []
+
+
+async def test_a_settled_closed_loop_measures_only_what_it_sends_after_settling() -> None:
+    """The steady-state closed loop of ``bench compare``: the same clients keep going through the settle
+    period, and only requests sent after it count (a real HTTP server streaming SSE, not a stand-in)."""
+    served: list[float] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        served.append(time.perf_counter())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for text in ("a", "b"):
+            await asyncio.sleep(0.01)
+            await resp.write(b'data: {"choices": [{"index": 0, "text": "%s"}]}\n\n' % text.encode())
+        await resp.write(b'data: {"choices": [], "usage": {"completion_tokens": 2, "prompt_tokens": 3}}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    settled: list[float] = []
+    counters = ClientCounters()
+    try:
+        t0 = time.perf_counter()
+        results, wall = await run_closed_loop(
+            f"http://127.0.0.1:{port}/v1",
+            "m",
+            SyntheticWorkload(isl_mean=3, osl_mean=2, seed=0),
+            concurrency=2,
+            duration_s=0.3,
+            counters=counters,
+            settle_s=0.3,
+            on_settled=lambda: settled.append(time.perf_counter()),
+        )
+    finally:
+        await runner.cleanup()
+    assert len(settled) == 1 and settled[0] - t0 >= 0.3
+    assert results and all(r.ok and r.output_tokens == 2 and r.start >= settled[0] for r in results)
+    sent_before = sum(1 for t in served if t < settled[0])
+    assert sent_before >= 4 and len(served) == sent_before + len(results)  # the settle period's were left out
+    assert 0.3 <= wall < 0.5  # from the window's start, not the loop's
+    # the two connections were opened while settling and kept: none opened in the window
+    assert counters.connections_opened == 0 and counters.connections_reused >= len(results) - 2
+    assert counters.sse_events == 4 * len(results)  # two tokens, usage, [DONE] of measured requests only

@@ -8,7 +8,8 @@ with Dynamo, whose figures set the open-loop rates both stacks get.
   concurrency 1/16/64; in Dynamo's first repetition also a saturation probe (closed loop at
   ``--probe-concurrency``); (a) then open loop (Poisson arrivals, seeded per repetition) at
   ``--open-fractions`` of Dynamo's saturation, the same offered rates and arrivals for both stacks.
-- ``slow-stream``: (c) speed-up 1, 200-token prompts, 256 tokens out, closed loop at concurrency 32,
+- ``slow-stream``: (c) speed-up 1, 200-token prompts, 256 tokens out, closed loop at concurrency 32;
+  a second closed loop measured after ``--slow-settle`` seconds of discarded load (the steady state);
   then an open loop at ``--slow-open-fraction`` (0.8) of Dynamo's closed-loop rate.
 - ``clients``: (d) the overhead workload at concurrency 64, closed loop, driven in turn by the
   harness's client and by ``benchmarks/independent_client.py`` on the same stack.
@@ -170,6 +171,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("slow stream (speed-up 1, 256 tokens out, concurrency 32)")
     g.add_argument("--slow-duration", type=float, default=10.0, help="seconds of the closed (and open) loop")
     g.add_argument(
+        "--slow-settle",
+        type=float,
+        default=30.0,
+        help="then a second closed loop, measured after this many seconds of discarded load (0: none): the steady"
+        " state, once the waves of the users' synchronized start have come apart",
+    )
+    g.add_argument(
+        "--slow-steady-duration", type=float, default=30.0, help="seconds measured of that steady-state closed loop"
+    )
+    g.add_argument(
         "--slow-open-fraction",
         type=float,
         default=0.8,
@@ -220,6 +231,7 @@ def apply_quick(args: argparse.Namespace) -> None:
     args.reps = args.client_reps = args.routing_reps = 1
     args.warmup = 1.0
     args.overhead_duration = args.open_duration = args.slow_duration = args.clients_duration = 2.0
+    args.slow_settle, args.slow_steady_duration = 1.0, 2.0
     args.routing_duration = 6.0
     args.probe_concurrency = min(args.probe_concurrency, 96)
     args.no_docs = True
@@ -355,7 +367,8 @@ async def _overhead(run: Run) -> None:
 
 
 async def _slow_stream(run: Run) -> None:
-    """(c) closed loop at concurrency 32; then, unless ``--slow-open-fraction`` is 0, an open loop."""
+    """(c) closed loop at concurrency 32; unless ``--slow-settle`` is 0, the same closed loop measured in its
+    steady state; then, unless ``--slow-open-fraction`` is 0, an open loop."""
     args, ss = run.args, run.out["slow_stream"]
     ss.update(isl=SLOW_ISL, osl=SLOW_OSL, concurrency=SLOW_CONCURRENCY)
     for rep in range(args.reps):
@@ -366,6 +379,25 @@ async def _slow_stream(run: Run) -> None:
                 m = await run.measure(stack, wl, concurrency=SLOW_CONCURRENCY, duration_s=args.slow_duration)
                 run.sample(f"slow {name}", m.results)
                 _print("slow", rep, name, f"c={SLOW_CONCURRENCY}", run.record("slow_stream", f"{name}/closed", m))
+                if args.slow_settle > 0:
+                    # All users start at once, so the first waves of successors are whole; they come apart
+                    # over tens of seconds (sooner or later on either stack), and the short loop above
+                    # measures that transient. This one is measured after it.
+                    m = await run.measure(
+                        stack,
+                        wl,
+                        concurrency=SLOW_CONCURRENCY,
+                        duration_s=args.slow_steady_duration,
+                        warmup_s=0,
+                        settle_s=args.slow_settle,
+                    )
+                    _print(
+                        "slow",
+                        rep,
+                        name,
+                        f"c={SLOW_CONCURRENCY} steady",
+                        run.record("slow_stream", f"{name}/steady", m),
+                    )
                 if args.slow_open_fraction <= 0:
                     return
                 if "rate" not in ss:
@@ -570,6 +602,7 @@ def summary_table(out: dict[str, Any]) -> str:
         *((f"(a) open {float(f):.0%}", "open_loop", f) for f in out["open_loop"].get("rates", {})),
         *((f"(b) closed c={c}", "overhead", f"c{c}") for c in out["overhead"].get("concurrency", [])),
         ("(c) slow stream c=32", "slow_stream", "closed"),
+        ("(c) slow stream c=32 steady", "slow_stream", "steady"),
         *((f"(d) c=64 {c} {a}", "clients", f"{c}/{a}") for c, a in out["clients"].get("combos", [])),
     ]
     rows = []

@@ -245,6 +245,8 @@ def _slow_lines(out: dict[str, Any]) -> list[str]:
     if not ss.get("runs"):
         return []
     modes = {"closed": f"closed c={ss.get('concurrency')}"}
+    if ss.get("runs", {}).get("commutator/steady") or ss.get("runs", {}).get("dynamo/steady"):
+        modes["steady"] = f"closed c={ss.get('concurrency')}, steady"
     if ss.get("rate"):
         modes["open"] = f"open {ss['rate']:g}/s"
     cols: list[Col] = [
@@ -261,7 +263,14 @@ def _slow_lines(out: dict[str, Any]) -> list[str]:
         "### (c) Slow stream, speed-up 1",
         "",
         f"{ss.get('isl')}-token prompts, {ss.get('osl')} tokens out, {st['slow_duration']:g} s per run after "
-        f"{st['warmup']:g} s of warm-up.",
+        f"{st['warmup']:g} s of warm-up."
+        + (
+            f" *Steady*: a second closed loop, {st.get('slow_steady_duration', 0):g} s measured after "
+            f"{st.get('slow_settle', 0):g} s of discarded load, once the waves of the users' synchronized start "
+            "have come apart."
+            if "steady" in modes
+            else ""
+        ),
         "",
         *_table(
             ["run", "system"], cols, [([lbl, n], _runs(ss, f"{n}/{m}")) for m, lbl in modes.items() for n in SYSTEMS]

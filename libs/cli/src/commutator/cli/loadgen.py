@@ -236,30 +236,59 @@ async def run_closed_loop(
     max_requests: int | None = None,
     on_result: Callable[[RequestResult], None] | None = None,
     counters: ClientCounters | None = None,
+    settle_s: float = 0.0,
+    on_settled: Callable[[], None] | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """``concurrency`` clients until ``duration_s`` or ``max_requests``. Returns the results and the wall time."""
+    """``concurrency`` clients until ``duration_s`` or ``max_requests``. Returns the results and the wall time.
+
+    ``settle_s``: the same clients run that many seconds first, unmeasured (the requests sent then are left
+    out, and so are their connections and SSE events); ``on_settled`` is called when the measured window
+    begins, and the wall time counts from then. Unlike a separate warm-up, the load does not stop and start
+    again, so the measured window sees the loop's steady state rather than its synchronized start."""
     base = base_url.rstrip("/")
     results: list[RequestResult] = []
     sent = 0
     t0 = time.perf_counter()
-    stop_at = t0 + duration_s if duration_s else None
+    settle_at = t0 + max(settle_s, 0.0)
+    stop_at = settle_at + duration_s if duration_s else None
     async with _session(concurrency, counters) as session:
+        settled = settle_s <= 0
+
+        def settle() -> None:
+            nonlocal settled
+            if not settled:
+                settled = True
+                if counters is not None:  # the connections were opened, and first reused, before the window
+                    counters.connections_opened = counters.connections_reused = 0
+                if on_settled is not None:
+                    on_settled()
+
+        timer = asyncio.get_running_loop().call_later(settle_s, settle) if not settled else None
 
         async def client() -> None:
             nonlocal sent
             while (stop_at is None or time.perf_counter() < stop_at) and (max_requests is None or sent < max_requests):
-                sent += 1
+                measured = time.perf_counter() >= settle_at
+                if measured:
+                    settle()  # before the timer if this client got there first
+                    sent += 1
                 try:
                     spec = next(specs)
                 except StopIteration:
                     return
-                r = await _one(session, base + spec.path, _body(spec, model), counters)
-                results.append(r)
-                if on_result is not None:
-                    on_result(r)
+                r = await _one(session, base + spec.path, _body(spec, model), counters if measured else None)
+                if measured:
+                    results.append(r)
+                    if on_result is not None:
+                        on_result(r)
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return results, time.perf_counter() - t0
+        try:
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        finally:
+            if timer is not None:
+                timer.cancel()
+        settle()  # a loop that ended before its window began still reports one
+    return results, time.perf_counter() - settle_at
 
 
 def arrival_offsets(

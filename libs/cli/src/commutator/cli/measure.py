@@ -138,8 +138,13 @@ async def measure(
     itl_slo_ms: float | None = None,
     desc: str = "",
     seed: int = 0,
+    settle_s: float = 0.0,
 ) -> Measured:
     """Warm up (discarded), then measure one load level, with the CPU of every process over its window.
+
+    ``settle_s`` (closed loop only): the measured loop itself runs that long before its window opens (see
+    :func:`run_closed_loop`), so the window sees its steady state; its CPU then also counts what the requests
+    in flight at that moment still cost, about half of ``concurrency`` requests' worth on both stacks alike.
 
     ``roles`` (a stack's ``roles()``) names the processes to account for; without it, ``frontend_pid`` and
     ``worker_pids`` do. Open loop (``rate``): Poisson arrivals seeded by ``seed``, so two stacks measured
@@ -150,11 +155,19 @@ async def measure(
         roles += [Role(f"worker {i + 1}", "worker", p) for i, p in enumerate(worker_pids or [])]
     if warmup_s > 0 and not isinstance(workload, ConversationWorkload | TraceWorkload):
         await run_closed_loop(url, model, workload, concurrency=concurrency or 4, duration_s=warmup_s)
+    if settle_s > 0 and (rate or isinstance(workload, ConversationWorkload | TraceWorkload)):
+        raise ValueError("settle_s applies to a closed loop only")
     meter = CpuMeter(roles)
     counters = ClientCounters()
     progress = _progress(max_requests, desc)
-    meter.start()
-    m0, c0 = report.machine_busy_seconds(), time.process_time()
+    marks: list[float] = []
+
+    def open_window() -> None:
+        meter.start()
+        marks[:] = [report.machine_busy_seconds(), time.process_time()]
+
+    if settle_s <= 0:
+        open_window()
     if isinstance(workload, ConversationWorkload):
         results, wall = await run_conversations(url, model, workload, on_result=progress)
     elif isinstance(workload, TraceWorkload):
@@ -173,7 +186,10 @@ async def measure(
             max_requests=max_requests,
             on_result=progress,
             counters=counters,
+            settle_s=settle_s,
+            on_settled=open_window,
         )
+    m0, c0 = marks
     m1, c1 = report.machine_busy_seconds(), time.process_time()
     role_cpu = meter.stop()
     s = summarize(results, wall, ttft_slo_ms=ttft_slo_ms, itl_slo_ms=itl_slo_ms)
