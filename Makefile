@@ -162,7 +162,7 @@ bench: setup servers ## Load test a freshly launched Commutator stack (BENCH_ARG
 	$(VENV)/bin/commutator bench run --launch commutator --concurrency 16 --duration 30 $(BENCH_ARGS)
 
 .PHONY: bench-compare
-bench-compare: setup servers ## Commutator vs Dynamo 1.6.1: open/closed loop, slow streams, two clients, routing (~20 min; --routing-reps 2: ~32 min; BENCH_ARGS=--quick: 3-min smoke)
+bench-compare: setup servers ## Commutator vs Dynamo 1.6.1: open/closed loop, slow streams, two clients, routing (~25 min; --routing-reps 3: ~46 min; BENCH_ARGS=--quick: 3-min smoke)
 	$(VENV)/bin/commutator bench compare $(BENCH_ARGS)
 
 .PHONY: bench-routing
