@@ -226,3 +226,10 @@ async def test_a_settled_closed_loop_measures_only_what_it_sends_after_settling(
     # the two connections were opened while settling and kept: none opened in the window
     assert counters.connections_opened == 0 and counters.connections_reused >= len(results) - 2
     assert counters.sse_events == 4 * len(results)  # two tokens, usage, [DONE] of measured requests only
+
+
+async def test_settling_is_refused_for_an_open_loop() -> None:
+    from commutator.cli.measure import measure
+
+    with pytest.raises(ValueError, match="closed loop only"):  # refused before any request is sent
+        await measure("http://127.0.0.1:9/v1", "m", SyntheticWorkload(isl_mean=3, osl_mean=2), rate=5.0, settle_s=1.0)

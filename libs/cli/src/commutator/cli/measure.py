@@ -153,10 +153,10 @@ async def measure(
     if roles is None:
         roles = [Role("frontend", "frontend", frontend_pid)] if frontend_pid else []
         roles += [Role(f"worker {i + 1}", "worker", p) for i, p in enumerate(worker_pids or [])]
-    if warmup_s > 0 and not isinstance(workload, ConversationWorkload | TraceWorkload):
-        await run_closed_loop(url, model, workload, concurrency=concurrency or 4, duration_s=warmup_s)
     if settle_s > 0 and (rate or isinstance(workload, ConversationWorkload | TraceWorkload)):
         raise ValueError("settle_s applies to a closed loop only")
+    if warmup_s > 0 and not isinstance(workload, ConversationWorkload | TraceWorkload):
+        await run_closed_loop(url, model, workload, concurrency=concurrency or 4, duration_s=warmup_s)
     meter = CpuMeter(roles)
     counters = ClientCounters()
     progress = _progress(max_requests, desc)
