@@ -222,7 +222,7 @@ async def test_a_settled_closed_loop_measures_only_what_it_sends_after_settling(
     assert results and all(r.ok and r.output_tokens == 2 and r.start >= settled[0] for r in results)
     sent_before = sum(1 for t in served if t < settled[0])
     assert sent_before >= 4 and len(served) == sent_before + len(results)  # the settle period's were left out
-    assert 0.3 <= wall < 0.5  # from the window's start, not the loop's
+    assert 0.3 <= wall < 0.6  # from the window's start (from the loop's start it would be over 0.6)
     # the two connections were opened while settling and kept: none opened in the window
     assert counters.connections_opened == 0 and counters.connections_reused >= len(results) - 2
     assert counters.sse_events == 4 * len(results)  # two tokens, usage, [DONE] of measured requests only

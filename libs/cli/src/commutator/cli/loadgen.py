@@ -263,7 +263,19 @@ async def run_closed_loop(
                 if on_settled is not None:
                     on_settled()
 
-        timer = asyncio.get_running_loop().call_later(settle_s, settle) if not settled else None
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def at_settle_time() -> None:  # a loop timer can fire a little before perf_counter's deadline
+            nonlocal timer
+            left = settle_at - time.perf_counter()
+            if left > 0:
+                timer = loop.call_later(left, at_settle_time)
+            else:
+                settle()
+
+        if not settled:
+            timer = loop.call_later(settle_s, at_settle_time)
 
         async def client() -> None:
             nonlocal sent
