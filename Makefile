@@ -175,7 +175,7 @@ bench-hashing: setup ## Block hashing of a 4096-token prompt
 
 .PHONY: bench-prompt
 bench-prompt: setup ## A long token-id prompt from the HTTP body to the engine, per stage
-	$(PY) benchmarks/bench_prompt.py
+	$(PY) benchmarks/bench_prompt.py $(BENCH_ARGS)
 
 .PHONY: bench-mocker
 bench-mocker: setup servers ## Mocker scheduler pass cost; tokens/s one worker streams (speedup 0)

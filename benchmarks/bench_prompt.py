@@ -5,6 +5,11 @@ routing benchmark's Mooncake mean, and the trace's own), once with the prompt in
 (what the frontend sends) and once in ``token_ids`` (what an older worker gets, and what a direct
 client may send). docs/hot-path.md, "Long prompts", has the figures from before ``token_bytes``.
 Prints the mean over many repetitions; a benchmark, not a test.
+
+``--cold``: before each repetition a write to every cache line of 64 MiB evicts the CPU's caches,
+as the other processes of a stack do between two requests on a small machine; the stages then run
+one after another as a request's do. docs/hot-path.md, "Request by request against Dynamo", compares
+both with the same stages measured in a running frontend.
 """
 
 from __future__ import annotations
@@ -25,9 +30,16 @@ from commutator.frontend.wire import generate_requests
 from commutator.v1 import worker_pb2
 
 VOCAB = 32_000
+_EVICT = bytearray(64 << 20)  # larger than this machine's last-level cache (32 MiB)
+_LINES = len(range(0, len(_EVICT), 64))
 
 
-def run(n_tokens: int, wire: str, reps: int) -> dict[str, float]:
+def evict_caches() -> None:
+    """Write one byte in every 64-byte line of ``_EVICT`` (a C loop): what was cached is gone."""
+    _EVICT[::64] = bytes([_EVICT[0] ^ 1]) * _LINES
+
+
+def run(n_tokens: int, wire: str, reps: int, cold: bool = False) -> dict[str, float]:
     rng = random.Random(n_tokens)
     body = orjson.dumps({"model": "m", "prompt": [rng.randrange(VOCAB) for _ in range(n_tokens)], "max_tokens": 8})
     totals: dict[str, float] = {}
@@ -40,6 +52,8 @@ def run(n_tokens: int, wire: str, reps: int) -> dict[str, float]:
     for rep in range(reps + 20):
         if rep == 20:
             totals.clear()  # the first 20 warm up
+        if cold:
+            evict_caches()
         t = time.perf_counter()
         req = parse_completion(orjson.loads(body))
         t = lap("frontend: JSON, types and bounds", t)
@@ -72,10 +86,12 @@ def run(n_tokens: int, wire: str, reps: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--cold", action="store_true", help="evict the CPU caches before each repetition")
     args = ap.parse_args()
     cases = [(n, w) for n in (1_500, 12_000) for w in ("token_bytes", "token_ids")]
-    results = {case: run(*case, args.reps) for case in cases}
-    print("prompt path, CPU per request (mean, us), this machine")
+    results = {case: run(*case, args.reps, args.cold) for case in cases}
+    caches = "caches evicted before each request" if args.cold else "caches warm"
+    print(f"prompt path, CPU per request (mean, us), this machine, {caches}")
     head = "".join(f"{f'{n:,} {w}':>20}" for n, w in cases)
     print(f"{'stage':<58}{head}")
     for stage in results[cases[0]]:
