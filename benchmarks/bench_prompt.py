@@ -30,13 +30,15 @@ from commutator.frontend.wire import generate_requests
 from commutator.v1 import worker_pb2
 
 VOCAB = 32_000
-_EVICT = bytearray(64 << 20)  # larger than this machine's last-level cache (32 MiB)
-_LINES = len(range(0, len(_EVICT), 64))
+_EVICT_BYTES = 64 << 20  # larger than this machine's last-level cache (32 MiB)
+_evict = bytearray()  # allocated by the first evict_caches()
 
 
 def evict_caches() -> None:
-    """Write one byte in every 64-byte line of ``_EVICT`` (a C loop): what was cached is gone."""
-    _EVICT[::64] = bytes([_EVICT[0] ^ 1]) * _LINES
+    """Write one byte in every 64-byte line of a 64 MiB buffer (a C loop): what was cached is gone."""
+    if not _evict:
+        _evict.extend(bytes(_EVICT_BYTES))
+    _evict[::64] = bytes([_evict[0] ^ 1]) * len(range(0, _EVICT_BYTES, 64))
 
 
 def run(n_tokens: int, wire: str, reps: int, cold: bool = False) -> dict[str, float]:
