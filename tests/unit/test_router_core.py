@@ -183,3 +183,59 @@ async def test_generate_routes_on_the_callers_prompt_list_when_given() -> None:
     with pytest.raises(NoInstances):
         await anext(router.generate(request))
     assert seen[0] is prompt and list(seen[1]) == [1, 2, 3] and not isinstance(seen[1], list)  # type: ignore[call-overload]
+
+
+async def test_the_prefill_is_accounted_once_the_consumer_has_the_first_tokens() -> None:
+    """The first response reaches the consumer before the router drops its prompt from the worker's
+    load (that bookkeeping is not on the time to first token); it is done when the consumer comes
+    back for more, or closes the stream at the first response."""
+    from commutator.v1 import common_pb2
+
+    class Stream:
+        def __init__(self) -> None:
+            self.items = [common_pb2.GenerateResponse(token_ids=[5], prompt_tokens=40), common_pb2.GenerateResponse()]
+
+        def __aiter__(self) -> Stream:
+            return self
+
+        async def __anext__(self) -> common_pb2.GenerateResponse:
+            if not self.items:
+                raise StopAsyncIteration
+            return self.items.pop(0)
+
+        async def aclose(self) -> None:
+            self.items = []
+
+    clock = VirtualClock()
+    store = MemoryStore(clock)
+    worker = Discovery(MemoryBackend(store))
+    await worker.start()
+    await worker.register("ns", "decode", "generate", InstanceInfo(address="127.0.0.1:1", model="m", block_size=16))
+    d = Discovery(MemoryBackend(store))
+    await d.start()
+    router = Router(RouterConfig(router_mode="round-robin"), d, None, "ns", clock=clock)
+    await router.start()
+    await router.workers.wait_for_instances(1, 5)
+    router._worker_stream = lambda *a, **kw: Stream()  # type: ignore[method-assign,assignment,return-value]
+    load = router.scheduler.load
+    done: list[str] = []
+    prefill_done = router.prefill_done
+
+    def spy(rid: str, first: object = None) -> bool:
+        done.append(rid)
+        return prefill_done(rid, first)  # type: ignore[arg-type]
+
+    router.prefill_done = spy  # type: ignore[method-assign]
+    gen = router.generate(common_pb2.GenerateRequest(request_id="a", model="m", token_ids=list(range(40))))
+    assert list((await anext(gen)).token_ids) == [5]
+    assert done == [] and sum(load.prefill_tokens.values()) == 40  # the consumer has it; still counted
+    await anext(gen)
+    assert done == ["a"] and sum(load.prefill_tokens.values()) == 0
+    await gen.aclose()
+    gen = router.generate(common_pb2.GenerateRequest(request_id="b", model="m", token_ids=list(range(40))))
+    await anext(gen)
+    await gen.aclose()  # the consumer stops at the first response
+    assert done == ["a", "b"] and "b" not in load.requests
+    await router.close()
+    await d.close()
+    await worker.close()

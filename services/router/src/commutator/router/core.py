@@ -629,26 +629,36 @@ class Router:
             assert result.worker is not None
             worker_id, rank = result.worker.key
             request.dp_rank = rank
-            self.track(rid, result)
-            if result.arm is not None:
-                self._arms[rid] = (result.arm, result.contested, time.perf_counter())
             streamed = False
             stream: AsyncIterator[common_pb2.GenerateResponse] | None = None
             try:
                 stream = self._worker_stream(worker_id, request, metadata, deadline - time.monotonic())
+                # Counted once the start is on its way (over TCP it has left by now), in the same turn of
+                # the event loop as the routing: no other request is routed in between.
+                self.track(rid, result)
+                if result.arm is not None:
+                    self._arms[rid] = (result.arm, result.contested, time.perf_counter())
                 prefilling = True
                 if sink is not None and isinstance(stream, MuxRequest):
                     # Migrated while pushing: the new stream pushes to the same consumer.
                     await stream.push(self._prefill_watch(rid, sink))
                     return
                 async for resp in stream:
+                    first = None
                     if prefilling and resp.token_ids:
                         prefilling = False
-                        self.prefill_done(rid, resp)
+                        first = resp
                     streamed = True
                     if progress is not None:
                         progress.take(resp)
-                    sink = yield resp
+                    try:
+                        sink = yield resp
+                    finally:
+                        # The first tokens reach the consumer before the prefill's accounting is done (it
+                        # is not on the time to first token); done when the consumer comes back for more,
+                        # or closes the stream at them.
+                        if first is not None:
+                            self.prefill_done(rid, first)
                     if sink is not None and isinstance(stream, MuxRequest):
                         if progress is not None:
                             sink = progress.counting(sink)
