@@ -17,6 +17,14 @@ __all__ = ["KvEventPublisher", "LoadPublisher"]
 
 log = logging.getLogger(__name__)
 
+KV_PUBLISH_DELAY_S = 0.001
+"""How long a pass's KV events wait before they are published. The pass's tokens leave at its end; a
+publish then (0.2-0.3 ms of this process's CPU, then the NATS server's) took a core at the moment the
+frontend needed one to write those tokens, and on a small host put 0.3 ms on the time to first token of
+every other request (docs/hot-path.md, "The first token's way back"). The events of passes that end
+while a batch waits or is published go together in the next one; the routers' index learns of a
+pass's blocks this much later."""
+
 
 class KvEventPublisher:
     """Drains the engine's KV events and publishes them, in order, in batches.
@@ -51,6 +59,7 @@ class KvEventPublisher:
             namespace, component, subjects.kv_stream_max_bytes(cap.total_blocks * max(1, cap.dp_size))
         )
         self._publisher = None
+        self._held: list = []  # type: ignore[type-arg]  # taken from the engine, waiting KV_PUBLISH_DELAY_S
         self._tasks = Supervisor()
         self._published = metrics.WORKER_KV_EVENTS.labels(worker_label, "published")
         self.events_published = 0
@@ -62,17 +71,22 @@ class KvEventPublisher:
 
     async def _run(self) -> None:
         while True:
-            records = await self._engine.kv_events()
+            self._held = await self._engine.kv_events()
+            await asyncio.sleep(KV_PUBLISH_DELAY_S)
+            records, self._held = self._held, []
             await self._publish(records)
 
     async def switch_engine(self, engine: Engine, epoch: int) -> None:
         """Publish ``engine``'s events from now on, stamped ``epoch`` (an engine restart).
 
-        Whatever the old engine emitted and was not published yet is dropped: the new epoch
-        resets this worker's entries in every router anyway. Messages already handed to the
-        event plane stay before the new epoch's in the stream.
+        What the old engine emitted and was not published yet is published first, under the old
+        epoch (the new epoch resets this worker's entries in every router anyway, but a router
+        then sees its history whole), so the old epoch's messages stay before the new one's.
         """
         await self._tasks.close()
+        left = await self._unpublished()
+        if left:
+            await self._publish(left)
         self._engine = engine
         self.epoch = epoch
         self._tasks = Supervisor()
@@ -88,15 +102,22 @@ class KvEventPublisher:
             self.events_published += len(chunk)
             self._published.inc(len(chunk))
 
+    async def _unpublished(self) -> list:  # type: ignore[type-arg]
+        """With the publishing task stopped: the records it held back, then what the engine has
+        emitted since (waiting 10 ms for them)."""
+        try:
+            pending = await asyncio.wait_for(self._engine.kv_events(), 0.01)
+        except TimeoutError:
+            pending = []
+        held, self._held = self._held, []
+        return held + pending
+
     async def close(self, timeout_s: float = 10.0) -> None:
         """Publish what the engine emitted so far, wait for the acks, stop."""
         await self._tasks.close()
         if self._publisher is None:
             return
-        try:
-            pending = await asyncio.wait_for(self._engine.kv_events(), 0.01)
-        except TimeoutError:
-            pending = []
+        pending = await self._unpublished()
         if pending:
             await self._publish(pending)
         try:

@@ -271,8 +271,8 @@ class Worker:
         For a supervisor that re-creates an engine which failed, or an operator's reload. Requests
         running on the old engine end with its shutdown (their clients see an error, as when a
         worker dies); requests arriving meanwhile fail the same way. KV events the old engine
-        emitted but the worker had not published yet are dropped: the new epoch resets this
-        worker's entries in every router, whatever event ids follow. Raises ``Unsupported`` where
+        emitted are published first, under the old epoch; the new epoch then resets this worker's
+        entries in every router, whatever event ids follow. Raises ``Unsupported`` where
         the role cannot swap its engine (:meth:`engine_restart_blocker`), ``EngineError`` if the
         new engine does not start (the worker then fails, as an engine failure does).
         """
