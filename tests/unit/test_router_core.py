@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 from commutator.common.clock import VirtualClock
@@ -26,8 +28,9 @@ def test_the_load_timeout_follows_the_generate_timeout() -> None:
     assert RouterConfig(load_timeout_s=30.0).effective_load_timeout_s == 30.0
 
 
-async def test_a_stream_within_the_generate_timeout_keeps_its_load() -> None:
-    clock = VirtualClock()
+@contextlib.asynccontextmanager
+async def one_worker_router(clock: VirtualClock) -> AsyncIterator[Router]:
+    """A round-robin router on in-memory discovery, with one worker of model ``m`` registered."""
     store = MemoryStore(clock)
     worker = Discovery(MemoryBackend(store))
     await worker.start()
@@ -36,15 +39,23 @@ async def test_a_stream_within_the_generate_timeout_keeps_its_load() -> None:
     await d.start()
     router = Router(RouterConfig(router_mode="round-robin"), d, None, "ns", clock=clock)
     await router.start()
-    await router.workers.wait_for_instances(1, 5)
-    router.track("long", router.route("m", list(range(40))))
-    await clock.advance(1800.0)  # half an hour: a long generation, well within the 3600 s deadline
-    assert "long" in router.scheduler.load.requests
-    await clock.advance(1900.0)  # past the deadline and its margin: nobody will free it now
-    assert "long" not in router.scheduler.load.requests
-    await router.close()
-    await d.close()
-    await worker.close()
+    try:
+        await router.workers.wait_for_instances(1, 5)
+        yield router
+    finally:
+        await router.close()
+        await d.close()
+        await worker.close()
+
+
+async def test_a_stream_within_the_generate_timeout_keeps_its_load() -> None:
+    clock = VirtualClock()
+    async with one_worker_router(clock) as router:
+        router.track("long", router.route("m", list(range(40))))
+        await clock.advance(1800.0)  # half an hour: a long generation, well within the 3600 s deadline
+        assert "long" in router.scheduler.load.requests
+        await clock.advance(1900.0)  # past the deadline and its margin: nobody will free it now
+        assert "long" not in router.scheduler.load.requests
 
 
 async def test_chunked_snapshot_bytes_equal_the_one_step_snapshot() -> None:
@@ -206,36 +217,24 @@ async def test_the_prefill_is_accounted_once_the_consumer_has_the_first_tokens()
         async def aclose(self) -> None:
             self.items = []
 
-    clock = VirtualClock()
-    store = MemoryStore(clock)
-    worker = Discovery(MemoryBackend(store))
-    await worker.start()
-    await worker.register("ns", "decode", "generate", InstanceInfo(address="127.0.0.1:1", model="m", block_size=16))
-    d = Discovery(MemoryBackend(store))
-    await d.start()
-    router = Router(RouterConfig(router_mode="round-robin"), d, None, "ns", clock=clock)
-    await router.start()
-    await router.workers.wait_for_instances(1, 5)
-    router._worker_stream = lambda *a, **kw: Stream()  # type: ignore[method-assign,assignment,return-value]
-    load = router.scheduler.load
-    done: list[str] = []
-    prefill_done = router.prefill_done
+    async with one_worker_router(VirtualClock()) as router:
+        router._worker_stream = lambda *a, **kw: Stream()  # type: ignore[method-assign,assignment,return-value]
+        load = router.scheduler.load
+        done: list[str] = []
+        prefill_done = router.prefill_done
 
-    def spy(rid: str, first: object = None) -> bool:
-        done.append(rid)
-        return prefill_done(rid, first)  # type: ignore[arg-type]
+        def spy(rid: str, first: object = None) -> bool:
+            done.append(rid)
+            return prefill_done(rid, first)  # type: ignore[arg-type]
 
-    router.prefill_done = spy  # type: ignore[method-assign]
-    gen = router.generate(common_pb2.GenerateRequest(request_id="a", model="m", token_ids=list(range(40))))
-    assert list((await anext(gen)).token_ids) == [5]
-    assert done == [] and sum(load.prefill_tokens.values()) == 40  # the consumer has it; still counted
-    await anext(gen)
-    assert done == ["a"] and sum(load.prefill_tokens.values()) == 0
-    await gen.aclose()
-    gen = router.generate(common_pb2.GenerateRequest(request_id="b", model="m", token_ids=list(range(40))))
-    await anext(gen)
-    await gen.aclose()  # the consumer stops at the first response
-    assert done == ["a", "b"] and "b" not in load.requests
-    await router.close()
-    await d.close()
-    await worker.close()
+        router.prefill_done = spy  # type: ignore[method-assign,assignment]
+        gen = router.generate(common_pb2.GenerateRequest(request_id="a", model="m", token_ids=list(range(40))))
+        assert list((await anext(gen)).token_ids) == [5]
+        assert done == [] and sum(load.prefill_tokens.values()) == 40  # the consumer has it; still counted
+        await anext(gen)
+        assert done == ["a"] and sum(load.prefill_tokens.values()) == 0
+        await gen.aclose()  # type: ignore[attr-defined]
+        gen = router.generate(common_pb2.GenerateRequest(request_id="b", model="m", token_ids=list(range(40))))
+        await anext(gen)
+        await gen.aclose()  # type: ignore[attr-defined]  # the consumer stops at the first response
+        assert done == ["a", "b"] and "b" not in load.requests

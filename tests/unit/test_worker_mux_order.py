@@ -8,7 +8,8 @@ those sinks; a wave of them goes behind, and nothing is reordered within one req
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from commutator.common.errors import Unavailable
@@ -102,68 +103,63 @@ async def pushing(mux: WorkerMux, call: PumpCall, log: Log, rid: str) -> tuple[M
     return r, task
 
 
-async def test_a_first_response_is_taken_before_the_other_streams_responses_are_pushed() -> None:
+@contextlib.asynccontextmanager
+async def with_b_pushing() -> AsyncIterator[tuple[PumpCall, WorkerMux, Log, asyncio.Task[None]]]:
+    """A mux on a fake call, with request "b" past its first response and pushing to a sink."""
     call = PumpCall()
     mux = WorkerMux(lambda: (call, lambda: None, "fake"))
     log = Log()
     _, pushed = await pushing(mux, call, log, "b")
-    a = await started(mux, call, "a")
-    reader = asyncio.get_running_loop().create_task(log.first("a", a))
-    await asyncio.sleep(0)  # waiting for its first response
-    call.frame(("b", [11], False), ("a", [20], True), ("b", [12], False))
-    call.frame(("b", [13], False))  # a later frame, in the same turn: behind the held ones
-    assert log.seen == []  # b's responses wait one turn
-    await reader
-    await asyncio.sleep(0)
-    assert log.seen == [("a", [20]), ("b", [11]), ("b", [12]), ("b", [13])]
-    await mux.close()
-    pushed.cancel()
+    try:
+        yield call, mux, log, pushed
+    finally:
+        await mux.close()
+        pushed.cancel()
+
+
+async def test_a_first_response_is_taken_before_the_other_streams_responses_are_pushed() -> None:
+    async with with_b_pushing() as (call, mux, log, _):
+        a = await started(mux, call, "a")
+        reader = asyncio.get_running_loop().create_task(log.first("a", a))
+        await asyncio.sleep(0)  # waiting for its first response
+        call.frame(("b", [11], False), ("a", [20], True), ("b", [12], False))
+        call.frame(("b", [13], False))  # a later frame, in the same turn: behind the held ones
+        assert log.seen == []  # b's responses wait one turn
+        await reader
+        await asyncio.sleep(0)
+        assert log.seen == [("a", [20]), ("b", [11]), ("b", [12]), ("b", [13])]
 
 
 async def test_a_wave_of_first_responses_goes_behind_the_pushed_ones() -> None:
-    call = PumpCall()
-    mux = WorkerMux(lambda: (call, lambda: None, "fake"))
-    log = Log()
-    _, pushed = await pushing(mux, call, log, "b")
-    wave = [f"w{i}" for i in range(FIRSTS_AHEAD + 1)]
-    readers = []
-    for rid in wave:
-        readers.append(asyncio.get_running_loop().create_task(log.first(rid, await started(mux, call, rid))))
-    await asyncio.sleep(0)
-    call.frame(*[(rid, [1], True) for rid in wave], ("b", [11], False))
-    assert log.seen == [("b", [11])]  # pushed in the frame's own turn, as every frame's used to be
-    await asyncio.gather(*readers)
-    assert sorted(log.seen[1:]) == sorted((rid, [1]) for rid in wave)
-    await mux.close()
-    pushed.cancel()
+    async with with_b_pushing() as (call, mux, log, _):
+        wave = [f"w{i}" for i in range(FIRSTS_AHEAD + 1)]
+        readers = []
+        for rid in wave:
+            readers.append(asyncio.get_running_loop().create_task(log.first(rid, await started(mux, call, rid))))
+        await asyncio.sleep(0)
+        call.frame(*[(rid, [1], True) for rid in wave], ("b", [11], False))
+        assert log.seen == [("b", [11])]  # pushed in the frame's own turn, as every frame's used to be
+        await asyncio.gather(*readers)
+        assert sorted(log.seen[1:]) == sorted((rid, [1]) for rid in wave)
 
 
 async def test_a_frame_of_first_responses_only_holds_nothing_back() -> None:
-    call = PumpCall()
-    mux = WorkerMux(lambda: (call, lambda: None, "fake"))
-    log = Log()
-    _, pushed = await pushing(mux, call, log, "b")
-    a = await started(mux, call, "a")
-    call.frame(("a", [5], True))  # nothing in it to let the first response ahead of
-    call.frame(("b", [11], False))
-    assert log.seen == [("b", [11])]  # pushed in this turn: no earlier frame is held
-    assert list((await a.__anext__()).token_ids) == [5]
-    await mux.close()
-    pushed.cancel()
+    async with with_b_pushing() as (call, mux, log, _):
+        a = await started(mux, call, "a")
+        call.frame(("a", [5], True))  # nothing in it to let the first response ahead of
+        call.frame(("b", [11], False))
+        assert log.seen == [("b", [11])]  # pushed in this turn: no earlier frame is held
+        assert list((await a.__anext__()).token_ids) == [5]
 
 
 async def test_updates_held_behind_a_first_response_reach_their_requests_before_the_stream_fails() -> None:
-    call = PumpCall()
-    mux = WorkerMux(lambda: (call, lambda: None, "fake"))
-    log = Log()
-    _, pushed = await pushing(mux, call, log, "b")
-    a = await started(mux, call, "a")
-    call.frame(("a", [20], True), ("b", [11], False))
-    call.fail(Unavailable("the worker went away"))
-    with pytest.raises(Unavailable):
-        await pushed
-    assert ("b", [11]) in log.seen  # delivered, then the failure
-    assert list((await a.__anext__()).token_ids) == [20]
-    with pytest.raises(Unavailable):
-        await a.__anext__()
-    await mux.close()
+    async with with_b_pushing() as (call, mux, log, pushed):
+        a = await started(mux, call, "a")
+        call.frame(("a", [20], True), ("b", [11], False))
+        call.fail(Unavailable("the worker went away"))
+        with pytest.raises(Unavailable):
+            await pushed
+        assert ("b", [11]) in log.seen  # delivered, then the failure
+        assert list((await a.__anext__()).token_ids) == [20]
+        with pytest.raises(Unavailable):
+            await a.__anext__()
